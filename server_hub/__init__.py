@@ -1,0 +1,1 @@
+"""The GKT hub: server models, training, round coordination, MQTT service, simulation."""

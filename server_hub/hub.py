@@ -1,0 +1,78 @@
+"""The hub's GKT state and steps, independent of any transport."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .feature_bank import DeviceFeatures, FeatureBank
+from .models import build_server
+from .trainer import (
+    ServerStats,
+    ServerTrainConfig,
+    extractor_from_state,
+    pick_device,
+    server_logits,
+    split_accuracy,
+    train_server,
+)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Test accuracy of extractor_k + server per device, and their mean (the paper's metric)."""
+
+    per_device: dict[str, float]
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(list(self.per_device.values()))) if self.per_device else 0.0
+
+
+class Hub:
+    def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0) -> None:
+        torch.manual_seed(seed)
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.device = pick_device(cfg.device)
+        self.model = build_server(cfg.model, num_classes).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+        self.bank = FeatureBank()
+        self.extractors: dict[str, dict[str, torch.Tensor]] = {}
+
+    def receive_features(self, device: str, chunk: DeviceFeatures) -> None:
+        if chunk.logits.shape[1:] != (self.num_classes,):
+            raise ValueError(f"device {device}: logits have {chunk.logits.shape[1:]} classes, "
+                             f"expected {self.num_classes}")
+        if int(chunk.labels.min()) < 0 or int(chunk.labels.max()) >= self.num_classes:
+            raise ValueError(f"device {device}: labels outside [0, {self.num_classes})")
+        self.bank.add(device, chunk)
+
+    def receive_extractor(self, device: str, state: dict[str, torch.Tensor]) -> None:
+        extractor_from_state(state)  # validates names and shapes before we keep it
+        self.extractors[device] = state
+
+    def start_round(self) -> None:
+        self.bank.clear()
+
+    def train(self, devices: list[str]) -> ServerStats:
+        return train_server(self.model, self.optimizer, self.bank, devices, self.cfg,
+                            self.generator)
+
+    def logits_for(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, z_s) for every sample the device sent, computed in eval mode."""
+        feats = self.bank.get(device)
+        return feats.ids, server_logits(self.model, feats.features)
+
+    def evaluate(self, test_loader: DataLoader, devices: list[str] | None = None) -> Evaluation:
+        devices = devices if devices is not None else sorted(self.extractors)
+        return Evaluation({
+            d: split_accuracy(extractor_from_state(self.extractors[d]), self.model, test_loader)
+            for d in devices if d in self.extractors
+        })

@@ -1,0 +1,116 @@
+"""The hub's learning steps: train the server model on all devices' features, emit logits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from edge_runtime.distill import kd_loss
+from edge_runtime.models import FeatureExtractor
+
+from .feature_bank import FeatureBank
+from .models import FullResNet
+
+
+@dataclass(frozen=True)
+class ServerTrainConfig:
+    model: str = "resnet55"
+    epochs: int = 2
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    temperature: float = 3.0
+    alpha: float = 0.0  # weight of KD from the devices' logits (0 = CE only)
+    device: str = "auto"  # auto | cpu | cuda
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class ServerStats:
+    loss: float
+    accuracy: float
+    samples: int
+    epochs: int
+
+
+def _gather(bank: FeatureBank, devices: list[str]):
+    parts = [bank.get(d) for d in devices]
+    return (
+        torch.cat([p.features for p in parts]).float(),
+        torch.cat([p.logits for p in parts]).float(),
+        torch.cat([p.labels for p in parts]),
+    )
+
+
+def train_server(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    bank: FeatureBank,
+    devices: list[str],
+    cfg: ServerTrainConfig,
+    generator: torch.Generator,
+) -> ServerStats:
+    """``cfg.epochs`` passes over every sample of ``devices``, shuffled across devices."""
+    dev = next(model.parameters()).device
+    h, z_c, y = _gather(bank, devices)
+    n = len(y)
+    amp = dev.type == "cuda"
+    model.train()
+    total = correct = seen = 0
+    for _ in range(cfg.epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, cfg.batch_size):
+            idx = order[start : start + cfg.batch_size]
+            hb, yb = h[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+                z_s = model(hb)
+                loss = F.cross_entropy(z_s, yb)
+                if cfg.alpha > 0:
+                    loss = loss + cfg.alpha * kd_loss(z_s, z_c[idx].to(dev), cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(idx)
+            correct += int((z_s.argmax(1) == yb).sum())
+            seen += len(idx)
+    return ServerStats(total / max(seen, 1), correct / max(seen, 1), n, cfg.epochs)
+
+
+@torch.inference_mode()
+def server_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Eval-mode logits for features, in the features' order (so ids stay paired)."""
+    dev = next(model.parameters()).device
+    model.eval()
+    outs = [
+        model(features[i : i + batch_size].float().to(dev)).float().cpu()
+        for i in range(0, len(features), batch_size)
+    ]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def extractor_from_state(state: dict[str, torch.Tensor]) -> FeatureExtractor:
+    ext = FeatureExtractor()
+    ext.load_state_dict(state)
+    return ext
+
+
+@torch.inference_mode()
+def split_accuracy(extractor: nn.Module, server: nn.Module, loader: DataLoader) -> float:
+    """Device k's extractor followed by the server model, on (x, y) batches."""
+    dev = next(server.parameters()).device
+    model = FullResNet(extractor.to(dev), server).eval()
+    correct = seen = 0
+    for batch in loader:
+        x, y = batch[0].to(dev), batch[1].to(dev)
+        correct += int((model(x).argmax(1) == y).sum())
+        seen += len(y)
+    return correct / max(seen, 1)
