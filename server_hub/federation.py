@@ -13,7 +13,7 @@ from torch import nn
 
 from edge_runtime.data import DataConfig, Split, WithIds, load_split, make_loader
 from edge_runtime.device import EdgeDevice
-from edge_runtime.partition import partition
+from edge_runtime.partition import parse_partition, partition
 from edge_runtime.train import EdgeTrainConfig, accuracy, make_optimizer
 
 from .feature_bank import DeviceFeatures
@@ -35,6 +35,11 @@ class FederationConfig:
     edge: EdgeTrainConfig = field(default_factory=EdgeTrainConfig)
     server: ServerTrainConfig = field(default_factory=ServerTrainConfig)
     fedavg_model: str = "resnet56"
+
+    def __post_init__(self) -> None:
+        parse_partition(self.partition)
+        if self.devices < 1 or self.rounds < 1:
+            raise ValueError(f"need devices >= 1 and rounds >= 1, got {self.devices}, {self.rounds}")
 
 
 @dataclass

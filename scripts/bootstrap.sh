@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh Debian/Ubuntu machine: Mosquitto, a venv, torch, this package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+    echo "== installing Mosquitto (apt)"
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    $SUDO apt-get update -q
+    $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "== creating .venv"
+    "$PY" -m venv .venv
+fi
+# An explicit torch line: a bare 'torch' would pull a multi-GB build on machines that
+# have no local wheel. aarch64 (Raspberry Pi, Jetson) gets a CPU build.
+if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
+    echo "== installing torch"
+    if [ "$(uname -m)" = "aarch64" ]; then
+        .venv/bin/pip install -q "torch==2.9.1" "torchvision==0.24.1"
+    else
+        .venv/bin/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+    fi
+fi
+echo "== installing gkt-edge-toolkit[all,dev]"
+.venv/bin/pip install -q -e ".[all,dev]"
