@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-CIFAR_MEAN = {
+NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "cinic10": ((0.4789, 0.4723, 0.4305), (0.2421, 0.2383, 0.2587)),
+    "digits": ((0.3, 0.3, 0.3), (0.4, 0.4, 0.4)),  # close to the data's own statistics
 }
 DATASETS = ("digits", "cifar10", "cifar100", "cinic10")
 NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "cinic10": 10}
@@ -41,6 +42,11 @@ class DataConfig:
     @property
     def num_classes(self) -> int:
         return NUM_CLASSES[self.dataset]
+
+    @property
+    def normalization(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel (mean, std) applied to inputs in [0, 1]; exported models need it."""
+        return NORMALIZATION[self.dataset]
 
     @property
     def size(self) -> int:
@@ -105,16 +111,15 @@ def _digits(train: bool, size: int) -> Split:
     x = images[keep].unsqueeze(1)
     if size != x.shape[-1]:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-    mean, std = 0.3, 0.4  # close to the data's own statistics
+    (mean, *_), (std, *_) = NORMALIZATION["digits"]
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
-    norm = ((mean,) * 3, (std,) * 3)
-    return Split(TensorImages(x, torch.from_numpy(labels[keep])), labels[keep], norm)
+    return Split(TensorImages(x, torch.from_numpy(labels[keep])), labels[keep], NORMALIZATION["digits"])
 
 
 def _torchvision(cfg: DataConfig, train: bool) -> Split:
     from torchvision import datasets, transforms
 
-    mean, std = CIFAR_MEAN[cfg.dataset]
+    mean, std = NORMALIZATION[cfg.dataset]
     steps: list = []
     if train and cfg.augment:
         steps += [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]

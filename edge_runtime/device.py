@@ -114,3 +114,9 @@ class EdgeDevice:
         progress = json.loads((state_dir / "progress.json").read_text())
         self.progress = DeviceProgress(**progress)
         return True
+
+
+def load_edge_model_state(state_dir: Path) -> dict[str, torch.Tensor]:
+    """The edge model's weights from a device state directory (``edge.safetensors``)."""
+    tensors = load_file(str(Path(state_dir) / "edge.safetensors"))
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

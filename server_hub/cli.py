@@ -38,6 +38,7 @@ def add_training_args(p: argparse.ArgumentParser) -> None:
 
 def federation_config(args: argparse.Namespace) -> FederationConfig:
     return FederationConfig(
+        state_dir=getattr(args, "state_dir", None),
         data=DataConfig(args.dataset, args.data_root, args.image_size),
         devices=args.devices,
         partition=args.partition,
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)
     sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
+    sim.add_argument("--state-dir", help="write hub checkpoints and device states here (gkt)")
     sim.add_argument("--no-progress", action="store_true")
     add_training_args(sim)
     return parser

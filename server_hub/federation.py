@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -35,6 +36,7 @@ class FederationConfig:
     edge: EdgeTrainConfig = field(default_factory=EdgeTrainConfig)
     server: ServerTrainConfig = field(default_factory=ServerTrainConfig)
     fedavg_model: str = "resnet56"
+    state_dir: str | None = None  # where GKT writes hub checkpoints and device states
 
     def __post_init__(self) -> None:
         parse_partition(self.partition)
@@ -112,6 +114,12 @@ def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = Non
         ev = hub.evaluate(test_loader)
         edge_acc = float(np.mean([d.local_accuracy(test_loader) for d in devices]))
         rec = RoundRecord(rnd, ev.mean, up, down, round(seconds, 3), edge_acc, stats.loss)
+        if cfg.state_dir:
+            state = Path(cfg.state_dir)
+            hub.save(state, hub.checkpoint_meta(rnd, cfg.data, ev.mean))
+            for dev in devices:
+                dev.progress.completed_round = rnd
+                dev.save(state / "devices" / dev.device_id)
         result.rounds.append(rec)
         if on_round:
             on_round(rec)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .checkpoint import Checkpoint, load_optimizer_state, save_checkpoint
 from .feature_bank import DeviceFeatures, FeatureBank
 from .models import build_server
 from .trainer import (
@@ -69,6 +71,30 @@ class Hub:
         """(ids, z_s) for every sample the device sent, computed in eval mode."""
         feats = self.bank.get(device)
         return feats.ids, server_logits(self.model, feats.features)
+
+    def checkpoint_meta(self, round_: int, data_cfg, test_accuracy: float | None) -> dict:
+        mean, std = data_cfg.normalization
+        return {
+            "round": round_,
+            "dataset": data_cfg.dataset,
+            "num_classes": self.num_classes,
+            "image_size": data_cfg.size,
+            "normalization": {"mean": list(mean), "std": list(std)},
+            "server_model": self.cfg.model,
+            "devices": sorted(self.extractors),
+            "test_accuracy": test_accuracy,
+        }
+
+    def save(self, state_dir: Path, meta: dict) -> Path:
+        return save_checkpoint(state_dir, meta, self.model.state_dict(), self.extractors,
+                               self.optimizer.state_dict())
+
+    def restore(self, ckpt: Checkpoint) -> None:
+        self.model.load_state_dict(ckpt.server)
+        self.extractors = dict(ckpt.extractors)
+        opt = load_optimizer_state(ckpt.path)
+        if opt is not None:
+            self.optimizer.load_state_dict(opt)
 
     def evaluate(self, test_loader: DataLoader, devices: list[str] | None = None) -> Evaluation:
         devices = devices if devices is not None else sorted(self.extractors)
