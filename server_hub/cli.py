@@ -56,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkt-hub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="run a whole federation on this machine")
-    sim.add_argument("--transport", choices=("inproc",), default="inproc")
+    sim.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
+                     help="mqtt: broker + hub + one gkt-edge process per device (default); "
+                          "inproc: everything in this process")
+    sim.add_argument("--codec", default="q8", help="device feature codec: fp32|fp16|q8|q4")
+    sim.add_argument("--workdir", help="broker, hub and device state and logs (mqtt)")
+    sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)
     sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
@@ -75,9 +80,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
     if args.command == "simulate":
-        from .simulate import simulate_inproc
+        from .simulate import simulate_inproc, simulate_mqtt
 
-        result = simulate_inproc(cfg, args.algorithm, show_progress=not args.no_progress)
+        if args.transport == "mqtt" and args.algorithm == "gkt":
+            result = simulate_mqtt(cfg, args.codec, args.workdir, not args.no_progress,
+                                   args.round_deadline)
+        else:
+            if args.transport == "mqtt":
+                print(f"note: {args.algorithm} runs in-process (no network transport for it)")
+            result = simulate_inproc(cfg, args.algorithm, show_progress=not args.no_progress)
         if args.json:
             result.write_json(args.json)
             print(f"wrote {args.json}")

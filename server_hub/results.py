@@ -27,6 +27,7 @@ class RunResult:
     rounds: list[RoundRecord] = field(default_factory=list)
     evaluation: str = "hub-side: each device's extractor weights + the server model on test data"
     transport: str = "inproc"
+    codec: str = "fp32 (raw, counted not sent)"
     broker_bytes: dict | None = None  # bytes that actually crossed the broker (MQTT runs)
 
     def final(self) -> dict:

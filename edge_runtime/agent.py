@@ -1,0 +1,251 @@
+"""`gkt-edge run`: the device side of GKT over MQTT.
+
+The paho network thread only decodes, validates and queues; the main thread trains,
+uploads and applies logits. Every upload chunk is acknowledged by the hub and resent
+until it is; logits that do not arrive are asked for again. Progress is saved after
+every round, so a restarted device resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import topics, wire
+from .device import EdgeDevice
+from .messages import extractor_message, feature_chunk, parse_logits
+from .train import FeatureBatch
+from .transport import MqttLink, ReliableSender
+
+log = logging.getLogger("gkt.edge")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    codec: str = "q8"
+    state_dir: str = "gkt-edge-state"
+    max_payload: int = 256 * 1024  # must fit the broker's max packet size
+    window: int = 8  # un-acknowledged chunks in flight
+    ack_timeout: float = 5.0
+    upload_deadline: float = 600.0
+    logits_timeout: float = 30.0  # ask the hub again after this long without logits
+    evaluate_local: bool = True  # report the local classifier's test accuracy
+
+
+def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
+    """Regroup extraction batches into upload chunks of exactly ``size`` (last may be short)."""
+    pending: list[FeatureBatch] = []
+    count = 0
+    for b in batches:
+        pending.append(b)
+        count += len(b.ids)
+        while count >= size:
+            merged = _cat(pending)
+            yield _slice(merged, 0, size)
+            rest = _slice(merged, size, count)
+            pending, count = ([rest], count - size) if count > size else ([], 0)
+    if count:
+        yield _cat(pending)
+
+
+def _cat(parts: list[FeatureBatch]) -> FeatureBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return FeatureBatch(*(torch.cat([getattr(p, f) for p in parts])
+                          for f in ("ids", "features", "logits", "labels")))
+
+
+def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
+    return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
+
+
+class EdgeAgent:
+    def __init__(self, link: MqttLink, device: EdgeDevice, cfg: AgentConfig,
+                 test_loader=None) -> None:
+        self.link = link
+        self.device = device
+        self.cfg = cfg
+        self.test_loader = test_loader
+        self.state_dir = Path(cfg.state_dir)
+        self.inbox: queue.Queue[wire.Message] = queue.Queue()
+        self.rejected = 0
+        self._announcement: dict | None = None
+        self._announced = threading.Condition()
+        self._sender: ReliableSender | None = None
+        self._stop = threading.Event()
+
+    # -- network thread ------------------------------------------------------------------
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        msg = self._decode(topic, payload)
+        if msg is None or msg.kind != "round":
+            return
+        with self._announced:
+            self._announcement = {"round": msg.round, **msg.meta}
+            self._announced.notify_all()
+
+    def _on_down(self, topic: str, payload: bytes) -> None:
+        msg = self._decode(topic, payload)
+        if msg is None:
+            return
+        if msg.kind == "ack":
+            sender = self._sender
+            if sender is not None:
+                for mid in msg.meta.get("msg_ids", []):
+                    sender.ack(str(mid))
+        elif msg.kind == "logits":
+            self.inbox.put(msg)
+        else:
+            self._reject(topic, f"unexpected kind {msg.kind!r}")
+
+    def _decode(self, topic: str, payload: bytes) -> wire.Message | None:
+        if not payload:  # a cleared retained message
+            return None
+        try:
+            return wire.decode_message(payload, max_bytes=self.cfg.max_payload * 4)
+        except wire.WireError as err:
+            self._reject(topic, f"{err.reason}: {err}")
+            return None
+
+    def _reject(self, topic: str, why: str) -> None:
+        self.rejected += 1
+        log.warning("rejected message on %s: %s", topic, why)
+
+    # -- main thread ---------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        with self._announced:
+            self._announced.notify_all()
+
+    def run(self) -> int:
+        """Serve rounds until the hub says stop (0) or stop() is called (0)."""
+        dev = self.device
+        if dev.load(self.state_dir):
+            log.info("%s: resumed from %s (last completed round %d)", dev.device_id,
+                     self.state_dir, dev.progress.completed_round)
+        self.link.subscribe(topics.down(dev.device_id), self._on_down)
+        self.link.subscribe(topics.ROUND_TOPIC, self._on_round)
+        self._hello()
+        seen: tuple | None = None
+        while not self._stop.is_set():
+            ann = self._wait_announcement(seen)
+            if ann is None:
+                continue
+            seen = (ann["round"], ann.get("state"), ann.get("epoch"))
+            state, rnd = ann.get("state"), int(ann["round"])
+            if state == "stop":
+                log.info("%s: hub finished the federation", dev.device_id)
+                return 0
+            if state == "collect" and rnd > dev.progress.completed_round:
+                self._round(rnd)
+        return 0
+
+    def _hello(self) -> None:
+        dev = self.device
+        meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
+                "codec": self.cfg.codec, "completed_round": dev.progress.completed_round}
+        payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
+                                      {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
+        # Retained, so a hub that starts (or restarts) after us still learns we exist.
+        self.link.publish(topics.up(dev.device_id), payload, retain=True)
+
+    def _wait_announcement(self, seen: tuple | None) -> dict | None:
+        with self._announced:
+            while not self._stop.is_set():
+                ann = self._announcement
+                if ann is not None and (ann["round"], ann.get("state"), ann.get("epoch")) != seen:
+                    return ann
+                self._announced.wait(timeout=1.0)
+        return None
+
+    def _round(self, rnd: int) -> None:
+        dev = self.device
+        t0 = time.perf_counter()
+        stats = dev.train()
+        local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
+        log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
+                 rnd, stats.loss, stats.distilled, time.perf_counter() - t0)
+        self._upload(rnd, local_acc)
+        if self._await_logits(rnd):
+            dev.progress.completed_round = rnd
+            dev.save(self.state_dir)
+            log.info("%s: round %d complete in %.1fs", dev.device_id, rnd,
+                     time.perf_counter() - t0)
+
+    def _per_chunk(self) -> int:
+        ncls = self.device.bank.num_classes
+        x = self.device._extract.dataset[0][0]
+        raw = 16 * x.shape[-1] * x.shape[-2] * 4 + ncls * 4 + 16  # fp32 worst case
+        sizes = wire.chunk_sizes(self.device.num_samples, raw, self.cfg.max_payload)
+        return sizes[0]
+
+    def _upload(self, rnd: int, local_acc: float | None) -> None:
+        dev = self.device
+        upload_id = f"r{rnd}-{uuid.uuid4().hex[:8]}"
+        per_chunk = self._per_chunk()
+        n_chunks = -(-dev.num_samples // per_chunk)
+
+        def messages() -> Iterator[tuple[str, bytes]]:
+            for i, batch in enumerate(rebatch(dev.features(), per_chunk)):
+                mid = f"{upload_id}:{i}"
+                yield mid, feature_chunk(dev.device_id, rnd, mid, i, n_chunks, batch,
+                                         self.cfg.codec)
+            mid = f"{upload_id}:extractor"
+            yield mid, extractor_message(dev.device_id, rnd, mid, dev.extractor_state())
+            mid = f"{upload_id}:done"
+            meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
+                    "upload_id": upload_id, "edge_accuracy": local_acc}
+            yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
+                                           meta=meta)
+
+        self._sender = ReliableSender(self.link, topics.up(dev.device_id),
+                                      window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
+                                      deadline=self.cfg.upload_deadline)
+        try:
+            self._sender.send(messages())
+        finally:
+            self._sender = None
+
+    def _await_logits(self, rnd: int) -> bool:
+        """Apply logits for round ``rnd`` until every sample has one; False if the hub moved on."""
+        dev = self.device
+        missing = set(dev.sample_ids.tolist())
+        last = time.monotonic()
+        while missing and not self._stop.is_set():
+            try:
+                msg = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                ann = self._announcement or {}
+                if ann.get("state") == "stop" or int(ann.get("round", rnd)) > rnd:
+                    log.warning("%s: hub moved past round %d before our logits arrived",
+                                dev.device_id, rnd)
+                    return False
+                if time.monotonic() - last > self.cfg.logits_timeout:
+                    log.info("%s: asking the hub again for round %d logits (%d missing)",
+                             dev.device_id, rnd, len(missing))
+                    req = wire.encode_message("logits_request", dev.device_id, rnd, {},
+                                              msg_id=f"req-{uuid.uuid4().hex[:8]}",
+                                              meta={"round": rnd})
+                    self.link.publish(topics.up(dev.device_id), req)
+                    last = time.monotonic()
+                continue
+            if msg.round != rnd:
+                continue
+            chunk = parse_logits(msg)
+            try:
+                dev.receive_logits(chunk.ids, chunk.logits)
+            except ValueError as err:
+                self._reject(topics.down(dev.device_id), str(err))
+                continue
+            missing.difference_update(chunk.ids.tolist())
+            last = time.monotonic()
+        return not missing
+

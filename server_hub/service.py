@@ -1,0 +1,304 @@
+"""`gkt-hub serve`: round coordination over MQTT around the transport-free ``Hub``.
+
+The paho network thread decodes, validates, stores and acknowledges uploads; the main
+thread announces rounds, waits for devices (never past the deadline), trains, sends
+logits, evaluates and checkpoints. Anything that does not validate is logged, counted
+and dropped; the model is only touched by the main thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edge_runtime import topics, wire
+from edge_runtime.messages import logits_messages, parse_extractor, parse_feature_chunk
+from edge_runtime.transport import MqttLink
+
+from .checkpoint import latest_checkpoint, load_checkpoint
+from .feature_bank import DeviceFeatures
+from .hub import Hub
+from .results import RoundRecord
+
+log = logging.getLogger("gkt.hub")
+
+EXIT_OK, EXIT_NO_DEVICES = 0, 3
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    state_dir: str
+    rounds: int = 10
+    min_devices: int = 1
+    round_deadline: float = 300.0  # seconds a round waits for uploads
+    max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
+    start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
+    max_payload: int = 256 * 1024  # largest message we accept or send (broker's packet limit)
+
+
+@dataclass
+class Upload:
+    """One device's upload for the current round."""
+
+    upload_id: str = ""
+    chunks: set[int] = field(default_factory=set)
+    expected: int | None = None
+    extractor: bool = False
+    done: bool = False
+    bytes: int = 0
+    edge_accuracy: float | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.done and self.extractor and self.expected == len(self.chunks)
+
+
+class NoDevicesError(RuntimeError):
+    pass
+
+
+class HubService:
+    def __init__(self, link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
+                 test_loader, on_round: Callable[[RoundRecord], None] | None = None,
+                 on_status: Callable[[str], None] | None = None) -> None:
+        self.link = link
+        self.hub = hub
+        self.cfg = cfg
+        self.data_cfg = data_cfg
+        self.test_loader = test_loader
+        self.on_round = on_round
+        self.on_status = on_status or (lambda s: None)
+        self.known: dict[str, dict] = {}  # device -> its hello
+        self.uploads: dict[str, Upload] = {}
+        self.rejected: Counter[str] = Counter()
+        self.round = -1
+        self.phase = "idle"
+        self.last_logits: dict[str, list[bytes]] = {}
+        self.bytes_down = 0
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+
+    # -- network thread ------------------------------------------------------------------
+    def _on_up(self, topic: str, payload: bytes) -> None:
+        if not payload:  # a device clearing its retained hello
+            return
+        try:
+            device = topics.device_from_topic(topic)
+            msg = wire.decode_message(payload, max_bytes=self.cfg.max_payload)
+            if msg.device != device:
+                raise wire.WireError("spoofed", f"header names device {msg.device!r} "
+                                                f"on {device!r}'s topic")
+            self._handle(device, msg, len(payload))
+        except (wire.WireError, ValueError) as err:
+            reason = getattr(err, "reason", "invalid")
+            self.rejected[reason] += 1
+            log.warning("rejected message on %s (%s): %s", topic, reason, err)
+
+    def _handle(self, device: str, msg: wire.Message, size: int) -> None:
+        if msg.kind == "hello":
+            ncls = msg.meta.get("num_classes")
+            if ncls != self.hub.num_classes:
+                raise wire.WireError("schema", f"device {device} has {ncls} classes, "
+                                               f"the hub {self.hub.num_classes}")
+            with self._cond:
+                first = device not in self.known
+                self.known[device] = dict(msg.meta)
+                self._cond.notify_all()
+            if first:
+                log.info("device %s joined (%s samples, codec %s)", device,
+                         msg.meta.get("num_samples"), msg.meta.get("codec"))
+            return
+        if msg.kind == "logits_request":
+            self._resend_logits(device, msg.round)
+            return
+        if msg.kind not in ("features", "extractor", "upload_done"):
+            raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent to the hub")
+        with self._cond:
+            if device not in self.known:
+                raise wire.WireError("unknown_device", f"{device} sent {msg.kind} before hello")
+            if msg.round != self.round or self.phase != "collect":
+                if msg.round > self.round:
+                    raise wire.WireError("future_round", f"round {msg.round} not open yet "
+                                                         f"(hub is in round {self.round})")
+                # Stale: acknowledge so the device stops resending, but use nothing.
+                self.rejected["stale_round"] += 1
+                self._ack(device, msg.msg_id)
+                return
+            self._store(device, msg, size)
+            self._cond.notify_all()
+        self._ack(device, msg.msg_id)
+
+    def _store(self, device: str, msg: wire.Message, size: int) -> None:
+        upload_id = msg.msg_id.split(":", 1)[0]
+        up = self.uploads.get(device)
+        if up is None or up.upload_id != upload_id:
+            if up is not None:  # the device restarted its upload: drop the partial one
+                log.info("device %s restarted its round %d upload", device, self.round)
+            self.hub.bank.clear(device)
+            up = self.uploads[device] = Upload(upload_id)
+        if msg.kind == "features":
+            if up.expected is None:
+                up.expected = msg.chunks
+            if msg.chunks != up.expected:
+                raise wire.WireError("schema", f"chunk count changed within upload {upload_id}")
+            if msg.chunk in up.chunks:
+                return  # a duplicate: already stored, just ack again
+            b = parse_feature_chunk(msg)
+            self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
+                                                             b.labels))
+            up.chunks.add(msg.chunk)
+        elif msg.kind == "extractor":
+            self.hub.receive_extractor(device, parse_extractor(msg))
+            up.extractor = True
+        else:
+            n = int(msg.meta.get("num_chunks", -1))
+            if up.expected is not None and n != up.expected:
+                raise wire.WireError("schema", f"upload_done says {n} chunks, chunks say "
+                                               f"{up.expected}")
+            up.expected = n
+            up.done = True
+            acc = msg.meta.get("edge_accuracy")
+            up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
+        up.bytes += size
+
+    def _ack(self, device: str, msg_id: str) -> None:
+        payload = wire.encode_message("ack", device, max(self.round, 0), {},
+                                      msg_id=f"ack-{uuid.uuid4().hex[:8]}",
+                                      meta={"msg_ids": [msg_id]})
+        self.bytes_down += len(payload)
+        self.link.publish(topics.down(device), payload, wait=False)
+
+    def _resend_logits(self, device: str, rnd: int) -> None:
+        msgs = self.last_logits.get(device) if rnd == self.round else None
+        if not msgs:
+            raise wire.WireError("stale_round", f"{device} asked for round {rnd} logits; "
+                                                f"none to send (hub round {self.round})")
+        log.info("resending %d logits chunks to %s", len(msgs), device)
+        for m in msgs:
+            self.link.publish(topics.down(device), m, wait=False)
+
+    # -- main thread ---------------------------------------------------------------------
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def _announce(self, state: str, deadline: float | None = None) -> None:
+        meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
+        payload = wire.encode_message("round", "hub", max(self.round, 0), {},
+                                      msg_id=f"round-{self.round}-{state}", meta=meta)
+        self.link.publish(topics.ROUND_TOPIC, payload, retain=True)
+
+    def run(self) -> int:
+        start = self._restore()
+        self.link.subscribe(topics.UP_WILDCARD, self._on_up)
+        try:
+            self._wait_for_devices()
+            for rnd in range(start, self.cfg.rounds):
+                if self._stop.is_set():
+                    break
+                self._run_round(rnd)
+        except NoDevicesError as err:
+            log.error("%s", err)
+            return EXIT_NO_DEVICES
+        self.phase = "done"
+        self._announce("stop")
+        return EXIT_OK
+
+    def _restore(self) -> int:
+        found = latest_checkpoint(Path(self.cfg.state_dir))
+        if found is None:
+            return 0
+        ckpt = load_checkpoint(found)
+        self.hub.restore(ckpt)
+        log.info("resumed from %s (round %d)", found, ckpt.round)
+        return ckpt.round + 1
+
+    def _wait_for_devices(self) -> None:
+        t_end = time.monotonic() + self.cfg.start_timeout
+        with self._cond:
+            while len(self.known) < self.cfg.min_devices and not self._stop.is_set():
+                left = t_end - time.monotonic()
+                if left <= 0:
+                    raise NoDevicesError(f"only {len(self.known)} of {self.cfg.min_devices} "
+                                         f"devices joined within {self.cfg.start_timeout:.0f}s")
+                self.on_status(f"waiting for devices: {len(self.known)}/{self.cfg.min_devices}")
+                self._cond.wait(timeout=min(left, 1.0))
+
+    def _collect(self, rnd: int) -> list[str]:
+        """Open round ``rnd`` and wait for uploads; returns the devices that completed."""
+        with self._cond:
+            self.round, self.phase = rnd, "collect"
+            self.uploads = {}
+            self.hub.start_round()
+        deadline = time.time() + self.cfg.round_deadline
+        self._announce("collect", deadline)
+        extensions = 0
+        with self._cond:
+            while True:
+                done = sorted(d for d, u in self.uploads.items() if u.complete)
+                got = sum(u.bytes for u in self.uploads.values())
+                self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
+                               f"{got / 1e6:.1f} MB in")
+                enough = len(done) >= self.cfg.min_devices
+                if enough and set(done) >= set(self.known):
+                    break
+                if self._stop.is_set():
+                    raise NoDevicesError("stopped")
+                if time.time() >= deadline:
+                    if enough:
+                        log.warning("round %d deadline: going on with %d of %d devices", rnd,
+                                    len(done), len(self.known))
+                        break
+                    if extensions < self.cfg.max_extensions:
+                        extensions += 1
+                        deadline = time.time() + self.cfg.round_deadline
+                        log.warning("round %d: %d of %d required devices uploaded; extending "
+                                    "the deadline (%d/%d)", rnd, len(done),
+                                    self.cfg.min_devices, extensions, self.cfg.max_extensions)
+                        self._announce("collect", deadline)
+                        continue
+                    if done:
+                        log.warning("round %d: going on with %d devices (< min %d)", rnd,
+                                    len(done), self.cfg.min_devices)
+                        break
+                    raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
+                self._cond.wait(timeout=1.0)
+            self.phase = "train"
+        return done
+
+    def _run_round(self, rnd: int) -> None:
+        t0 = time.perf_counter()
+        down0 = self.bytes_down
+        devices = self._collect(rnd)
+        uploaded = sum(self.uploads[d].bytes for d in devices)
+        self._announce("train")
+        self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
+        stats = self.hub.train(devices)
+        per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
+        self.last_logits = {}
+        for d in devices:
+            ids, logits = self.hub.logits_for(d)
+            msgs = logits_messages(d, rnd, ids.numpy(), logits, per_chunk)
+            self.last_logits[d] = msgs
+            for m in msgs:
+                self.link.publish(topics.down(d), m)
+                self.bytes_down += len(m)
+        seconds = time.perf_counter() - t0
+        ev = self.hub.evaluate(self.test_loader, devices)
+        accs = [self.uploads[d].edge_accuracy for d in devices]
+        accs = [a for a in accs if a is not None]
+        rec = RoundRecord(rnd, ev.mean, uploaded, self.bytes_down - down0, round(seconds, 3),
+                          float(np.mean(accs)) if accs else None, stats.loss)
+        self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
+                                                                           ev.mean))
+        if self.on_round:
+            self.on_round(rec)
