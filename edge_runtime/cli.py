@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--alpha", type=float, default=1.0)
     run.add_argument("--max-payload", type=int, default=256 * 1024,
                      help="bytes per message; must fit the broker's max_packet_size")
+    run.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (0 = torch's default: one per core)")
     run.add_argument("--no-local-eval", action="store_true",
                      help="do not evaluate the local classifier on the test split")
     return p
@@ -79,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    if args.threads > 0:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = EdgeDevice(args.device_id, train, train_eval, ids, data.num_classes, edge_cfg,
                         seed=args.seed + args.shard, model_seed=args.model_seed)
     link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",

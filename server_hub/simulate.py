@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,10 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             "--seed", str(cfg.seed), "--model-seed", str(cfg.seed),
             "--epochs", str(cfg.edge.epochs), "--batch-size", str(cfg.edge.batch_size),
             "--lr", str(cfg.edge.lr), "--temperature", str(cfg.edge.temperature),
-            "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload)]
+            "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload),
+            # Devices share this machine's cores: more threads than cores makes
+            # every process spin and a 0.2 s epoch takes 20 s.
+            "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices))]
 
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8", workdir: str | None = None,
