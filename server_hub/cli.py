@@ -55,17 +55,36 @@ def federation_config(args: argparse.Namespace) -> FederationConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gkt-hub", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="coordinate a federation of real devices")
+    srv.add_argument("--broker", metavar="URL",
+                     help="join this broker (mqtt[s]://HOST:PORT); default: start Mosquitto")
+    srv.add_argument("--listen", default="127.0.0.1",
+                     help="address of the managed broker (0.0.0.0 for devices on the network)")
+    srv.add_argument("--port", type=int, default=1883, help="port of the managed broker")
+    srv.add_argument("--state-dir", required=True,
+                     help="checkpoints, broker config and data; a restart resumes from it")
+    srv.add_argument("--min-devices", type=int, default=1)
+    srv.add_argument("--round-deadline", type=float, default=300.0,
+                     help="seconds a round waits for uploads before going on without a device")
+    srv.add_argument("--start-timeout", type=float, default=3600.0,
+                     help="seconds to wait for the first --min-devices devices")
+    srv.add_argument("--max-payload", type=int, default=512 * 1024,
+                     help="largest message in bytes (the broker's max_packet_size)")
+    srv.add_argument("--no-progress", action="store_true")
+    srv.set_defaults(devices=1)
+    add_training_args(srv)
+
     sim = sub.add_parser("simulate", help="run a whole federation on this machine")
     sim.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                      help="mqtt: broker + hub + one gkt-edge process per device (default); "
                           "inproc: everything in this process")
     sim.add_argument("--codec", default="q8", help="device feature codec: fp32|fp16|q8|q4")
-    sim.add_argument("--workdir", help="broker, hub and device state and logs (mqtt)")
     sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)
     sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
-    sim.add_argument("--state-dir", help="write hub checkpoints and device states here (gkt)")
+    sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
+                                         "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
     add_training_args(sim)
     return parser
@@ -79,12 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
+    if args.command == "serve":
+        from .serve import serve
+
+        return serve(args, cfg)
     if args.command == "simulate":
         from .simulate import simulate_inproc, simulate_mqtt
 
         if args.transport == "mqtt" and args.algorithm == "gkt":
-            result = simulate_mqtt(cfg, args.codec, args.workdir, not args.no_progress,
-                                   args.round_deadline)
+            result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")

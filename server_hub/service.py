@@ -81,7 +81,8 @@ class HubService:
         self.rejected: Counter[str] = Counter()
         self.round = -1
         self.phase = "idle"
-        self.last_logits: dict[str, list[bytes]] = {}
+        self.last_logits: dict[str, list[bytes]] = {}  # this round's, for re-requests
+        self.logits_round = -1
         self.bytes_down = 0
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -177,7 +178,7 @@ class HubService:
         self.link.publish(topics.down(device), payload, wait=False)
 
     def _resend_logits(self, device: str, rnd: int) -> None:
-        msgs = self.last_logits.get(device) if rnd == self.round else None
+        msgs = self.last_logits.get(device) if rnd == self.logits_round else None
         if not msgs:
             raise wire.WireError("stale_round", f"{device} asked for round {rnd} logits; "
                                                 f"none to send (hub round {self.round})")
@@ -186,6 +187,10 @@ class HubService:
             self.link.publish(topics.down(device), m, wait=False)
 
     # -- main thread ---------------------------------------------------------------------
+    def _logits(self, device: str) -> tuple[np.ndarray, object]:
+        ids, logits = self.hub.logits_for(device)
+        return ids.numpy(), logits
+
     def stop(self) -> None:
         self._stop.set()
         with self._cond:
@@ -280,20 +285,23 @@ class HubService:
         down0 = self.bytes_down
         devices = self._collect(rnd)
         uploaded = sum(self.uploads[d].bytes for d in devices)
+        t_collect = time.perf_counter()
         self._announce("train")
         self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
         stats = self.hub.train(devices)
+        t_train = time.perf_counter()
         per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
-        self.last_logits = {}
-        for d in devices:
-            ids, logits = self.hub.logits_for(d)
-            msgs = logits_messages(d, rnd, ids.numpy(), logits, per_chunk)
-            self.last_logits[d] = msgs
+        logits = {d: logits_messages(d, rnd, *self._logits(d), per_chunk) for d in devices}
+        self.last_logits, self.logits_round = logits, rnd
+        for d, msgs in logits.items():
             for m in msgs:
                 self.link.publish(topics.down(d), m)
                 self.bytes_down += len(m)
         seconds = time.perf_counter() - t0
         ev = self.hub.evaluate(self.test_loader, devices)
+        log.info("round %d: collect %.1fs, train %.1fs (%d samples), logits %.1fs, eval %.1fs",
+                 rnd, t_collect - t0, t_train - t_collect, stats.samples,
+                 t0 + seconds - t_train, time.perf_counter() - t0 - seconds)
         accs = [self.uploads[d].edge_accuracy for d in devices]
         accs = [a for a in accs if a is not None]
         rec = RoundRecord(rnd, ev.mean, uploaded, self.bytes_down - down0, round(seconds, 3),

@@ -63,7 +63,7 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices))]
 
 
-def simulate_mqtt(cfg: FederationConfig, codec: str = "q8", workdir: str | None = None,
+def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT."""
     from edge_runtime.data import load_split, make_loader
@@ -74,8 +74,9 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8", workdir: str | None 
     from .service import HubService, ServiceConfig
 
     t0 = time.perf_counter()
-    work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
-    work.mkdir(parents=True, exist_ok=True)
+    # Same layout as the in-process runner: checkpoints/, devices/<id>/, plus broker/, logs/.
+    work = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
+    (work / "logs").mkdir(parents=True, exist_ok=True)
     max_payload = 256 * 1024
     broker = ManagedBroker(BrokerConfig(str(work / "broker"), port=free_port(),
                                         max_packet_size=2 * max_payload), supervise=True)
@@ -83,11 +84,12 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8", workdir: str | None 
     names = [f"dev{i}" for i in range(cfg.devices)]
     print(f"gkt over MQTT ({broker.url}, codec {codec}) on {cfg.data.dataset} "
           f"({cfg.data.size}x{cfg.data.size}), {cfg.devices} device processes, partition "
-          f"{cfg.partition}, {cfg.rounds} rounds, seed {cfg.seed}; logs in {work}")
+          f"{cfg.partition}, {cfg.rounds} rounds, seed {cfg.seed}; state and logs in {work}")
     procs = []
     for i, name in enumerate(names):
-        logf = open(work / f"{name}.log", "wb")
-        cmd = device_command(broker.url, name, i, cfg, codec, work / name, max_payload)
+        logf = open(work / "logs" / f"{name}.log", "wb")
+        cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
+                             max_payload)
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
     test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
@@ -103,7 +105,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8", workdir: str | None 
         bar.write(format_row(rec))
         bar.update(1)
 
-    svc_cfg = ServiceConfig(str(work / "hub"), rounds=cfg.rounds, min_devices=cfg.devices,
+    svc_cfg = ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
                             round_deadline=round_deadline, start_timeout=120,
                             max_payload=2 * max_payload)
     service = HubService(link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,

@@ -1,0 +1,155 @@
+"""Checks that decide whether an exported graph may ship. A failed check raises.
+
+1. ``onnx.checker`` (full check, with shape inference) on the file as written, plus the
+   graph contract: one input and one output, a dynamic batch axis, standard ONNX ops only.
+2. onnxruntime against PyTorch on real test samples: every output element within
+   ``atol + rtol * |torch|`` (numpy's allclose rule), and for classifiers the same top-1
+   accuracy on the test set.
+3. For int8 graphs: top-1 accuracy within ``max_drop`` of the fp32 graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+from torch import nn
+
+from .onnx_export import BATCH
+from .runtime import make_session
+
+RTOL = 1e-4
+ATOL = 1e-5
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+# what onnxruntime raises for a graph it cannot load or run (none derive from RuntimeError)
+ORT_ERRORS = (ort_state.Fail, ort_state.InvalidGraph, ort_state.InvalidArgument,
+              ort_state.InvalidProtobuf, ort_state.NotImplemented, ort_state.RuntimeException)
+
+Batches = Iterable[tuple[torch.Tensor, np.ndarray]]
+Predict = Callable[[torch.Tensor], np.ndarray]
+
+
+class VerificationError(RuntimeError):
+    """An exported graph failed a check; it must not be used."""
+
+
+@dataclass
+class Comparison:
+    """A candidate's outputs against a reference's over the same batches (streamed)."""
+
+    samples: int = 0
+    max_abs_diff: float = 0.0
+    worst_ratio: float = 0.0  # max |diff| / (atol + rtol * |ref|); <= 1 means within tolerance
+    mismatches: int = 0  # output elements outside tolerance
+    correct_ref: int = 0
+    correct_cand: int = 0
+    agree: int = 0  # samples with the same top-1 class
+
+    def accuracy_ref(self) -> float:
+        return self.correct_ref / max(self.samples, 1)
+
+    def accuracy_cand(self) -> float:
+        return self.correct_cand / max(self.samples, 1)
+
+    def agreement(self) -> float:
+        return self.agree / max(self.samples, 1)
+
+
+def torch_predict(module: nn.Module) -> Predict:
+    module.eval()
+
+    @torch.inference_mode()
+    def predict(x: torch.Tensor) -> np.ndarray:
+        return module(x).float().numpy()
+
+    return predict
+
+
+def compare(reference: Predict, candidate: Predict, batches: Batches, rtol: float = RTOL,
+            atol: float = ATOL) -> Comparison:
+    """Run both on every batch; top-1 counts are meaningful for classifiers only."""
+    c = Comparison()
+    for x, y in batches:
+        ref = reference(x)
+        try:
+            cand = candidate(x)
+        except ORT_ERRORS as err:
+            raise VerificationError(f"onnxruntime failed on a batch of shape "
+                                    f"{tuple(x.shape)}: {err}") from err
+        if ref.shape != cand.shape:
+            raise VerificationError(f"output shape {cand.shape}, expected {ref.shape}")
+        diff = np.abs(cand.astype(np.float64) - ref)
+        allowed = atol + rtol * np.abs(ref)
+        c.samples += len(x)
+        c.max_abs_diff = max(c.max_abs_diff, float(diff.max()))
+        c.worst_ratio = max(c.worst_ratio, float((diff / allowed).max()))
+        c.mismatches += int((diff > allowed).sum())
+        if ref.ndim == 2:
+            top_ref, top_cand = ref.argmax(1), cand.argmax(1)
+            c.correct_ref += int((top_ref == y).sum())
+            c.correct_cand += int((top_cand == y).sum())
+            c.agree += int((top_ref == top_cand).sum())
+    if c.samples == 0:
+        raise VerificationError("no samples to verify with")
+    return c
+
+
+def _dims(value: onnx.ValueInfoProto) -> list:
+    return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker plus the contract every exported graph keeps."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:
+        raise VerificationError(f"{path.name}: onnx.checker failed: {err}") from err
+    graph = onnx.load(str(path), load_external_data=False).graph
+    if len(graph.input) != 1 or len(graph.output) != 1:
+        raise VerificationError(f"{path.name}: expected one input and one output, got "
+                                f"{len(graph.input)} and {len(graph.output)}")
+    for value in (graph.input[0], graph.output[0]):
+        if _dims(value)[0] != BATCH:
+            raise VerificationError(f"{path.name}: {value.name} has shape {_dims(value)}; "
+                                    f"axis 0 must be the dynamic axis {BATCH!r}")
+    custom = sorted({n.domain for n in graph.node if n.domain not in STANDARD_DOMAINS})
+    if custom:
+        raise VerificationError(f"{path.name}: non-standard operator domains {custom} "
+                                f"(runtime-specific; would not load elsewhere)")
+
+
+def load_session(path: Path, threads: int) -> ort.InferenceSession:
+    try:
+        return make_session(path, threads)
+    except ORT_ERRORS as err:
+        raise VerificationError(f"{path.name}: onnxruntime cannot load it: {err}") from err
+
+
+def check_parity(name: str, c: Comparison, classifier: bool, rtol: float = RTOL,
+                 atol: float = ATOL) -> None:
+    if c.mismatches:
+        raise VerificationError(
+            f"{name}: onnxruntime differs from PyTorch in {c.mismatches} output values "
+            f"(max abs diff {c.max_abs_diff:.3g}, {c.worst_ratio:.1f}x the tolerance "
+            f"rtol={rtol:g}, atol={atol:g}) on {c.samples} test samples")
+    if classifier and c.correct_ref != c.correct_cand:
+        raise VerificationError(
+            f"{name}: top-1 accuracy differs: PyTorch {c.accuracy_ref():.4f}, onnxruntime "
+            f"{c.accuracy_cand():.4f} on {c.samples} test samples")
+
+
+def check_int8(name: str, c: Comparison, max_drop: float) -> None:
+    """``c`` compares the int8 graph (candidate) against the fp32 graph (reference)."""
+    drop = c.accuracy_ref() - c.accuracy_cand()
+    if drop > max_drop:
+        raise VerificationError(
+            f"{name}: int8 top-1 accuracy {c.accuracy_cand():.4f} is {100 * drop:.2f} points "
+            f"below fp32 {c.accuracy_ref():.4f} (allowed: {100 * max_drop:.2f})")

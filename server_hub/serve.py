@@ -1,0 +1,84 @@
+"""`gkt-hub serve`: a managed (or joined) broker, the hub service, live progress.
+
+Exit codes: 0 all rounds done, 2 bad arguments, 3 no devices before a deadline,
+4 broker unreachable or could not start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from pathlib import Path
+
+from tqdm import tqdm
+
+from edge_runtime.data import DataConfig, load_split, make_loader
+from edge_runtime.transport import LinkConfig, MqttLink
+
+from .broker import BrokerConfig, ManagedBroker
+from .federation import FederationConfig
+from .hub import Hub
+from .results import HEADER, RoundRecord, format_row
+from .service import HubService, ServiceConfig
+
+log = logging.getLogger("gkt.hub")
+EXIT_BROKER = 4
+
+
+def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    broker = None
+    url = args.broker
+    if url is None:
+        bcfg = BrokerConfig(str(state / "broker"), host=args.listen, port=args.port,
+                            max_packet_size=args.max_payload + 4096)
+        broker = ManagedBroker(bcfg, supervise=True)
+        try:
+            broker.start()
+        except (FileNotFoundError, RuntimeError) as err:
+            log.error("%s", err)
+            return EXIT_BROKER
+        url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
+        if bcfg.allow_anonymous:
+            log.warning("the managed broker accepts unauthenticated clients on %s:%d; keep it "
+                        "on a trusted network", args.listen, args.port)
+    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
+    try:
+        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    except FileNotFoundError as err:
+        log.error("%s", err)
+        return 2
+    link = MqttLink(LinkConfig(url, client_id="gkt-hub", max_packet_size=args.max_payload + 4096))
+    try:
+        link.connect()
+    except (ConnectionError, ValueError) as err:
+        log.error("%s", err)
+        if broker:
+            broker.stop()
+        return EXIT_BROKER
+    bar = tqdm(total=cfg.rounds, desc="gkt-hub", unit="round", disable=args.no_progress)
+    bar.write(HEADER)
+
+    def on_round(rec: RoundRecord) -> None:
+        bar.write(format_row(rec))
+        bar.update(1)
+
+    svc = HubService(link, Hub(cfg.data.num_classes, cfg.server, cfg.seed),
+                     ServiceConfig(str(state), rounds=cfg.rounds,
+                                   min_devices=args.min_devices,
+                                   round_deadline=args.round_deadline,
+                                   start_timeout=args.start_timeout,
+                                   max_payload=args.max_payload + 4096),
+                     cfg.data, test_loader, on_round,
+                     on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: svc.stop())
+    try:
+        return svc.run()
+    finally:
+        bar.close()
+        link.close()
+        if broker:
+            broker.stop()
