@@ -113,7 +113,8 @@ def _digits(train: bool, size: int) -> Split:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     (mean, *_), (std, *_) = NORMALIZATION["digits"]
     x = ((x - mean) / std).expand(-1, 3, -1, -1).contiguous()
-    return Split(TensorImages(x, torch.from_numpy(labels[keep])), labels[keep], NORMALIZATION["digits"])
+    images = TensorImages(x, torch.from_numpy(labels[keep]))
+    return Split(images, labels[keep], NORMALIZATION["digits"])
 
 
 def _torchvision(cfg: DataConfig, train: bool) -> Split:

@@ -51,7 +51,8 @@ class LogitBank:
         return self.logits[pos], self.known[pos]
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {"ids": torch.from_numpy(self.ids.copy()), "logits": self.logits, "known": self.known}
+        ids = torch.from_numpy(self.ids.copy())
+        return {"ids": ids, "logits": self.logits, "known": self.known}
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
         if not np.array_equal(state["ids"].numpy(), self.ids):

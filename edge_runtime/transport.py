@@ -14,8 +14,9 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt

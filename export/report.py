@@ -29,11 +29,12 @@ class Int8Report:
     bytes: int
     calibration_samples: int
     calibration_method: str
-    accuracy_fp32: float  # fp32 onnxruntime, same samples
-    accuracy_int8: float
-    drop_points: float  # 100 * (fp32 - int8)
-    agreement: float  # fraction of samples with the fp32 graph's top-1 class
-    max_abs_diff_vs_fp32: float
+    # None where a check failed before the figures existed (see ``error``)
+    accuracy_fp32: float | None  # the fp32 graph in onnxruntime, same samples
+    accuracy_int8: float | None
+    drop_points: float | None  # 100 * (fp32 - int8)
+    agreement: float | None  # fraction of samples with the fp32 graph's top-1 class
+    max_abs_diff_vs_fp32: float | None
     latency_ms: dict[str, float] = field(default_factory=dict)  # batch size -> median
     error: str | None = None
 
@@ -52,7 +53,7 @@ class GraphReport:
     opset: int
     exporter: str
     ir_version: int
-    parity: Parity
+    parity: Parity | None  # None if a check failed before the comparison
     accuracy_torch: float | None  # classifiers only
     accuracy_onnx: float | None
     latency_ms: dict[str, float] = field(default_factory=dict)  # onnxruntime fp32

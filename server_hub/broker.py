@@ -60,6 +60,7 @@ class BrokerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     sys_interval: int = 2
+    tcp_nodelay: bool = True  # off only to measure what it costs
 
     @property
     def url(self) -> str:
@@ -76,7 +77,7 @@ def render_config(cfg: BrokerConfig) -> str:
         "per_listener_settings false",
         f"allow_anonymous {'true' if cfg.allow_anonymous else 'false'}",
         f"listener {cfg.port} {cfg.host}",
-        "set_tcp_nodelay true",
+        f"set_tcp_nodelay {'true' if cfg.tcp_nodelay else 'false'}",
         f"max_queued_bytes {cfg.max_queued_bytes}",
         f"max_queued_messages {cfg.max_queued_messages}",
         f"max_inflight_messages {cfg.max_inflight_messages}",

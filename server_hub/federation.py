@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -41,7 +41,8 @@ class FederationConfig:
     def __post_init__(self) -> None:
         parse_partition(self.partition)
         if self.devices < 1 or self.rounds < 1:
-            raise ValueError(f"need devices >= 1 and rounds >= 1, got {self.devices}, {self.rounds}")
+            raise ValueError(f"need devices >= 1 and rounds >= 1, got {self.devices}, "
+                             f"{self.rounds}")
 
 
 @dataclass

@@ -86,4 +86,5 @@ def build_server(name: str, num_classes: int) -> nn.Module:
     try:
         return SERVER_MODELS[name](num_classes)
     except KeyError:
-        raise ValueError(f"unknown server model {name!r}; choose from {sorted(SERVER_MODELS)}")
+        raise ValueError(
+            f"unknown server model {name!r}; choose from {sorted(SERVER_MODELS)}") from None

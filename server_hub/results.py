@@ -59,7 +59,8 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-HEADER = f"{'round':>5}  {'test acc':>8}  {'edge acc':>8}  {'upload':>9}  {'download':>9}  {'sec':>6}"
+HEADER = (f"{'round':>5}  {'test acc':>8}  {'edge acc':>8}  {'upload':>9}  {'download':>9}  "
+          f"{'sec':>6}")
 
 
 def format_row(r: RoundRecord) -> str:
