@@ -40,7 +40,7 @@ _F32 = np.dtype("<f4")
 _TINY = np.finfo(np.float32).tiny  # smaller scales would overflow 1/scale: flush to zero
 
 
-def _compress(raw: bytes | memoryview, level: int) -> bytes:
+def _compress(raw: bytes | np.ndarray, level: int) -> bytes:
     return zstd.ZstdCompressor(level=level, write_content_size=True).compress(raw)
 
 
@@ -100,7 +100,7 @@ class Codec:
         if not np.isfinite(x).all():
             raise WireError("nonfinite", f"{self.name}: input holds NaN or Inf")
         if self.name == "fp32":
-            return _compress(memoryview(x).cast("B"), self.level)
+            return _compress(x.reshape(-1).view(np.uint8), self.level)
         if self.name == "fp16":
             if x.size and np.abs(x).max() > _FP16_MAX:
                 raise WireError("nonfinite", f"fp16: values above {_FP16_MAX:g} would become "

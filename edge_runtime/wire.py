@@ -1,257 +1,423 @@
-"""The wire format: a small JSON header plus raw tensor blobs. Never pickle.
+"""The wire format: a small JSON header plus zstd-compressed tensor blobs. Never pickle.
 
     b"GKT" | version (1 byte) | header length (uint32, big-endian) | JSON header | payload
 
-The header names the protocol version, kind, device, round, message id, chunk i of n,
-and each tensor's name, dtype, shape, codec and byte length; a CRC-32 covers the
-payload. ``decode_message`` checks all of it against the kind's schema before it
-allocates anything, and raises ``WireError`` (with a short ``reason``) otherwise.
+The UTF-8 JSON header (at most 64 KiB) holds ``v, kind, device, round, msg_id, chunk,
+chunks, tensors, crc32, meta``; each entry of ``tensors`` is ``{name, dtype, shape, codec,
+nbytes}`` and the payload is the blobs in that order, covered by ``crc32`` (zlib).
+``codec`` is a feature codec (fp32/fp16/q8/q4, decoding to float32) or "exact"
+(``codecs.encode_array``: the array bit for bit).
+
+``decode_message`` checks the frame, the header, the kind's schema and every size before
+it decompresses anything, then the values (finite floats, ids, labels); anything else
+raises ``WireError`` whose ``reason`` is one of ``REASONS``. ``encode_message`` runs the
+same checks, so a bad message fails where it is made.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
-from .codecs import EXACT_DTYPES, FEATURE_CODECS, decode_exact, encode_exact, get_codec
+from .codecs import (
+    ARRAY_DTYPES,
+    FEATURE_CODECS,
+    array_dtype,
+    decode_array,
+    encode_array,
+    get_codec,
+)
 from .errors import WireError
+from .topics import validate_device_id
 
 MAGIC = b"GKT"
 PROTOCOL_VERSION = 1
-FEATURE_CHANNELS = 16  # channels of H; equals edge_runtime.models.FEATURE_CHANNELS
 MAX_HEADER = 64 * 1024
-MAX_ELEMENTS = 8 * 1024 * 1024  # per tensor, checked before decompressing
-_PREFIX = struct.Struct(">3sBI")
-_NAME = re.compile(r"[A-Za-z0-9_.]{1,128}")
-_SENDER = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,96}")
+MAX_ELEMENTS = 8 * 1024 * 1024  # default cap on decoded elements per message (32 MB fp32)
+HEADER_ROOM = 8192  # bytes ``chunk_sizes`` leaves for framing and header
+FEATURE_CHANNELS = 16  # channels of H; equals edge_runtime.models.FEATURE_CHANNELS
+MAX_FEATURE_SIZE = 512  # largest S of a [k, 16, S, S] feature chunk
+MAX_CLASSES = 100_000
+MAX_ACK_IDS = 512  # 512 ids of 64 characters fit the header limit
 ROUND_STATES = ("collect", "train", "done", "stop")
+KINDS = ("hello", "features", "upload_done", "extractor", "ack", "logits", "logits_request",
+         "round")
+REASONS = ("bad_magic", "bad_version", "bad_header", "unknown_kind", "schema", "checksum",
+           "truncated", "trailing", "too_large", "dtype", "shape", "nonfinite", "corrupt")
 
-__all__ = ["WireError", "Message", "encode_message", "decode_message", "chunk_sizes"]
+_PREFIX = struct.Struct(">3sBI")
+_HEADER_KEYS = {"v", "kind", "device", "round", "msg_id", "chunk", "chunks", "tensors",
+                "crc32", "meta"}
+_SPEC_KEYS = {"name", "dtype", "shape", "codec", "nbytes"}
+_MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.]{1,128}")
+_MAX_TENSORS = 64
+_MAX_RANK = 8
+_INT32 = 2**31 - 1
+
+__all__ = ["WireError", "TensorSpec", "Message", "encode_message", "decode_message",
+           "chunk_sizes"]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # what the tensor decodes to
+    shape: tuple[int, ...]
+    codec: str  # a feature codec or "exact"
+    nbytes: int  # blob length in the payload
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
 class Message:
+    """A decoded message: the header's fields plus ``tensors`` (name -> array)."""
+
     kind: str
     device: str
     round: int
     msg_id: str
-    chunk: int = 0
-    chunks: int = 1
-    meta: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, np.ndarray] = field(default_factory=dict)
-    version: int = PROTOCOL_VERSION
+    chunk: int
+    chunks: int
+    meta: dict[str, Any]
+    tensors: dict[str, np.ndarray]
+    specs: tuple[TensorSpec, ...]
+    crc32: int
+    v: int = PROTOCOL_VERSION
 
 
-def encode_message(kind: str, device: str, round: int, tensors: dict[str, tuple[np.ndarray, str]],
-                   *, msg_id: str, chunk: int = 0, chunks: int = 1,
-                   meta: dict[str, Any] | None = None) -> bytes:
-    """``tensors`` maps name -> (array, codec); codec is a feature codec or "exact"."""
-    specs, blobs = [], []
+def encode_message(kind: str, device: str, round: int,
+                   tensors: dict[str, tuple[np.ndarray, str]], *, msg_id: str, chunk: int = 0,
+                   chunks: int = 1, meta: dict[str, Any] | None = None) -> bytes:
+    """Frame one message. ``tensors`` maps name -> (array, codec), codec being a feature
+    codec or "exact". Raises WireError if the result would not decode."""
+    specs, blobs, arrays = [], [], {}
     for name, (arr, codec) in tensors.items():
         arr = np.asarray(arr)
-        blob = encode_exact(arr) if codec == "exact" else get_codec(codec).encode(arr)
-        dtype = str(arr.dtype) if codec == "exact" else "float32"
+        if codec == "exact":
+            blob, dtype = encode_array(arr), array_dtype(arr)
+        else:
+            blob, dtype = get_codec(codec).encode(arr), "float32"
         specs.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "codec": codec,
                       "nbytes": len(blob)})
         blobs.append(blob)
+        arrays[name] = arr
     payload = b"".join(blobs)
-    header = {"v": PROTOCOL_VERSION, "kind": kind, "device": device, "round": int(round),
+    header = {"v": PROTOCOL_VERSION, "kind": kind, "device": device, "round": round,
               "msg_id": msg_id, "chunk": chunk, "chunks": chunks, "tensors": specs,
-              "crc32": zlib.crc32(payload), "meta": meta or {}}
-    raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    msg = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(raw)) + raw + payload
-    _validate(_check_header(header), {s["name"]: (s, None) for s in specs})  # fail at source
-    return msg
+              "crc32": zlib.crc32(payload), "meta": {} if meta is None else meta}
+    try:
+        raw = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as err:
+        raise WireError("bad_header", f"header is not plain JSON: {err}") from None
+    if len(raw) > MAX_HEADER:
+        raise WireError("too_large", f"header of {len(raw)} bytes exceeds {MAX_HEADER}")
+    msg = _message(_parse_header(raw), {})  # exactly what the receiver will parse
+    _check_schema(msg)
+    _check_values(msg, arrays)
+    return _PREFIX.pack(MAGIC, PROTOCOL_VERSION, len(raw)) + raw + payload
 
 
 def decode_message(data: bytes, *, max_bytes: int, max_elements: int = MAX_ELEMENTS) -> Message:
-    data = bytes(data)
+    """Parse and validate one message of at most ``max_bytes`` whose tensors hold at most
+    ``max_elements`` elements in all; WireError otherwise."""
     if len(data) > max_bytes:
         raise WireError("too_large", f"message of {len(data)} bytes exceeds {max_bytes}")
     if len(data) < _PREFIX.size:
-        raise WireError("truncated", f"message of {len(data)} bytes is shorter than a prefix")
-    magic, version, hlen = _PREFIX.unpack_from(data)
+        raise WireError("truncated", f"message of {len(data)} bytes is shorter than its "
+                                     f"{_PREFIX.size}-byte prefix")
+    view = memoryview(data).cast("B")
+    magic, version, hlen = _PREFIX.unpack_from(view)
     if magic != MAGIC:
-        raise WireError("bad_magic", "not a GKT message")
+        raise WireError("bad_magic", f"starts with {bytes(magic)!r}, not {MAGIC!r}")
     if version != PROTOCOL_VERSION:
-        raise WireError("bad_version", f"protocol version {version}, this side speaks "
+        raise WireError("bad_version", f"protocol version {version}; this side speaks "
                                        f"{PROTOCOL_VERSION}")
-    if hlen > MAX_HEADER or _PREFIX.size + hlen > len(data):
-        raise WireError("truncated", f"header length {hlen} does not fit the message")
-    try:
-        header = json.loads(data[_PREFIX.size:_PREFIX.size + hlen])
-    except (UnicodeDecodeError, ValueError) as err:
-        raise WireError("bad_header", f"header is not JSON: {err}") from None
-    h = _check_header(header)
-    if h["v"] != version:
-        raise WireError("bad_version", "header and prefix disagree on the version")
-    payload = data[_PREFIX.size + hlen:]
-    total = sum(s["nbytes"] for s in h["tensors"])
-    if total != len(payload):
-        raise WireError("truncated", f"tensors declare {total} bytes, payload has "
-                                     f"{len(payload)}")
-    if zlib.crc32(payload) != h["crc32"]:
-        raise WireError("checksum", "payload CRC-32 mismatch")
-    for s in h["tensors"]:
-        if int(np.prod(s["shape"], dtype=np.int64)) > max_elements:
-            raise WireError("too_large", f"tensor {s['name']} has more than {max_elements} "
-                                         "elements")
-    tensors, off = {}, 0
-    for s in h["tensors"]:
-        blob = payload[off:off + s["nbytes"]]
-        off += s["nbytes"]
-        shape = tuple(s["shape"])
-        if s["codec"] == "exact":
-            arr = decode_exact(blob, s["dtype"], shape)
-        else:
-            arr = get_codec(s["codec"]).decode(blob, shape)
-        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            raise WireError("nonfinite", f"tensor {s['name']} holds NaN or Inf")
-        tensors[s["name"]] = arr
-    _validate(h, {s["name"]: (s, tensors[s["name"]]) for s in h["tensors"]})
-    return Message(h["kind"], h["device"], h["round"], h["msg_id"], h["chunk"], h["chunks"],
-                   h["meta"], tensors, h["v"])
-
-
-def _check_header(h: Any) -> dict:
-    if not isinstance(h, dict):
-        raise WireError("bad_header", "header must be a JSON object")
-    want = {"v": int, "kind": str, "device": str, "round": int, "msg_id": str, "chunk": int,
-            "chunks": int, "tensors": list, "crc32": int, "meta": dict}
-    for key, typ in want.items():
-        if not isinstance(h.get(key), typ) or isinstance(h.get(key), bool):
-            raise WireError("bad_header", f"header field {key!r} missing or not {typ.__name__}")
-    if h["kind"] not in SCHEMAS:
-        raise WireError("unknown_kind", f"unknown message kind {h['kind']!r}")
-    if not _SENDER.fullmatch(h["device"]):
-        raise WireError("bad_header", f"bad device id {h['device']!r}")
-    if not _MSG_ID.fullmatch(h["msg_id"]):
-        raise WireError("bad_header", f"bad msg_id {h['msg_id'][:100]!r}")
-    if h["round"] < 0 or not 0 <= h["chunk"] < h["chunks"] <= 1_000_000:
-        raise WireError("bad_header", f"bad round/chunk: round {h['round']}, chunk "
-                                      f"{h['chunk']} of {h['chunks']}")
-    if len(h["tensors"]) > 64:
-        raise WireError("schema", "more than 64 tensors in one message")
-    for s in h["tensors"]:
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str)
-                and _NAME.fullmatch(s["name"]) and isinstance(s.get("shape"), list)
-                and len(s["shape"]) <= 6
-                and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31
-                        for d in s["shape"])
-                and isinstance(s.get("nbytes"), int) and s["nbytes"] >= 0):
-            raise WireError("bad_header", f"bad tensor spec {str(s)[:200]}")
-        if s.get("codec") == "exact":
-            if s.get("dtype") not in EXACT_DTYPES:
-                raise WireError("dtype", f"tensor {s['name']}: dtype {s.get('dtype')!r} "
-                                         "not allowed")
-        elif s.get("codec") in FEATURE_CODECS:
-            if s.get("dtype") != "float32":
-                raise WireError("dtype", f"tensor {s['name']}: codec {s['codec']} decodes to "
-                                         "float32")
-        else:
-            raise WireError("bad_header", f"tensor {s['name']}: unknown codec {s.get('codec')!r}")
-    if len({s["name"] for s in h["tensors"]}) != len(h["tensors"]):
-        raise WireError("schema", "duplicate tensor names")
-    return h
-
-
-def _meta(h: dict, key: str, typ: type | tuple) -> Any:
-    v = h["meta"].get(key)
-    if not isinstance(v, typ) or isinstance(v, bool):
-        raise WireError("schema", f"{h['kind']}: meta {key!r} missing or of the wrong type")
-    return v
-
-
-def _spec(specs: dict, name: str, kind: str, dtypes: tuple[str, ...], rank: int) -> list[int]:
-    if name not in specs:
-        raise WireError("schema", f"{kind}: tensor {name!r} missing")
-    s = specs[name][0]
-    if s["dtype"] not in dtypes:
-        raise WireError("dtype", f"{kind}: {name} must be {'/'.join(dtypes)}, got {s['dtype']}")
-    if len(s["shape"]) != rank:
-        raise WireError("shape", f"{kind}: {name} must have rank {rank}, got {s['shape']}")
-    return s["shape"]
-
-
-def _validate(h: dict, specs: dict) -> None:
-    kind = h["kind"]
-    expected = SCHEMAS[kind]
-    if expected is not None and set(specs) != expected:
-        raise WireError("schema", f"{kind}: tensors {sorted(specs)} != {sorted(expected)}")
-    if kind == "features":
-        k = _spec(specs, "ids", kind, ("int64",), 1)[0]
-        labels = _spec(specs, "labels", kind, ("int64",), 1)
-        logits = _spec(specs, "logits", kind, ("float32", "float16"), 2)
-        feats = _spec(specs, "features", kind, ("float32",), 4)
-        if not (labels[0] == logits[0] == feats[0] == k) or k == 0:
-            raise WireError("shape", f"features: first dimensions differ or are 0: ids {k}, "
-                                     f"labels {labels[0]}, logits {logits[0]}, "
-                                     f"features {feats[0]}")
-        if feats[1] != FEATURE_CHANNELS or feats[2] != feats[3] or not 1 <= feats[2] <= 512:
-            raise WireError("shape", f"features must be [k, {FEATURE_CHANNELS}, S, S], got "
-                                     f"{feats}")
-        if not 1 < logits[1] <= 100_000:
-            raise WireError("shape", f"features: bad class count {logits[1]}")
-    elif kind == "logits":
-        k = _spec(specs, "ids", kind, ("int64",), 1)[0]
-        if _spec(specs, "logits", kind, ("float32",), 2)[0] != k:
-            raise WireError("shape", "logits: ids and logits differ in length")
-    elif kind == "extractor":
-        if not specs:
-            raise WireError("schema", "extractor: no tensors")
-        for name, (s, _) in specs.items():
-            if s["codec"] != "exact" or s["dtype"] not in ("float32", "int64"):
-                raise WireError("dtype", f"extractor: {name} must be exact float32/int64")
-    elif kind == "hello":
-        for key in ("num_samples", "num_classes"):
-            if _meta(h, key, int) < 0:
-                raise WireError("schema", f"hello: {key} must be >= 0")
-        _meta(h, "codec", str)
-    elif kind == "upload_done":
-        _meta(h, "num_samples", int)
-        _meta(h, "num_chunks", int)
-        _meta(h, "upload_id", str)
-    elif kind == "ack":
-        ids = _meta(h, "msg_ids", list)
-        if not ids or len(ids) > 1024 or not all(isinstance(i, str) for i in ids):
-            raise WireError("schema", "ack: msg_ids must be 1-1024 strings")
-    elif kind == "logits_request":
-        _meta(h, "round", int)
-    elif kind == "round":
-        if _meta(h, "state", str) not in ROUND_STATES:
-            raise WireError("schema", f"round: state must be one of {ROUND_STATES}")
-    for name, (_, arr) in specs.items():
-        if arr is not None and kind in ("features", "logits") and name in ("ids", "labels"):
-            if arr.size and arr.min() < 0:
-                raise WireError("schema", f"{kind}: negative {name}")
-
-
-# Kind -> exact set of tensor names (None: free names, checked per kind above).
-SCHEMAS: dict[str, set[str] | None] = {
-    "hello": set(),
-    "features": {"ids", "labels", "logits", "features"},
-    "upload_done": set(),
-    "extractor": None,
-    "ack": set(),
-    "logits": {"ids", "logits"},
-    "logits_request": set(),
-    "round": set(),
-}
+    if hlen > MAX_HEADER:
+        raise WireError("too_large", f"header of {hlen} bytes exceeds {MAX_HEADER}")
+    if _PREFIX.size + hlen > len(view):
+        raise WireError("truncated", f"header of {hlen} bytes does not fit a "
+                                     f"{len(view)}-byte message")
+    header = _parse_header(view[_PREFIX.size:_PREFIX.size + hlen])
+    msg = _message(header, {})
+    _check_schema(msg)
+    total = sum(s.numel for s in msg.specs)
+    if total > max_elements:
+        raise WireError("too_large", f"tensors hold {total} elements; the limit is "
+                                     f"{max_elements}")
+    payload = view[_PREFIX.size + hlen:]
+    declared = sum(s.nbytes for s in msg.specs)
+    if len(payload) < declared:
+        raise WireError("truncated", f"tensors declare {declared} payload bytes, "
+                                     f"{len(payload)} arrived")
+    if len(payload) > declared:
+        raise WireError("trailing", f"{len(payload) - declared} bytes after the last tensor")
+    if zlib.crc32(payload) != msg.crc32:
+        raise WireError("checksum", f"payload CRC-32 {zlib.crc32(payload):08x} != header's "
+                                    f"{msg.crc32:08x}")
+    arrays, off = {}, 0
+    for s in msg.specs:
+        blob = payload[off:off + s.nbytes]
+        off += s.nbytes
+        try:
+            if s.codec == "exact":
+                arrays[s.name] = decode_array(blob, s.dtype, s.shape)
+            else:
+                arrays[s.name] = get_codec(s.codec).decode(blob, s.shape)
+        except WireError as err:
+            raise WireError(err.reason, f"tensor {s.name!r}: {err}") from None
+    _check_values(msg, arrays)
+    return replace(msg, tensors=arrays)
 
 
 def chunk_sizes(n_samples: int, bytes_per_sample: int, max_payload: int,
-                header_room: int = 8192) -> list[int]:
-    """Samples per message so each fits ``max_payload`` (the broker's packet limit)."""
+                header_room: int = HEADER_ROOM) -> list[int]:
+    """Samples per message so that each message of ``bytes_per_sample`` per sample plus
+    ``header_room`` fits ``max_payload`` (the broker's packet limit): full chunks, then the
+    rest. ValueError if a single sample does not fit."""
+    if n_samples < 0 or bytes_per_sample <= 0:
+        raise ValueError(f"need n_samples >= 0 and bytes_per_sample > 0, got {n_samples} "
+                         f"and {bytes_per_sample}")
     room = max_payload - header_room
     if bytes_per_sample > room:
-        raise ValueError(f"one sample ({bytes_per_sample} bytes) does not fit a "
-                         f"{max_payload}-byte message; raise the broker's max packet size")
-    per = max(1, room // bytes_per_sample)
+        raise ValueError(f"one sample ({bytes_per_sample} bytes) plus {header_room} bytes of "
+                         f"header does not fit a {max_payload}-byte message; raise the "
+                         "broker's max packet size or choose a smaller codec")
+    per = room // bytes_per_sample
     return [min(per, n_samples - s) for s in range(0, n_samples, per)]
+
+
+# -- header --------------------------------------------------------------------------------
+
+
+def _parse_header(raw: memoryview | bytes) -> dict:
+    try:
+        text = bytes(raw).decode("utf-8")
+        header = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                            parse_int=_bounded_int, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
+        raise WireError("bad_header", f"header is not UTF-8 JSON: {str(err)[:200]}") from None
+    if not isinstance(header, dict):
+        raise WireError("bad_header", "header must be a JSON object")
+    if set(header) != _HEADER_KEYS:
+        raise WireError("bad_header", f"header fields {sorted(header)[:20]} != "
+                                      f"{sorted(_HEADER_KEYS)}")
+    for key in ("v", "round", "chunk", "chunks", "crc32"):
+        _int(header[key], f"header field {key!r}", "bad_header")
+    for key, typ in (("kind", str), ("device", str), ("msg_id", str), ("tensors", list),
+                     ("meta", dict)):
+        if not isinstance(header[key], typ):
+            raise WireError("bad_header", f"header field {key!r} must be a {typ.__name__}")
+    if header["kind"] not in KINDS:
+        raise WireError("unknown_kind", f"unknown message kind {header['kind'][:64]!r}; "
+                                        f"known: {', '.join(KINDS)}")
+    try:
+        validate_device_id(header["device"])
+    except ValueError as err:
+        raise WireError("bad_header", str(err)) from None
+    if not _MSG_ID.fullmatch(header["msg_id"]):
+        raise WireError("bad_header", f"msg_id {header['msg_id'][:80]!r} must be 1-64 of "
+                                      "A-Z a-z 0-9 _ . : -")
+    if not 0 <= header["round"] <= _INT32:
+        raise WireError("bad_header", f"round {header['round']} out of range")
+    if not 0 <= header["chunk"] < header["chunks"] <= _INT32:
+        raise WireError("bad_header", f"chunk {header['chunk']} of {header['chunks']} is "
+                                      "not 0 <= chunk < chunks")
+    if not 0 <= header["crc32"] < 2**32:
+        raise WireError("bad_header", f"crc32 {header['crc32']} is not a 32-bit value")
+    if len(header["tensors"]) > _MAX_TENSORS:
+        raise WireError("bad_header", f"{len(header['tensors'])} tensors; at most "
+                                      f"{_MAX_TENSORS}")
+    return header
+
+
+def _message(h: dict, tensors: dict[str, np.ndarray]) -> Message:
+    specs = tuple(_spec(s) for s in h["tensors"])
+    if len({s.name for s in specs}) != len(specs):
+        raise WireError("bad_header", "duplicate tensor names")
+    return Message(h["kind"], h["device"], h["round"], h["msg_id"], h["chunk"], h["chunks"],
+                   h["meta"], tensors, specs, h["crc32"], h["v"])
+
+
+def _spec(s: Any) -> TensorSpec:
+    if not isinstance(s, dict) or set(s) != _SPEC_KEYS:
+        raise WireError("bad_header", f"tensor entry {str(s)[:200]} needs exactly the "
+                                      f"fields {sorted(_SPEC_KEYS)}")
+    name = s["name"]
+    if not isinstance(name, str) or not _TENSOR_NAME.fullmatch(name):
+        raise WireError("bad_header", f"tensor name {str(name)[:80]!r} must be 1-128 of "
+                                      "A-Z a-z 0-9 _ .")
+    if s["codec"] not in ("exact", *FEATURE_CODECS):
+        raise WireError("bad_header", f"tensor {name}: unknown codec {str(s['codec'])[:40]!r}")
+    if s["dtype"] not in ARRAY_DTYPES:
+        raise WireError("dtype", f"tensor {name}: dtype {str(s['dtype'])[:40]!r} is not one "
+                                 f"of {', '.join(ARRAY_DTYPES)}")
+    if s["codec"] != "exact" and s["dtype"] != "float32":
+        raise WireError("dtype", f"tensor {name}: codec {s['codec']} decodes to float32, "
+                                 f"header says {s['dtype']}")
+    shape = s["shape"]
+    if not isinstance(shape, list) or len(shape) > _MAX_RANK:
+        raise WireError("shape", f"tensor {name}: shape must be a list of at most "
+                                 f"{_MAX_RANK} sizes")
+    for d in shape:
+        _int(d, f"tensor {name}: shape entry", "shape")
+        if not 0 <= d <= _INT32:
+            raise WireError("shape", f"tensor {name}: size {d} out of range")
+    _int(s["nbytes"], f"tensor {name}: nbytes", "bad_header")
+    if s["nbytes"] < 0:
+        raise WireError("bad_header", f"tensor {name}: negative nbytes")
+    return TensorSpec(name, s["dtype"], tuple(shape), s["codec"], s["nbytes"])
+
+
+def _int(v: Any, what: str, reason: str) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise WireError(reason, f"{what} must be an integer, got {str(v)[:40]!r}")
+    return v
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} overflows a float")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > 20:  # beyond int64; also spares int() a quadratic parse
+        raise ValueError(f"integer of {len(text)} digits")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate keys in a JSON object")
+    return out
+
+
+# -- schemas -------------------------------------------------------------------------------
+
+_FEATURES = {(c, "float32") for c in FEATURE_CODECS}
+_LOGITS = {("exact", "float32"), ("fp32", "float32"), ("fp16", "float32")}
+_INT64 = {("exact", "int64")}
+_WEIGHTS = {("exact", "float32"), ("exact", "int64")}
+_TENSORS = {  # kind -> tensor name -> (allowed (codec, dtype), rank)
+    "features": {"ids": (_INT64, 1), "labels": (_INT64, 1), "logits": (_LOGITS, 2),
+                 "features": (_FEATURES, 4)},
+    "logits": {"ids": (_INT64, 1), "logits": (_LOGITS, 2)},
+}
+
+
+def _check_schema(m: Message) -> None:
+    """What the header alone shows: tensor names, codecs, dtypes, shapes, and meta."""
+    specs = {s.name: s for s in m.specs}
+    if m.kind == "extractor":
+        if not specs:
+            raise WireError("schema", "extractor: no tensors")
+        for s in m.specs:
+            _check_tensor(m.kind, s, _WEIGHTS, None)
+            if len(s.shape) > 4:
+                raise WireError("shape", f"extractor: {s.name} has rank {len(s.shape)} > 4")
+    else:
+        expected = _TENSORS.get(m.kind, {})
+        if set(specs) != set(expected):
+            raise WireError("schema", f"{m.kind}: tensors {sorted(specs)}, expected "
+                                      f"{sorted(expected)}")
+        for name, (allowed, rank) in expected.items():
+            _check_tensor(m.kind, specs[name], allowed, rank)
+    if m.kind in _TENSORS:
+        firsts = {n: s.shape[0] for n, s in specs.items()}
+        if len(set(firsts.values())) != 1:
+            raise WireError("shape", f"{m.kind}: first dimensions differ: {firsts}")
+        if not 1 <= specs["logits"].shape[1] <= MAX_CLASSES:
+            raise WireError("shape", f"{m.kind}: {specs['logits'].shape[1]} classes")
+    if m.kind == "features":
+        shape = specs["features"].shape
+        if shape[0] == 0:
+            raise WireError("shape", "features: empty chunk")
+        if shape[1] != FEATURE_CHANNELS or shape[2] != shape[3] or not (
+                1 <= shape[2] <= MAX_FEATURE_SIZE):
+            raise WireError("shape", f"features: must be [k, {FEATURE_CHANNELS}, S, S] with "
+                                     f"1 <= S <= {MAX_FEATURE_SIZE}, got {list(shape)}")
+    _check_meta(m.kind, m.meta)
+
+
+def _check_tensor(kind: str, s: TensorSpec, allowed: set, rank: int | None) -> None:
+    if (s.codec, s.dtype) not in allowed:
+        dtypes = sorted({d for _, d in allowed})
+        reason = "dtype" if s.dtype not in dtypes else "schema"
+        raise WireError(reason, f"{kind}: {s.name} is {s.dtype} via {s.codec}; allowed: "
+                                f"{sorted(allowed)}")
+    if rank is not None and len(s.shape) != rank:
+        raise WireError("shape", f"{kind}: {s.name} must have rank {rank}, got "
+                                 f"{list(s.shape)}")
+
+
+def _check_meta(kind: str, meta: dict) -> None:
+    """Required meta keys per kind; other keys pass through (meta is the extension point)."""
+    if kind == "hello":
+        _meta_int(kind, meta, "num_samples", 0, _INT32)
+        _meta_int(kind, meta, "num_classes", 1, MAX_CLASSES)
+        if meta.get("codec") not in FEATURE_CODECS:
+            raise WireError("schema", f"hello: codec must be one of {', '.join(FEATURE_CODECS)}")
+        if "image_size" in meta:  # optional for now: older devices do not send it
+            _meta_int(kind, meta, "image_size", 1, 4096)
+    elif kind == "upload_done":
+        _meta_int(kind, meta, "num_samples", 0, _INT32)
+        _meta_int(kind, meta, "num_chunks", 0, _INT32)
+        if not isinstance(meta.get("upload_id"), str) or not _MSG_ID.fullmatch(
+                meta["upload_id"]):
+            raise WireError("schema", "upload_done: upload_id must be 1-64 of A-Z a-z 0-9 "
+                                      "_ . : -")
+    elif kind == "ack":
+        ids = meta.get("msg_ids")
+        if not (isinstance(ids, list) and 1 <= len(ids) <= MAX_ACK_IDS and all(
+                isinstance(i, str) and _MSG_ID.fullmatch(i) for i in ids)):
+            raise WireError("schema", f"ack: msg_ids must be 1-{MAX_ACK_IDS} message ids")
+    elif kind == "logits_request":
+        _meta_int(kind, meta, "round", 0, _INT32)
+    elif kind == "round":
+        if meta.get("state") not in ROUND_STATES:
+            raise WireError("schema", f"round: state must be one of {', '.join(ROUND_STATES)}")
+        deadline = meta.get("deadline", "missing")
+        if deadline is not None and (isinstance(deadline, (bool, str)) or not isinstance(
+                deadline, (int, float)) or deadline < 0):
+            raise WireError("schema", "round: deadline must be unix seconds or null")
+        if not isinstance(meta.get("config", {}), dict):
+            raise WireError("schema", "round: config must be an object")
+
+
+def _meta_int(kind: str, meta: dict, key: str, lo: int, hi: int) -> None:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise WireError("schema", f"{kind}: meta {key!r} must be an integer in [{lo}, {hi}], "
+                                  f"got {str(v)[:40]!r}")
+
+
+def _check_values(m: Message, arrays: dict[str, np.ndarray]) -> None:
+    """What only the decoded arrays show (codecs already refuse NaN and Inf)."""
+    if m.kind not in _TENSORS:
+        return
+    ids = arrays["ids"]
+    if ids.size and ids.min() < 0:
+        raise WireError("schema", f"{m.kind}: negative sample id")
+    if len(np.unique(ids)) != len(ids):
+        raise WireError("schema", f"{m.kind}: duplicate sample ids")
+    if m.kind == "features":
+        labels, classes = arrays["labels"], arrays["logits"].shape[1]
+        if labels.size and not (0 <= labels.min() and labels.max() < classes):
+            raise WireError("schema", f"features: labels outside [0, {classes})")

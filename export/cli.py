@@ -38,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training samples to calibrate int8 on (default 512)")
     p.add_argument("--calibration-method", choices=("minmax", "entropy", "percentile"),
                    default="minmax")
+    p.add_argument("--int8-activations", choices=("uint8", "int8"), default="uint8",
+                   help="uint8 (default): fastest in onnxruntime on x86 and ARM; int8: "
+                        "symmetric, what TensorRT requires")
     p.add_argument("--max-int8-drop", type=float, default=1.0, metavar="POINTS",
                    help="fail if int8 top-1 accuracy is more than this many points below fp32")
     p.add_argument("--test-samples", type=int, default=0,
                    help="verify on the first N test samples (default 0: all of them)")
+    p.add_argument("--rtol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
+    p.add_argument("--atol", type=float, default=1e-5, help="parity tolerance (default 1e-5)")
     p.add_argument("--data-root", default="data", help="root of torchvision datasets")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch and onnxruntime (default 1)")
@@ -75,8 +80,10 @@ def format_table(report) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # only our own progress at INFO: the exporters log every optimization pass
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: "
+                                                      "%(message)s")
+    logging.getLogger("gkt").setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         import torch
 
@@ -93,9 +100,11 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint=args.checkpoint, out_dir=args.out, devices=tuple(args.device),
             edge_states=tuple(args.edge_state), data_root=args.data_root,
             export=ExportOptions(args.opset, args.exporter), quantize=args.quantize,
-            quant=QuantConfig(args.calibration_samples, args.calibration_method),
+            quant=QuantConfig(args.calibration_samples, args.calibration_method,
+                              args.int8_activations),
             max_int8_drop=args.max_int8_drop / 100, test_samples=args.test_samples,
-            threads=args.threads, latency_runs=args.latency_runs)
+            threads=args.threads, latency_runs=args.latency_runs, rtol=args.rtol,
+            atol=args.atol)
         report = run_export(cfg)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"gkt-export: error: {err}", file=sys.stderr)

@@ -80,6 +80,8 @@ def _torchscript(spec: GraphSpec, example: torch.Tensor, opset: int) -> onnx.Mod
         # chosen on purpose for opsets the dynamo exporter cannot write
         warnings.filterwarnings("ignore", category=DeprecationWarning,
                                 message=".*legacy TorchScript-based ONNX export")
+        warnings.filterwarnings("ignore", category=DeprecationWarning,
+                                module=r"torch\.onnx\._internal\.torchscript_exporter")
         torch.onnx.export(
             spec.module, (example,), buf, dynamo=False, opset_version=opset,
             input_names=[spec.input_name], output_names=[spec.output_name],

@@ -24,7 +24,7 @@ from server_hub.checkpoint import Checkpoint, load_checkpoint
 from .graphs import IMAGE_INPUT, GraphSpec, build_specs, extractor_module, load_edge_state
 from .metadata import graph_metadata, set_metadata
 from .onnx_export import ExportOptions, export_graph
-from .quantize import QuantConfig, quantize_int8
+from .quantize import QDQ_MIN_OPSET, QuantConfig, quantize_int8
 from .report import ExportReport, GraphReport, Int8Report, Parity
 from .runtime import median_ms, run
 from .samples import data_config, load_images
@@ -71,6 +71,8 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.quantize not in (None, *QUANTIZE):
             raise ValueError(f"unknown quantization {self.quantize!r}; choose from {QUANTIZE}")
+        if self.quantize and self.export.opset < QDQ_MIN_OPSET:
+            raise ValueError(f"int8 QDQ needs opset >= {QDQ_MIN_OPSET}, got {self.export.opset}")
         if self.threads < 1 or self.batch_size < 1 or self.latency_runs < 1:
             raise ValueError("threads, batch_size and latency_runs must be >= 1")
 
@@ -139,13 +141,14 @@ class _Checked:
 
 
 def _check(partial: Path, reference: Predict, batches: Batches, cfg: ExportConfig,
-           judge: Callable[[Comparison], None]) -> _Checked:
+           judge: Callable[[Comparison], None], baseline: Predict | None = None) -> _Checked:
     """Checker, load, compare with ``reference`` on every batch, then ``judge`` the figures."""
     session = cmp = None
     try:
         check_model(partial)
         session = load_session(partial, cfg.threads)
-        cmp = compare(reference, lambda x: run(session, x.numpy()), batches, cfg.rtol, cfg.atol)
+        cmp = compare(reference, lambda x: run(session, x.numpy()), batches, cfg.rtol, cfg.atol,
+                      baseline)
         judge(cmp)
     except VerificationError as err:
         return _Checked(session, cmp, str(err))
@@ -159,8 +162,10 @@ def _export_one(spec: GraphSpec, ckpt: Checkpoint, data: _Data, cfg: ExportConfi
     set_metadata(model, graph_metadata(spec, ckpt.meta, opts.opset, opts.resolved_exporter))
     partial = _partial(out, spec.name)
     onnx.save(model, str(partial))
-    res = _check(partial, torch_predict(spec.module), _batches(spec, data, cfg.batch_size), cfg,
-                 lambda c: check_parity(spec.name, c, spec.is_classifier, cfg.rtol, cfg.atol))
+    res = _check(partial, torch_predict(spec.module, torch.float64),
+                 _batches(spec, data, cfg.batch_size), cfg,
+                 lambda c: check_parity(spec.name, c, spec.is_classifier, cfg.rtol, cfg.atol),
+                 baseline=torch_predict(spec.module))
     path = _finish(out, spec.name, res.error)
     cmp, classifier = res.cmp, spec.is_classifier
     report = GraphReport(
@@ -184,7 +189,7 @@ def _quantize_one(spec: GraphSpec, fp32: Path, fp32_session: ort.InferenceSessio
                   cfg: ExportConfig, out: Path) -> Int8Report:
     model = quantize_int8(fp32, data.calib_x.numpy(), cfg.quant)
     set_metadata(model, {"quantization": json.dumps({
-        "format": "QDQ", "weights": "int8 per-channel", "activations": "int8",
+        "format": "QDQ", "weights": "int8 per-channel", "activations": cfg.quant.activations,
         "calibration": cfg.quant.method, "calibration_samples": len(data.calib_x)})})
     stem = f"{spec.name}.int8"
     partial = _partial(out, stem)
@@ -197,6 +202,7 @@ def _quantize_one(spec: GraphSpec, fp32: Path, fp32_session: ort.InferenceSessio
     log.info("%s int8: %s", spec.name, res.error or f"accuracy {cmp.accuracy_cand():.4f}")
     report = Int8Report(
         str(path), path.stat().st_size, len(data.calib_x), cfg.quant.method,
+        cfg.quant.activations,
         cmp.accuracy_ref() if cmp else None, cmp.accuracy_cand() if cmp else None,
         round(100 * (cmp.accuracy_ref() - cmp.accuracy_cand()), 4) if cmp else None,
         cmp.agreement() if cmp else None, cmp.max_abs_diff if cmp else None, error=res.error)

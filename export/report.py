@@ -11,16 +11,21 @@ from .verify import Comparison
 
 @dataclass
 class Parity:
+    """onnxruntime fp32 against PyTorch: judged against float64, float32 shown beside it."""
+
     samples: int
-    max_abs_diff: float
-    worst_ratio: float  # max |diff| / (atol + rtol * |torch|); <= 1 passes
+    max_abs_diff: float  # vs PyTorch float64 (the checked figure)
+    worst_ratio: float  # max |diff| / allowed (see export.verify); <= 1 passes
     mismatches: int
     rtol: float
     atol: float
+    max_abs_diff_vs_torch_fp32: float | None
+    torch_fp32_error: float | None  # PyTorch float32 vs float64: the floor of any fp32 run
 
     @classmethod
     def of(cls, c: Comparison, rtol: float, atol: float) -> Parity:
-        return cls(c.samples, c.max_abs_diff, c.worst_ratio, c.mismatches, rtol, atol)
+        return cls(c.samples, c.max_abs_diff, c.worst_ratio, c.mismatches, rtol, atol,
+                   c.max_abs_diff_baseline, c.baseline_error)
 
 
 @dataclass
@@ -29,6 +34,7 @@ class Int8Report:
     bytes: int
     calibration_samples: int
     calibration_method: str
+    activations: str  # uint8 | int8
     # None where a check failed before the figures existed (see ``error``)
     accuracy_fp32: float | None  # the fp32 graph in onnxruntime, same samples
     accuracy_int8: float | None

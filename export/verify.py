@@ -3,13 +3,19 @@
 1. ``onnx.checker`` (full check, with shape inference) on the file as written, plus the
    graph contract: one input and one output, a dynamic batch axis, standard ONNX ops only.
 2. onnxruntime against PyTorch on real test samples: every output element within
-   ``atol + rtol * |torch|`` (numpy's allclose rule), and for classifiers the same top-1
-   accuracy on the test set.
+   ``atol * scale + rtol * |torch|`` with scale = max(1, max |torch|) of its sample
+   (numpy's allclose rule for outputs up to 1), and for classifiers the same top-1
+   accuracy on the test set. Judged against the module run in float64, the exact answer
+   of the same weights: on the digits ResNet-56, float32 PyTorch itself is 2.3e-5 off
+   and onnxruntime 2.8e-5, on logits up to 18, both at 1.6e-6 relative to the largest
+   logit; their difference (3.9e-5) is the sum of two float32 errors, and a plain
+   elementwise 1e-5 fails on logits near 0 for every float32 runtime, PyTorch included.
 3. For int8 graphs: top-1 accuracy within ``max_drop`` of the fp32 graph.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,15 +49,21 @@ class VerificationError(RuntimeError):
 
 @dataclass
 class Comparison:
-    """A candidate's outputs against a reference's over the same batches (streamed)."""
+    """A candidate's outputs against a reference's over the same batches (streamed).
+
+    Top-1 figures compare the candidate with the *baseline* (the reference if none):
+    parity is judged against PyTorch in float64, accuracy against PyTorch in float32.
+    """
 
     samples: int = 0
-    max_abs_diff: float = 0.0
-    worst_ratio: float = 0.0  # max |diff| / (atol + rtol * |ref|); <= 1 means within tolerance
+    max_abs_diff: float = 0.0  # candidate vs reference
+    worst_ratio: float = 0.0  # max |diff| / allowed; <= 1 means within tolerance
     mismatches: int = 0  # output elements outside tolerance
-    correct_ref: int = 0
+    correct_ref: int = 0  # top-1 correct of the baseline
     correct_cand: int = 0
-    agree: int = 0  # samples with the same top-1 class
+    agree: int = 0  # samples where candidate and baseline pick the same class
+    max_abs_diff_baseline: float | None = None  # candidate vs baseline
+    baseline_error: float | None = None  # baseline vs reference: float32's own error
 
     def accuracy_ref(self) -> float:
         return self.correct_ref / max(self.samples, 1)
@@ -63,40 +75,62 @@ class Comparison:
         return self.agree / max(self.samples, 1)
 
 
-def torch_predict(module: nn.Module) -> Predict:
-    module.eval()
+def torch_predict(module: nn.Module, dtype: torch.dtype = torch.float32) -> Predict:
+    """PyTorch eval-mode outputs; float64 gives the exact answer of the same weights."""
+    module = module.eval() if dtype == torch.float32 else copy.deepcopy(module).to(dtype).eval()
 
     @torch.inference_mode()
     def predict(x: torch.Tensor) -> np.ndarray:
-        return module(x).float().numpy()
+        return module(x.to(dtype)).numpy()
 
     return predict
 
 
+def output_scale(ref: np.ndarray) -> np.ndarray:
+    """Per sample max(1, max |ref|), broadcastable to ``ref``.
+
+    float32 error in an output is relative to the magnitudes that produced it, not to
+    the output's own value: a logit near 0 next to one of 18 carries the error of the
+    18. So atol applies to outputs scaled to at most 1 (numpy's rule where |ref| <= 1).
+    """
+    peak = np.abs(ref).reshape(len(ref), -1).max(axis=1)
+    return np.maximum(peak, 1.0).reshape((len(ref),) + (1,) * (ref.ndim - 1))
+
+
+def _max(current: float | None, diff: np.ndarray) -> float:
+    return max(current or 0.0, float(diff.max()))
+
+
 def compare(reference: Predict, candidate: Predict, batches: Batches, rtol: float = RTOL,
-            atol: float = ATOL) -> Comparison:
-    """Run both on every batch; top-1 counts are meaningful for classifiers only."""
+            atol: float = ATOL, baseline: Predict | None = None) -> Comparison:
+    """Run all on every batch; top-1 counts are meaningful for classifiers only."""
     c = Comparison()
     for x, y in batches:
-        ref = reference(x)
+        ref = reference(x).astype(np.float64)
         try:
-            cand = candidate(x)
+            cand = candidate(x).astype(np.float64)
         except ORT_ERRORS as err:
             raise VerificationError(f"onnxruntime failed on a batch of shape "
                                     f"{tuple(x.shape)}: {err}") from err
         if ref.shape != cand.shape:
             raise VerificationError(f"output shape {cand.shape}, expected {ref.shape}")
-        diff = np.abs(cand.astype(np.float64) - ref)
-        allowed = atol + rtol * np.abs(ref)
+        diff = np.abs(cand - ref)
+        allowed = atol * output_scale(ref) + rtol * np.abs(ref)
         c.samples += len(x)
-        c.max_abs_diff = max(c.max_abs_diff, float(diff.max()))
-        c.worst_ratio = max(c.worst_ratio, float((diff / allowed).max()))
+        c.max_abs_diff = _max(c.max_abs_diff, diff)
+        with np.errstate(divide="ignore", invalid="ignore"):  # allowed is 0 only if tol is 0
+            c.worst_ratio = _max(c.worst_ratio, np.where(diff > 0, diff / allowed, 0.0))
         c.mismatches += int((diff > allowed).sum())
+        base = ref
+        if baseline is not None:
+            base = baseline(x).astype(np.float64)
+            c.max_abs_diff_baseline = _max(c.max_abs_diff_baseline, np.abs(cand - base))
+            c.baseline_error = _max(c.baseline_error, np.abs(base - ref))
         if ref.ndim == 2:
-            top_ref, top_cand = ref.argmax(1), cand.argmax(1)
-            c.correct_ref += int((top_ref == y).sum())
+            top_base, top_cand = base.argmax(1), cand.argmax(1)
+            c.correct_ref += int((top_base == y).sum())
             c.correct_cand += int((top_cand == y).sum())
-            c.agree += int((top_ref == top_cand).sum())
+            c.agree += int((top_base == top_cand).sum())
     if c.samples == 0:
         raise VerificationError("no samples to verify with")
     return c
@@ -137,8 +171,8 @@ def check_parity(name: str, c: Comparison, classifier: bool, rtol: float = RTOL,
                  atol: float = ATOL) -> None:
     if c.mismatches:
         raise VerificationError(
-            f"{name}: onnxruntime differs from PyTorch in {c.mismatches} output values "
-            f"(max abs diff {c.max_abs_diff:.3g}, {c.worst_ratio:.1f}x the tolerance "
+            f"{name}: onnxruntime differs from PyTorch (float64) in {c.mismatches} output "
+            f"values (max abs diff {c.max_abs_diff:.3g}, {c.worst_ratio:.1f}x the tolerance "
             f"rtol={rtol:g}, atol={atol:g}) on {c.samples} test samples")
     if classifier and c.correct_ref != c.correct_cand:
         raise VerificationError(

@@ -213,3 +213,25 @@ class ManagedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def read_sys_counters(url: str, wait: float = 4.0) -> dict[str, int]:
+    """The broker's own byte counters ($SYS/broker/.../bytes/...), published every
+    sys_interval seconds; waits for one fresh update."""
+    from edge_runtime.transport import LinkConfig, MqttLink
+
+    values: dict[str, int] = {}
+    link = MqttLink(LinkConfig(url, client_id=f"gkt-sys-{os.getpid()}", session_expiry=0))
+    link.connect()
+
+    def on(topic: str, payload: bytes) -> None:
+        try:
+            values[topic.removeprefix("$SYS/broker/")] = int(payload)
+        except ValueError:
+            pass
+
+    link.subscribe("$SYS/broker/bytes/#", on, qos=0)
+    link.subscribe("$SYS/broker/publish/bytes/#", on, qos=0)
+    time.sleep(wait)
+    link.close()
+    return values

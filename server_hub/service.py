@@ -178,10 +178,13 @@ class HubService:
         self.link.publish(topics.down(device), payload, wait=False)
 
     def _resend_logits(self, device: str, rnd: int) -> None:
+        if rnd > self.round:
+            raise wire.WireError("future_round", f"{device} asked for round {rnd} logits; the "
+                                                 f"hub is in round {self.round}")
         msgs = self.last_logits.get(device) if rnd == self.logits_round else None
-        if not msgs:
-            raise wire.WireError("stale_round", f"{device} asked for round {rnd} logits; "
-                                                f"none to send (hub round {self.round})")
+        if not msgs:  # not trained yet (they will come), or an old round: nothing to do
+            log.debug("%s asked for round %d logits; none to send yet", device, rnd)
+            return
         log.info("resending %d logits chunks to %s", len(msgs), device)
         for m in msgs:
             self.link.publish(topics.down(device), m, wait=False)

@@ -69,7 +69,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     from edge_runtime.data import load_split, make_loader
     from edge_runtime.transport import LinkConfig, MqttLink
 
-    from .broker import BrokerConfig, ManagedBroker, free_port
+    from .broker import BrokerConfig, ManagedBroker, free_port, read_sys_counters
     from .hub import Hub
     from .service import HubService, ServiceConfig
 
@@ -111,8 +111,10 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     service = HubService(link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
                          cfg.data, test_loader, on_round,
                          on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    sys_counters: dict[str, int] = {}
     try:
         rc = service.run()
+        sys_counters = read_sys_counters(broker.url)
     finally:
         bar.close()
         codes = []
@@ -128,6 +130,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     result.codec = codec
     result.broker_bytes = {
         "hub_received": link.bytes_received, "hub_sent": link.bytes_sent,
+        "broker": sys_counters,
         "rejected": dict(service.rejected), "device_exit_codes": codes,
     }
     if rc != 0:

@@ -1,0 +1,49 @@
+"""The console scripts as users run them."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edge_runtime.cli import main as edge_main
+from server_hub.broker import free_port
+
+
+def test_edge_rejects_bad_arguments_with_exit_code_2(capsys):
+    assert edge_main(["run", "--hub", "mqtt://127.0.0.1:1", "--device-id", "a/b"]) == 2
+    assert "device id" in capsys.readouterr().err
+    assert edge_main(["run", "--hub", "mqtt://127.0.0.1:1", "--device-id", "a",
+                      "--shard", "3", "--num-shards", "2"]) == 2
+    assert edge_main(["run", "--hub", "mqtt://127.0.0.1:1", "--device-id", "a",
+                      "--codec", "q3"]) == 2
+    assert "unknown codec" in capsys.readouterr().err
+
+
+def test_edge_says_when_the_broker_is_unreachable(capsys, tmp_path):
+    rc = edge_main(["run", "--hub", f"mqtt://127.0.0.1:{free_port()}", "--device-id", "a",
+                    "--state-dir", str(tmp_path)])
+    assert rc == 4
+    assert "cannot reach MQTT broker" in capsys.readouterr().err
+
+
+@pytest.mark.mqtt
+def test_simulate_over_mqtt_with_device_processes(tmp_path):
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server_hub.cli", "simulate", "--devices", "2", "--rounds", "2",
+         "--server-epochs", "1", "--codec", "q4", "--state-dir", str(tmp_path / "state"),
+         "--no-progress", "--json", str(out)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["transport"] == "mqtt" and data["codec"] == "q4"
+    assert [r["round"] for r in data["rounds"]] == [0, 1]
+    assert data["final"]["test_accuracy"] > 0.3
+    crossed = data["broker_bytes"]
+    assert crossed["device_exit_codes"] == [0, 0]
+    assert crossed["hub_received"] >= data["final"]["upload_bytes"]
+    assert crossed["broker"]["publish/bytes/received"] >= crossed["hub_received"]
+    assert (tmp_path / "state" / "checkpoints" / "LATEST").exists()
+    assert (tmp_path / "state" / "devices" / "dev1" / "edge.safetensors").exists()
+    assert "round" in proc.stdout and "final test accuracy" in proc.stdout
