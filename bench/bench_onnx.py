@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
@@ -37,6 +36,15 @@ from export.quantize import QuantConfig, quantize_int8
 from export.runtime import make_session, run
 from export.samples import load_images
 from server_hub.models import FullResNet, build_server
+
+
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
 
 
 def random_specs(size: int) -> list[GraphSpec]:
@@ -103,14 +111,15 @@ def bench_size(size: int, specs: list[GraphSpec], batches: list[int], runs: int,
             x = test_x.repeat(-(-b // len(test_x)), 1, 1, 1)[:b].contiguous()
             ms = interleaved_medians(candidates(spec.module, s32, s8, x),
                                      runs if b == 1 else max(5, runs // 3))
-            rows.append({"size": size, "model": spec.name, "batch": b,
-                         "weights": "checkpoint" if spec.round is not None else "random",
-                         "median_ms": {k: round(v, 4) for k, v in ms.items()},
-                         "onnx_vs_torch": round(ms["torch_eager"] / ms["onnx_fp32"], 2),
-                         "int8_vs_fp32": round(ms["onnx_fp32"] / ms["onnx_int8"], 2)})
+            row = {"size": size, "model": spec.name, "batch": b,
+                   "weights": "checkpoint" if spec.round is not None else "random",
+                   "median_ms": {k: round(v, 4) for k, v in ms.items()},
+                   "onnx_speedup_vs_torch": round(ms["torch_eager"] / ms["onnx_fp32"], 2),
+                   "int8_speedup_vs_fp32": round(ms["onnx_fp32"] / ms["onnx_int8"], 2)}
+            rows.append(row)
             print(f"{size:>4} {spec.name:9} {b:>5} {ms['torch_eager']:>10.3f} "
                   f"{ms['onnx_fp32']:>10.3f} {ms['onnx_int8']:>10.3f} "
-                  f"{rows[-1]['onnx_vs_torch']:>9.2f}x {rows[-1]['int8_vs_fp32']:>9.2f}x",
+                  f"{row['onnx_speedup_vs_torch']:>11.2f}x {row['int8_speedup_vs_fp32']:>11.2f}x",
                   flush=True)
     return rows
 
@@ -136,7 +145,7 @@ def main() -> None:
     print(f"{args.threads} thread(s) for torch and onnxruntime; torch {torch.__version__}, "
           f"onnxruntime {ort.__version__}, {os.cpu_count()} cores, load {load0[0]:.1f}")
     print(f"{'size':>4} {'model':9} {'batch':>5} {'torch ms':>10} {'onnx ms':>10} "
-          f"{'int8 ms':>10} {'onnx/torch':>10} {'int8/fp32':>10}")
+          f"{'int8 ms':>10} {'onnx speedup':>12} {'int8 speedup':>12}")
     rows = []
     with tempfile.TemporaryDirectory(prefix="gkt-bench-onnx-") as tmp:
         for size in sizes:
@@ -148,11 +157,11 @@ def main() -> None:
     result = {
         "threads": args.threads, "runs_batch1": args.runs, "torch": torch.__version__,
         "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-        "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+        "cpu": cpu_name(), "cores": os.cpu_count(),
         "load_average_start_end": [round(load0[0], 2), round(os.getloadavg()[0], 2)],
         "checkpoint": args.checkpoint, "rows": rows,
-        "batch1_onnx_vs_torch_min": float(np.min([r["onnx_vs_torch"] for r in rows
-                                                  if r["batch"] == 1])),
+        "batch1_onnx_speedup_min": min(r["onnx_speedup_vs_torch"] for r in rows
+                                       if r["batch"] == 1),
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=1))

@@ -234,7 +234,7 @@ class EdgeAgent:
                     req = wire.encode_message("logits_request", dev.device_id, rnd, {},
                                               msg_id=f"req-{uuid.uuid4().hex[:8]}",
                                               meta={"round": rnd})
-                    self.link.publish(topics.up(dev.device_id), req)
+                    self.link.publish(topics.up(dev.device_id), req, wait=False)
                     last = time.monotonic()
                 continue
             if msg.round != rnd:

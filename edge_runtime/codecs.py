@@ -37,6 +37,7 @@ ARRAY_DTYPES = ("uint8", "int32", "int64", "float16", "float32", "float64")
 _LEVELS = {"q8": 255, "q4": 15}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _F32 = np.dtype("<f4")
+_F32_MAX = float(np.finfo(np.float32).max)
 _TINY = np.finfo(np.float32).tiny  # smaller scales would overflow 1/scale: flush to zero
 
 
@@ -135,7 +136,7 @@ class Codec:
         nbytes = n if self.name == "q8" else (n + 1) // 2
         raw = _decompress(blob, 4 * planes + nbytes)
         scale = np.frombuffer(raw, dtype=_F32, count=planes).astype(np.float32)
-        if not (np.isfinite(scale * np.float32(levels)).all() and (scale >= 0).all()):
+        if not ((scale >= 0) & (scale <= _F32_MAX / levels)).all():  # NaN fails too
             raise WireError("nonfinite", f"{self.name}: scales must be finite and >= 0")
         codes = np.frombuffer(raw, dtype=np.uint8, offset=4 * planes)
         if self.name == "q4":

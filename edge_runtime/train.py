@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distill import LogitBank, kd_loss
+from .perf import channels_last_input, inference_copy, keep_freed_memory, to_channels_last
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,10 @@ class EdgeTrainConfig:
     weight_decay: float = 1e-4
     temperature: float = 3.0
     alpha: float = 1.0  # weight of the KD term against the hub's logits
+    # CPU speed (docs/performance.md): NHWC model and batches; and, on glibc, keep freed
+    # activation memory in the process (set once for the whole process by the first call).
+    channels_last: bool = True
+    reuse_memory: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,10 +48,16 @@ def train_edge(
     cfg: EdgeTrainConfig,
 ) -> TrainStats:
     """CE(z_c, y) + alpha * KD_T(z_c || z_s[id]); CE only for samples with no teacher yet."""
+    if cfg.reuse_memory:
+        keep_freed_memory()
+    if cfg.channels_last:
+        to_channels_last(model)
     model.train()
     total_loss = correct = seen = distilled = 0
     for _ in range(cfg.epochs):
         for x, y, ids in loader:
+            if cfg.channels_last:
+                x = channels_last_input(x)
             logits, _ = model(x)
             loss = F.cross_entropy(logits, y)
             if teacher is not None and len(teacher) and cfg.alpha > 0:
@@ -74,11 +85,17 @@ class FeatureBatch:
 
 
 @torch.inference_mode()
-def extract_features(model: nn.Module, loader: DataLoader) -> Iterator[FeatureBatch]:
-    """Eval-mode pass over the (non-augmented) local set, one batch at a time."""
+def extract_features(model: nn.Module, loader: DataLoader,
+                     fast: bool = True) -> Iterator[FeatureBatch]:
+    """Eval-mode pass over the (non-augmented) local set, one batch at a time.
+
+    ``fast``: run a copy with batch norm folded into the convolutions, channels-last
+    (outputs equal up to float rounding); H is returned NCHW-contiguous either way.
+    """
     model.eval()
+    run = inference_copy(model) if fast else model
     for x, y, ids in loader:
-        logits, h = model(x)
+        logits, h = run(channels_last_input(x) if fast else x)
         yield FeatureBatch(ids.long(), h.contiguous(), logits, y.long())
 
 

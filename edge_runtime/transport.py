@@ -3,9 +3,15 @@
 Facts this module encodes (each learned from a failure, see DESIGN.md):
 - TCP_NODELAY on the socket, or a QoS 1 round trip costs 40-90 ms instead of ~1 ms;
 - paho does not enforce the broker's maximum packet size, and an oversized QoS 1 message
-  loops forever in reconnects, so we refuse it here;
+  loops forever in reconnects, so we refuse it here (the broker's limit, learned from
+  its CONNACK, wins over ours when smaller);
+- Mosquitto sends one copy of a message per matching subscription, so each subscription
+  carries an MQTT v5 subscription identifier and a copy goes to that handler only;
 - a broker restart can drop or duplicate messages, so delivery rests on application
-  acks and retries (``ReliableSender``) and on idempotent receivers.
+  acks and retries (``ReliableSender``) and on idempotent receivers;
+- paho 2.x decodes each received PUBLISH with ``struct.unpack`` formats as long as the
+  packet, ~3 ms per MB (half the receive cost of a 1 MB message); we swap in a decoder
+  that returns the same result with one copy (see ``_decode_publish``).
 """
 
 from __future__ import annotations
@@ -14,16 +20,21 @@ import logging
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 from urllib.parse import urlparse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 Handler = Callable[[str, bytes], None]
+
+DEFAULT_MAX_PACKET_SIZE = 512 * 1024  # the managed broker's default too (server_hub.broker)
 
 
 @dataclass(frozen=True)
@@ -32,66 +43,105 @@ class LinkConfig:
     client_id: str
     username: str | None = None
     password: str | None = None
-    ca_file: str | None = None
-    cert_file: str | None = None
+    ca_file: str | None = None  # mqtts only; None = the system's CA store
+    cert_file: str | None = None  # client certificate, if the broker asks for one
     key_file: str | None = None
     keepalive: int = 30
-    session_expiry: int = 3600  # seconds the broker keeps our session and QoS 1 queue
-    max_packet_size: int = 512 * 1024
-    max_inflight: int = 32
-    reconnect_min: float = 0.5
+    # Seconds the broker keeps our session (subscriptions + queued QoS 1 messages) while
+    # we are away; we always reconnect with clean_start=False. 0 = no persistent session.
+    session_expiry: int = 3600
+    # Largest whole packet, both ways: we refuse to publish bigger ones, and the broker
+    # drops bigger ones on their way to us. Keep it equal to the broker's max_packet_size.
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE
+    max_inflight: int = 32  # QoS 1 messages paho sends before waiting for a PUBACK
+    reconnect_min: float = 0.5  # seconds; doubles per failed attempt up to reconnect_max
     reconnect_max: float = 15.0
+    tcp_nodelay: bool = True  # off only to measure what it costs
 
 
-def parse_url(url: str) -> tuple[str, int, bool]:
-    """'mqtt://host:1883' -> (host, 1883, tls=False); mqtts defaults to 8883."""
+class BrokerAddress(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_url(url: str) -> BrokerAddress:
+    """'mqtt://host:1883' -> (host, 1883, tls=False); the port defaults to 1883 / 8883."""
+    hint = "use mqtt://HOST:PORT or mqtts://HOST:PORT"
     u = urlparse(url)
     if u.scheme not in ("mqtt", "mqtts") or not u.hostname:
-        raise ValueError(f"bad broker URL {url!r}: use mqtt://HOST:PORT or mqtts://HOST:PORT")
+        raise ValueError(f"bad broker URL {url!r}: {hint}")
+    if u.path not in ("", "/") or u.query or u.fragment or u.username or u.password:
+        raise ValueError(f"bad broker URL {url!r}: no path, query or credentials; {hint}")
     try:
-        port = u.port or (8883 if u.scheme == "mqtts" else 1883)
+        port = u.port
     except ValueError:
-        raise ValueError(f"bad port in broker URL {url!r}") from None
-    return u.hostname, port, u.scheme == "mqtts"
+        raise ValueError(f"bad port in broker URL {url!r}: {hint}") from None
+    if port == 0:
+        raise ValueError(f"bad port in broker URL {url!r}: {hint}")
+    tls = u.scheme == "mqtts"
+    return BrokerAddress(u.hostname, port or (8883 if tls else 1883), tls)
 
 
-def _nodelay(client, userdata, sock) -> None:
-    s = getattr(sock, "_sock", sock)  # unwrap an SSL socket if needed
-    try:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
-        pass  # not a TCP socket (e.g. a websocket proxy): nothing to tune
+def _varint_len(n: int) -> int:
+    return 1 if n < 128 else 2 if n < 16_384 else 3 if n < 2_097_152 else 4
+
+
+def publish_packet_size(topic: str, payload_len: int, qos: int = 1) -> int:
+    """Bytes of the MQTT v5 PUBLISH packet (no properties), fixed header included."""
+    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + 1 + payload_len
+    return 1 + _varint_len(remaining) + remaining
+
+
+def _nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class MqttLink:
     """One MQTT v5 connection with a persistent session and automatic reconnects.
 
-    Handlers run on paho's network thread: keep them short, never block on a publish
-    with ``wait=True`` from inside one.
+    Handlers run on paho's network thread, one at a time: keep them short, and never
+    call ``publish(wait=True)`` from one (the PUBACK would be read by that same thread;
+    it raises RuntimeError instead of deadlocking).
+    Counters (``bytes_sent`` ...) count payload bytes of every publish call and every
+    message handed to a handler, retransmissions included.
     """
 
-    def __init__(self, cfg: LinkConfig, logger: logging.Logger | None = None,
-                 nodelay: bool = True) -> None:
+    def __init__(self, cfg: LinkConfig, logger: logging.Logger | None = None) -> None:
         self.cfg = cfg
         self.log = logger or logging.getLogger("gkt.mqtt")
         self.host, self.port, tls = parse_url(cfg.url)
+        if (cfg.ca_file or cfg.cert_file) and not tls:
+            raise ValueError(f"TLS files given but {cfg.url} is plain MQTT; use mqtts://")
+        self.max_packet_size = cfg.max_packet_size  # lowered to the broker's, if smaller
         self.bytes_sent = self.bytes_received = self.msgs_sent = self.msgs_received = 0
-        self._subs: dict[str, tuple[Handler, int]] = {}
+        self._lock = threading.Lock()  # counters and subscriptions
+        self._subs: dict[str, tuple[Handler, int]] = {}  # filter -> handler, qos
+        self._resubs: set[int] = set()  # SUBSCRIBE mids sent by _on_connect
+        self._subacks: dict[int, list] = {}
+        self._suback_cond = threading.Condition()
+        self._pub_failures: dict[int, mqtt.ReasonCode] = {}
         self._connected = threading.Event()
-        self._first = threading.Event()
-        self._connect_error: str | None = None
+        self._net_thread: threading.Thread | None = None  # paho's, where callbacks run
+        self._disconnected = threading.Event()
+        self._answered = threading.Event()  # first CONNACK (good or bad) of connect()
+        self._ever_connected = False
+        self._closing = False
+        self._refused: str | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5)
-        if nodelay:
+        if cfg.tcp_nodelay:
             c.on_socket_open = _nodelay
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
+        c.on_publish = self._on_publish
         c.reconnect_delay_set(cfg.reconnect_min, cfg.reconnect_max)
         c.max_inflight_messages_set(cfg.max_inflight)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password)
-        if tls or cfg.ca_file:
+        if tls:
             c.tls_set(ca_certs=cfg.ca_file, certfile=cfg.cert_file, keyfile=cfg.key_file)
         self.client = c
 
@@ -100,148 +150,385 @@ class MqttLink:
         return self._connected.is_set()
 
     def connect(self, timeout: float = 15.0) -> None:
+        """Connect and start the network thread; ConnectionError if refused or silent.
+
+        Subscribe before connecting to receive what the broker queued for this session
+        (same client id) while we were away: it is delivered right after the CONNACK."""
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.cfg.session_expiry
         props.MaximumPacketSize = self.cfg.max_packet_size
         where = f"{self.host}:{self.port}"
+        self._answered.clear()
+        self._refused = None
+        self._closing = False
+        self.client.connect_timeout = timeout
         try:
             self.client.connect(self.host, self.port, keepalive=self.cfg.keepalive,
                                 clean_start=False, properties=props)
-        except OSError as err:
+        except OSError as err:  # refused, unreachable, DNS, TLS handshake
             raise ConnectionError(f"cannot reach MQTT broker at {where}: {err}") from None
         self.client.loop_start()
-        if not self._first.wait(timeout):
+        if not self._answered.wait(timeout):
             self.close()
-            raise ConnectionError(f"no answer from MQTT broker at {where} within {timeout:.0f}s")
-        if self._connect_error:
+            raise ConnectionError(f"no CONNACK from MQTT broker at {where} within {timeout:g}s")
+        if self._refused:
             self.close()
-            raise ConnectionError(f"MQTT broker at {where} refused us: {self._connect_error}")
+            raise ConnectionError(f"MQTT broker at {where} refused the connection: "
+                                  f"{self._refused}")
 
     def close(self) -> None:
-        self.client.disconnect()
+        """Disconnect and stop the network thread. Messages published with wait=False
+        and not yet acknowledged are dropped here (the broker keeps what it acked)."""
+        self._closing = True
+        if self.connected:
+            self.client.disconnect()
+            self._disconnected.wait(2.0)  # let the network thread send the DISCONNECT
         self.client.loop_stop()
         self._connected.clear()
 
-    def subscribe(self, topic: str, handler: Handler, qos: int = 1) -> None:
-        self._subs[topic] = (handler, qos)
-        if self.connected:
-            self.client.subscribe(topic, qos)
+    def __enter__(self) -> MqttLink:
+        self.connect()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def subscribe(self, topic: str, handler: Handler, qos: int = 1,
+                  timeout: float = 10.0) -> None:
+        """Call ``handler(topic, payload)`` for each message matching ``topic`` (a filter,
+        ``$share/GROUP/...`` included). Kept across reconnects. When connected and called
+        off the network thread, returns once the broker granted it (ConnectionError if it
+        refused, TimeoutError if it did not answer)."""
+        with self._lock:
+            self._subs[topic] = (handler, qos)
+        if not self.connected:
+            return  # _on_connect subscribes
+        mid = self._send_subscribe(topic, qos, retain_handling=0)
+        if mid is None or self._on_network_thread():
+            return  # not connected after all (_on_connect subscribes), or cannot wait here
+        with self._suback_cond:
+            if not self._suback_cond.wait_for(lambda: mid in self._subacks, timeout):
+                raise TimeoutError(f"no SUBACK for {topic} within {timeout:g}s")
+            codes = self._subacks.pop(mid)
+        if codes[0].is_failure:
+            raise ConnectionError(f"broker refused the subscription to {topic}: {codes[0]}")
 
     def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                 wait: bool = True, timeout: float = 30.0) -> mqtt.MQTTMessageInfo:
-        size = len(payload) + len(topic.encode()) + 32  # fixed header, lengths, properties
-        if size > self.cfg.max_packet_size:
+        """Publish; with ``wait`` return once the broker acknowledged (QoS >= 1).
+
+        ValueError if the packet would exceed the maximum packet size (send smaller
+        chunks); ConnectionError if paho or the broker refused it; TimeoutError if the
+        broker did not acknowledge within ``timeout``. Without ``wait``, a message
+        published while disconnected is sent on reconnect."""
+        size = publish_packet_size(topic, len(payload), qos)
+        if size > self.max_packet_size:
             raise ValueError(f"message of {len(payload)} bytes on {topic} exceeds the maximum "
-                             f"packet size {self.cfg.max_packet_size}; send smaller chunks")
+                             f"packet size ({size} > {self.max_packet_size} bytes); "
+                             "send smaller chunks")
+        if wait and self._on_network_thread():
+            raise RuntimeError("publish(wait=True) from a message handler would deadlock; "
+                               "use wait=False there")
+        if wait and not self._connected.wait(timeout):
+            raise TimeoutError(f"not connected to {self.host}:{self.port} within {timeout:g}s")
         info = self.client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             raise ConnectionError(f"publish to {topic} failed: {mqtt.error_string(info.rc)}")
-        self.bytes_sent += len(payload)
-        self.msgs_sent += 1
+        with self._lock:
+            self.bytes_sent += len(payload)
+            self.msgs_sent += 1
         if wait:
-            deadline = time.monotonic() + timeout
-            while not info.is_published():
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"publish to {topic} not acknowledged within {timeout}s")
-                info.wait_for_publish(timeout=0.2)
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:  # lost the connection just now
+                raise ConnectionError(f"publish to {topic}: connection to {self.host}:"
+                                      f"{self.port} lost; it will be sent on reconnect")
+            info.wait_for_publish(timeout)
+            if not info.is_published():
+                raise TimeoutError(f"publish to {topic} not acknowledged within {timeout:g}s")
+            failure = self._pub_failures.pop(info.mid, None)
+            if failure is not None:
+                raise ConnectionError(f"broker refused the publish to {topic}: {failure}")
         return info
+
+    # -- internals ------------------------------------------------------------------------
+    def _on_network_thread(self) -> bool:
+        return threading.current_thread() is self._net_thread
+
+    def _send_subscribe(self, topic: str, qos: int, retain_handling: int) -> int | None:
+        props = Properties(PacketTypes.SUBSCRIBE)
+        props.SubscriptionIdentifier = subscription_id(topic)
+        opts = SubscribeOptions(qos=qos, retainHandling=retain_handling)
+        rc, mid = self.client.subscribe(topic, options=opts, properties=props)
+        if rc == mqtt.MQTT_ERR_NO_CONN:
+            return None
+        if rc != mqtt.MQTT_ERR_SUCCESS:
+            raise ConnectionError(f"subscribe to {topic} failed: {mqtt.error_string(rc)}")
+        return mid
 
     # -- paho callbacks (network thread) --------------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._net_thread = threading.current_thread()
         if reason_code.is_failure:
-            self._connect_error = str(reason_code)
-            self.log.error("broker %s:%d refused the connection: %s", self.host, self.port,
-                           reason_code)
-            self._first.set()
+            self._refused = f"{reason_code} (reason code {reason_code.value:#04x})"
+            self.log.error("MQTT broker %s:%d refused the connection: %s", self.host,
+                           self.port, self._refused)
+            self._answered.set()
             return
-        for topic, (_, qos) in self._subs.items():
-            client.subscribe(topic, qos)
-        if self._first.is_set():
-            self.log.info("reconnected to %s:%d (session present: %s)", self.host, self.port,
-                          flags.session_present)
+        limit = getattr(properties, "MaximumPacketSize", None)
+        if limit and limit < self.max_packet_size:
+            self.log.warning("broker %s:%d accepts packets up to %d bytes, less than our %d; "
+                             "using its limit", self.host, self.port, limit,
+                             self.max_packet_size)
+            self.max_packet_size = limit
+        # On a reconnect into our old session the broker still holds the subscriptions,
+        # so don't have it replay retained messages; otherwise (first connect of this
+        # process, or the session was lost) do, so we see the current state.
+        resumed = self._ever_connected and flags.session_present
+        if self._ever_connected and (flags.session_present or not self.cfg.session_expiry):
+            self.log.info("reconnected to %s:%d", self.host, self.port)
+        elif self._ever_connected:
+            self.log.warning("reconnected to %s:%d with a new session: what the broker had "
+                             "queued for us is lost", self.host, self.port)
+        with self._lock:
+            subs = list(self._subs.items())
+        for topic, (_, qos) in subs:
+            mid = self._send_subscribe(topic, qos, 1 if resumed else 0)
+            if mid is not None:
+                self._resubs.add(mid)
+        self._ever_connected = True
+        self._disconnected.clear()
         self._connected.set()
-        self._first.set()
+        self._answered.set()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        if reason_code != 0:
-            self.log.warning("lost the broker %s:%d (%s); reconnecting", self.host, self.port,
-                             reason_code)
+        self._disconnected.set()
+        if not self._closing:
+            self.log.warning("lost the connection to MQTT broker %s:%d (%s); reconnecting",
+                             self.host, self.port, reason_code)
 
-    def _on_message(self, client, userdata, msg) -> None:
-        self.bytes_received += len(msg.payload)
-        self.msgs_received += 1
-        for sub, (handler, _) in self._subs.items():
-            if mqtt.topic_matches_sub(sub, msg.topic):
-                try:
-                    handler(msg.topic, msg.payload)
-                except Exception:  # a bug in one handler must not kill the network thread
-                    self.log.exception("handler for %s failed", msg.topic)
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid in self._resubs:
+            self._resubs.discard(mid)
+            for rc in reason_codes:
+                if rc.is_failure:
+                    self.log.error("broker refused a subscription on reconnect: %s", rc)
+            return
+        with self._suback_cond:
+            self._subacks[mid] = reason_codes
+            self._suback_cond.notify_all()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        # Runs before paho marks the message published, so publish(wait=True) sees it.
+        # A mid is reused only after its PUBACK, so the latest entry is the current one.
+        if reason_code.is_failure:
+            self._pub_failures[mid] = reason_code
+            self.log.warning("broker refused a publish (mid %d): %s", mid, reason_code)
+        else:
+            self._pub_failures.pop(mid, None)
+
+    def _on_message(self, client, userdata, msg: mqtt.MQTTMessage) -> None:
+        ids = getattr(msg.properties, "SubscriptionIdentifier", None) or []
+        with self._lock:
+            self.bytes_received += len(msg.payload)
+            self.msgs_received += 1
+            # One copy per matching subscription, tagged with its id; a broker without
+            # subscription identifiers sends one copy for all of them.
+            handlers = [h for sub, (h, _) in self._subs.items()
+                        if (not ids or subscription_id(sub) in ids)
+                        and mqtt.topic_matches_sub(_unshared(sub), msg.topic)]
+        if not handlers:
+            self.log.warning("no handler for a message on %s (subscribe before connect() to "
+                             "get messages queued for this session while away)", msg.topic)
+        for handler in handlers:
+            try:
+                handler(msg.topic, msg.payload)
+            except Exception:  # a bug in one handler must not kill the network thread
+                self.log.exception("handler for %s failed", msg.topic)
+
+
+def subscription_id(topic_filter: str) -> int:
+    """The MQTT v5 subscription identifier for a filter: derived from the filter alone, so
+    messages queued under an earlier process's subscription reach the same handler."""
+    return zlib.crc32(topic_filter.encode()) % 268_435_454 + 1
+
+
+def _unshared(topic_filter: str) -> str:
+    """'$share/GROUP/a/b' -> 'a/b' (what the filter matches)."""
+    if topic_filter.startswith("$share/"):
+        return topic_filter.split("/", 2)[2]
+    return topic_filter
 
 
 @dataclass
 class SendStats:
-    messages: int = 0
-    bytes: int = 0
+    messages: int = 0  # distinct messages sent
+    acked: int = 0
+    bytes: int = 0  # payload bytes of first transmissions
     retransmits: int = 0
-    max_outstanding: int = 0
+    max_outstanding: int = 0  # most messages sent and not yet acknowledged at once
 
 
 class ReliableSender:
-    """Send (msg_id, payload) pairs with at most ``window`` unacknowledged, resending any
-    not acknowledged within ``ack_timeout`` (doubling up to 8x); give up after ``deadline``.
+    """Send (msg_id, payload) pairs to one topic at QoS 1 with at most ``window`` of them
+    unacknowledged, resending one not acknowledged within ``ack_timeout`` (doubling each
+    time, up to ``max_backoff`` times it), and giving up with TimeoutError once ``deadline``
+    seconds have passed.
 
-    The owner parses acknowledgements and calls ``ack(msg_id)`` (from any thread).
+    The owner parses application-level acknowledgements and calls ``ack(msg_id)``, from
+    any thread (typically a message handler). Receivers must be idempotent: a message
+    whose ack was lost is sent again. ``on_progress(stats)`` runs on the sending thread.
     """
 
     def __init__(self, link: MqttLink, topic: str, window: int = 8, ack_timeout: float = 5.0,
                  deadline: float = 600.0,
-                 on_progress: Callable[[SendStats], None] | None = None) -> None:
-        if window < 1:
-            raise ValueError("window must be >= 1")
+                 on_progress: Callable[[SendStats], None] | None = None,
+                 max_backoff: float = 8.0) -> None:
+        if window < 1 or ack_timeout <= 0 or deadline <= 0:
+            raise ValueError("window must be >= 1, ack_timeout and deadline > 0")
         self.link, self.topic = link, topic
         self.window, self.ack_timeout, self.deadline = window, ack_timeout, deadline
+        self.max_backoff = max_backoff
         self.on_progress = on_progress
         self.stats = SendStats()
-        self._pending: dict[str, list] = {}  # msg_id -> [payload, sent_at, tries]
+        self._pending: dict[str, _Pending] = {}
         self._cond = threading.Condition()
+
+    @property
+    def outstanding(self) -> int:
+        return len(self._pending)
 
     def ack(self, msg_id: str) -> None:
         with self._cond:
             if self._pending.pop(msg_id, None) is not None:
+                self.stats.acked += 1
                 self._cond.notify_all()
 
     def send(self, items: Iterable[tuple[str, bytes]]) -> SendStats:
+        """Send every item (pulled lazily, as the window opens) and return once all are
+        acknowledged; TimeoutError at the deadline."""
         it = iter(items)
         exhausted = False
         t_end = time.monotonic() + self.deadline
         with self._cond:
+            self._pending.clear()
+            self.stats = SendStats()
+        reported = 0
+        while True:
+            # Decide under the lock; produce and publish outside it, so acks (from the
+            # network thread) never wait for an encoder or for paho.
+            room, due = self._next_work(exhausted, t_end, reported)
+            if self.on_progress and self.stats.acked != reported:
+                self.on_progress(self.stats)
+            reported = self.stats.acked
+            if exhausted and not self._pending:
+                return self.stats
+            for msg_id, p in due:
+                self._resend(msg_id, p)
+            if room:
+                nxt = next(it, None)
+                if nxt is None:
+                    exhausted = True
+                else:
+                    self._send_new(*nxt)
+
+    def _next_work(self, exhausted: bool, t_end: float,
+                   reported: int) -> tuple[bool, list[tuple[str, _Pending]]]:
+        """Wait until the window has room, a resend is due, an ack came or all are done;
+        return (room, due)."""
+        with self._cond:
             while True:
-                while not exhausted and len(self._pending) < self.window:
-                    nxt = next(it, None)
-                    if nxt is None:
-                        exhausted = True
-                        break
-                    msg_id, payload = nxt
-                    self._pending[msg_id] = [payload, time.monotonic(), 1]
-                    self.link.publish(self.topic, payload, wait=False)
-                    self.stats.messages += 1
-                    self.stats.bytes += len(payload)
-                    self.stats.max_outstanding = max(self.stats.max_outstanding,
-                                                     len(self._pending))
-                    if self.on_progress:
-                        self.on_progress(self.stats)
-                if exhausted and not self._pending:
-                    return self.stats
                 now = time.monotonic()
+                if exhausted and not self._pending:
+                    return False, []
                 if now > t_end:
-                    raise TimeoutError(f"{len(self._pending)} messages to {self.topic} not "
-                                       f"acknowledged within {self.deadline:.0f}s")
-                for entry in self._pending.values():
-                    payload, sent_at, tries = entry
-                    if now - sent_at > self.ack_timeout * min(2 ** (tries - 1), 8):
-                        if self.link.connected:
-                            self.link.publish(self.topic, payload, wait=False)
-                            self.stats.retransmits += 1
-                        entry[1], entry[2] = now, tries + 1
-                self._cond.wait(timeout=min(0.2, self.ack_timeout))
+                    raise TimeoutError(
+                        f"{len(self._pending)} messages to {self.topic} not acknowledged "
+                        f"within {self.deadline:g}s ({self.stats.acked} of "
+                        f"{self.stats.messages} were)")
+                room = not exhausted and len(self._pending) < self.window
+                due = [(k, p) for k, p in self._pending.items() if p.due <= now]
+                if room or due or self.stats.acked != reported:
+                    return room, due
+                next_due = min(p.due for p in self._pending.values())
+                self._cond.wait(min(next_due, t_end) - now + 0.001)
+
+    def _send_new(self, msg_id: str, payload: bytes) -> None:
+        with self._cond:
+            # Registered before publishing: the ack may come back before publish returns.
+            self._pending[msg_id] = _Pending(payload, time.monotonic() + self.ack_timeout)
+            self.stats.messages += 1
+            self.stats.bytes += len(payload)
+            self.stats.max_outstanding = max(self.stats.max_outstanding, len(self._pending))
+        self.link.publish(self.topic, payload, wait=False)
+        if self.on_progress:
+            self.on_progress(self.stats)
+
+    def _resend(self, msg_id: str, p: _Pending) -> None:
+        with self._cond:
+            if msg_id not in self._pending:
+                return  # acked meanwhile
+            p.tries += 1
+            p.due = time.monotonic() + self.ack_timeout * min(2.0 ** (p.tries - 1),
+                                                               self.max_backoff)
+        if self.link.connected:  # otherwise paho resends its own copy on reconnect
+            self.link.publish(self.topic, p.payload, wait=False)
+            with self._cond:
+                self.stats.retransmits += 1
+
+
+@dataclass
+class _Pending:
+    payload: bytes
+    due: float  # when to resend if still unacknowledged
+    tries: int = 1
+
+
+# -- paho's PUBLISH decoder, without its copies ---------------------------------------------
+try:  # paho >= 2.2 decodes packets in _packet
+    from paho.mqtt import _packet
+except ImportError:  # older paho: keep its decoder
+    _packet = None
+
+if _packet is not None and _packet.decode_publish.__module__ == _packet.__name__:
+    _paho_decode_publish = _packet.decode_publish
+
+    @_packet.convert_exception  # index and struct errors become paho's MalformedPacket
+    def _decode_publish(header: int, packet: bytes | bytearray,
+                        protocol: MQTTProtocolVersion) -> _packet.PublishPacket:
+        """Same contract and result as paho's ``_packet.decode_publish``, with one copy of
+        the payload instead of four plus one per property. Stricter on one point: a
+        property that overruns the declared properties length is malformed (paho reads
+        on into the payload)."""
+        view = memoryview(packet)
+        qos = (header & 0x06) >> 1
+        pos = 2 + int.from_bytes(view[0:2], "big")
+        if len(view) < pos + (2 if qos else 0):
+            raise _packet.MalformedPacket("PUBLISH shorter than its topic and packet id")
+        topic = bytes(view[2:pos])
+        if protocol != MQTTProtocolVersion.MQTTv5 and not topic:
+            raise _packet.MalformedPacket("topic can't be empty in MQTTv3")
+        mid = 0
+        if qos:
+            mid = int.from_bytes(view[pos:pos + 2], "big")
+            pos += 2
+        properties = None
+        if protocol == MQTTProtocolVersion.MQTTv5:
+            length, shift, end = 0, 0, pos
+            for _ in range(4):  # variable byte integer: the properties' length
+                byte = view[end]
+                length |= (byte & 0x7F) << shift
+                shift += 7
+                end += 1
+                if not byte & 0x80:
+                    break
+            end += length
+            if end > len(view):
+                raise _packet.MalformedPacket("PUBLISH properties longer than the packet")
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.unpack(bytes(view[pos:end]))
+            pos = end
+        return _packet.PublishPacket(dup=bool(header & 0x08), qos=qos,
+                                     retain=bool(header & 0x01), topic=topic, mid=mid,
+                                     properties=properties, payload=bytes(view[pos:]))
+
+    _packet.decode_publish = _decode_publish  # paho's client looks it up at each packet

@@ -149,6 +149,8 @@ def decode_message(data: bytes, *, max_bytes: int, max_elements: int = MAX_ELEME
         raise WireError("truncated", f"header of {hlen} bytes does not fit a "
                                      f"{len(view)}-byte message")
     header = _parse_header(view[_PREFIX.size:_PREFIX.size + hlen])
+    if header["v"] != version:
+        raise WireError("bad_version", f"header says version {header['v']}, prefix {version}")
     msg = _message(header, {})
     _check_schema(msg)
     total = sum(s.numel for s in msg.specs)

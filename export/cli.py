@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the runtime import is deferred so a missing extra gives a clear message
+    from .report import ExportReport
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_EXPORT = 0, 1, 2, 3
 
@@ -46,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-samples", type=int, default=0,
                    help="verify on the first N test samples (default 0: all of them)")
     p.add_argument("--rtol", type=float, default=1e-4, help="parity tolerance (default 1e-4)")
-    p.add_argument("--atol", type=float, default=1e-5, help="parity tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, default=1e-5,
+                   help="parity tolerance (default 1e-5), on outputs scaled by max(1, max |out|) "
+                        "per sample; see docs/export.md")
     p.add_argument("--data-root", default="data", help="root of torchvision datasets")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch and onnxruntime (default 1)")
@@ -60,7 +66,7 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def format_table(report) -> str:
+def format_table(report: ExportReport) -> str:
     rows = [("graph", "opset", "max|diff|", "acc torch", "acc onnx", "acc int8",
              "ms b1", "ms b1 int8", "ms b64", "ms b64 int8", "status")]
     for g in report.graphs:

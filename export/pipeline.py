@@ -24,7 +24,7 @@ from server_hub.checkpoint import Checkpoint, load_checkpoint
 from .graphs import IMAGE_INPUT, GraphSpec, build_specs, extractor_module, load_edge_state
 from .metadata import graph_metadata, set_metadata
 from .onnx_export import ExportOptions, export_graph
-from .quantize import QDQ_MIN_OPSET, QuantConfig, quantize_int8
+from .quantize import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig, quantize_int8
 from .report import ExportReport, GraphReport, Int8Report, Parity
 from .runtime import median_ms, run
 from .samples import data_config, load_images
@@ -188,8 +188,10 @@ def _export_one(spec: GraphSpec, ckpt: Checkpoint, data: _Data, cfg: ExportConfi
 def _quantize_one(spec: GraphSpec, fp32: Path, fp32_session: ort.InferenceSession, data: _Data,
                   cfg: ExportConfig, out: Path) -> Int8Report:
     model = quantize_int8(fp32, data.calib_x.numpy(), cfg.quant)
+    per_channel = cfg.export.opset >= PER_CHANNEL_MIN_OPSET
     set_metadata(model, {"quantization": json.dumps({
-        "format": "QDQ", "weights": "int8 per-channel", "activations": cfg.quant.activations,
+        "format": "QDQ", "weights": "int8 per-channel" if per_channel else "int8 per-tensor",
+        "activations": cfg.quant.activations,
         "calibration": cfg.quant.method, "calibration_samples": len(data.calib_x)})})
     stem = f"{spec.name}.int8"
     partial = _partial(out, stem)

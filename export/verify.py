@@ -6,10 +6,10 @@
    ``atol * scale + rtol * |torch|`` with scale = max(1, max |torch|) of its sample
    (numpy's allclose rule for outputs up to 1), and for classifiers the same top-1
    accuracy on the test set. Judged against the module run in float64, the exact answer
-   of the same weights: on the digits ResNet-56, float32 PyTorch itself is 2.3e-5 off
-   and onnxruntime 2.8e-5, on logits up to 18, both at 1.6e-6 relative to the largest
-   logit; their difference (3.9e-5) is the sum of two float32 errors, and a plain
-   elementwise 1e-5 fails on logits near 0 for every float32 runtime, PyTorch included.
+   of the same weights: on the digits ResNet-56 (logits up to 18), float32 PyTorch is
+   itself up to 2.7e-5 off and onnxruntime up to 2.8e-5 (~1.5e-6 of the largest logit);
+   the two float32 runs differ by up to 3.9e-5, and a plain elementwise 1e-5 fails on
+   logits near 0 for every float32 runtime, PyTorch included.
 3. For int8 graphs: top-1 accuracy within ``max_drop`` of the fp32 graph.
 """
 

@@ -1,32 +1,46 @@
 """A Mosquitto broker managed by the hub: generated config, start, supervise, stop.
 
 Facts encoded here (DESIGN.md): ``max_packet_size 0`` is rejected by Mosquitto 2.0.11,
-so a zero limit is omitted; ``max_queued_messages 0`` is never written; started as root
-Mosquitto switches to the ``mosquitto`` user, so its directories are handed to it;
-persistence is written only at ``autosave_interval`` or a clean shutdown.
+so a zero limit is omitted; ``max_queued_messages 0`` is never written; persistence is
+written only at ``autosave_interval`` or a clean shutdown (so ``stop`` sends SIGTERM).
+
+Started as root, Mosquitto drops to the user ``mosquitto``. We keep that (the broker
+parses untrusted network input; it should not do so as root), so its state directory is
+handed to that user, and its log goes to stderr, which we redirect to a file we opened
+ourselves. If that user cannot even enter the state directory (a parent such as /root
+or pytest's tmp is mode 0700), persistence is turned off with a warning instead of
+failing silently at the first autosave.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
 import shutil
+import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-log = logging.getLogger("gkt.broker")
+from edge_runtime.transport import DEFAULT_MAX_PACKET_SIZE, parse_url
 
 INSTALL_HINT = ("Mosquitto not found; install it: apt-get install mosquitto mosquitto-clients "
-                "(Debian/Ubuntu/Raspberry Pi OS), or pass --broker mqtt://HOST:PORT to use a "
-                "broker you already run")
+                "(Debian/Ubuntu/Raspberry Pi OS) or pass --broker mqtt://HOST:PORT")
+BROKER_USER = "mosquitto"  # Mosquitto's default `user`
+
+
+class BrokerError(RuntimeError):
+    """The managed broker could not start (the message carries its log's tail)."""
 
 
 def find_mosquitto() -> str:
+    """Path of the mosquitto executable (often in /usr/sbin, off a user's PATH)."""
     path = shutil.which("mosquitto") or next(
         (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if os.path.exists(p)),
         None)
@@ -36,6 +50,7 @@ def find_mosquitto() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (another process may still take it)."""
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
@@ -43,49 +58,60 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    state_dir: str
-    host: str = "127.0.0.1"
+    state_dir: str  # config, persistence (data/) and log; handed to the broker's user
+    host: str = "127.0.0.1"  # 0.0.0.0 to accept devices on the network
     port: int = 1883
-    max_packet_size: int = 512 * 1024  # 0 = no limit (the line is then omitted)
-    max_queued_bytes: int = 64 * 1024 * 1024  # per client, for MB-sized payloads
-    max_queued_messages: int = 10_000
-    max_inflight_messages: int = 32
-    autosave_interval: int = 10
+    max_packet_size: int = DEFAULT_MAX_PACKET_SIZE  # 0 = no limit (the line is omitted)
+    max_queued_bytes: int = 64 * 1024 * 1024  # per client, beyond its in-flight messages
+    max_queued_messages: int = 10_000  # per client; never 0 (= unlimited)
+    max_inflight_messages: int = 32  # QoS 1 messages to one client awaiting its PUBACK
     persistence: bool = True
+    autosave_interval: int = 10  # seconds between saves of the in-memory state
+    tcp_nodelay: bool = True  # off only to measure what it costs
     allow_anonymous: bool = True  # only for a local simulation
-    password_file: str | None = None
+    password_file: str | None = None  # made with mosquitto_passwd
     acl_file: str | None = None
+    # TLS: a second listener on tls_port at `host`; the plain listener then stays on
+    # 127.0.0.1 only, for the hub's own connection.
     tls_port: int | None = None
     cafile: str | None = None
     certfile: str | None = None
     keyfile: str | None = None
-    sys_interval: int = 2
-    tcp_nodelay: bool = True  # off only to measure what it costs
+    sys_interval: int = 2  # seconds between $SYS counter updates
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        """The plain listener, as the hub on this machine reaches it."""
+        local = self.tls_port is not None or self.host in ("0.0.0.0", "::", "")
+        return f"mqtt://{'127.0.0.1' if local else self.host}:{self.port}"
 
 
 def render_config(cfg: BrokerConfig) -> str:
     """The mosquitto.conf for ``cfg`` (pure, so it is unit-tested)."""
     if cfg.max_queued_messages <= 0:
         raise ValueError("max_queued_messages must be > 0 (0 would mean unlimited)")
+    if cfg.max_packet_size < 0 or cfg.max_queued_bytes < 0:
+        raise ValueError("max_packet_size and max_queued_bytes must be >= 0")
+    if not cfg.allow_anonymous and not cfg.password_file:
+        raise ValueError("allow_anonymous=False needs a password_file, or nobody can connect")
+    tls = cfg.tls_port is not None
+    if tls and not (cfg.cafile and cfg.certfile and cfg.keyfile):
+        raise ValueError("a TLS listener needs cafile, certfile and keyfile")
     state = Path(cfg.state_dir).resolve()
+    on_off = {True: "true", False: "false"}
     lines = [
         "# generated by gkt-hub; edits are overwritten",
         "per_listener_settings false",
-        f"allow_anonymous {'true' if cfg.allow_anonymous else 'false'}",
-        f"listener {cfg.port} {cfg.host}",
-        f"set_tcp_nodelay {'true' if cfg.tcp_nodelay else 'false'}",
+        f"allow_anonymous {on_off[cfg.allow_anonymous]}",
+        f"set_tcp_nodelay {on_off[cfg.tcp_nodelay]}",
         f"max_queued_bytes {cfg.max_queued_bytes}",
         f"max_queued_messages {cfg.max_queued_messages}",
         f"max_inflight_messages {cfg.max_inflight_messages}",
         f"sys_interval {cfg.sys_interval}",
-        f"persistence {'true' if cfg.persistence else 'false'}",
+        f"persistence {on_off[cfg.persistence]}",
         f"persistence_location {state / 'data'}/",
         f"autosave_interval {cfg.autosave_interval}",
-        f"log_dest file {state / 'mosquitto.log'}",
+        "log_dest stderr",  # redirected by ManagedBroker to a file it opened
         "log_type error",
         "log_type warning",
         "log_type notice",
@@ -99,36 +125,49 @@ def render_config(cfg: BrokerConfig) -> str:
         lines.append(f"password_file {cfg.password_file}")
     if cfg.acl_file:
         lines.append(f"acl_file {cfg.acl_file}")
-    if cfg.tls_port:
-        if not (cfg.cafile and cfg.certfile and cfg.keyfile):
-            raise ValueError("a TLS listener needs cafile, certfile and keyfile")
+    lines.append(f"listener {cfg.port} {'127.0.0.1' if tls else cfg.host}")
+    if tls:
         lines += [f"listener {cfg.tls_port} {cfg.host}", f"cafile {cfg.cafile}",
                   f"certfile {cfg.certfile}", f"keyfile {cfg.keyfile}",
                   "tls_version tlsv1.2"]
     return "\n".join(lines) + "\n"
 
 
-def _hand_to_mosquitto_user(paths: list[Path]) -> None:
-    """Started as root, Mosquitto drops to user 'mosquitto', which must own its files."""
-    if os.geteuid() != 0:
-        return
-    try:
-        pw = pwd.getpwnam("mosquitto")
-    except KeyError:
-        return
-    for p in paths:
-        os.chown(p, pw.pw_uid, pw.pw_gid)
+def _allowed(path: Path, uid: int, gid: int, bits: tuple[int, int, int]) -> bool:
+    """Whether uid/gid gets the permission ``bits`` (user, group, other) on ``path``."""
+    st = path.stat()
+    return bool(st.st_mode & bits[2] or (st.st_uid == uid and st.st_mode & bits[0])
+                or (st.st_gid == gid and st.st_mode & bits[1]))
+
+
+def _reachable_by(path: Path, uid: int, gid: int) -> bool:
+    """Whether a process running as uid/gid can traverse every parent of ``path``."""
+    x = (stat.S_IXUSR, stat.S_IXGRP, stat.S_IXOTH)
+    return all(_allowed(p, uid, gid, x) for p in path.resolve().parents)
+
+
+def _readable_by(path: Path, uid: int, gid: int) -> bool:
+    r = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+    return _reachable_by(path, uid, gid) and _allowed(path.resolve(), uid, gid, r)
 
 
 class ManagedBroker:
-    def __init__(self, cfg: BrokerConfig, supervise: bool = False) -> None:
+    """One mosquitto process on ``cfg``. With ``supervise`` a background thread restarts
+    it (logged) when it dies; ``stop`` ends supervision."""
+
+    def __init__(self, cfg: BrokerConfig, supervise: bool = False,
+                 logger: logging.Logger | None = None) -> None:
         self.cfg = cfg
         self.supervise = supervise
-        self.state_dir = Path(cfg.state_dir)
+        self.log = logger or logging.getLogger("gkt.broker")
+        self.state_dir = Path(cfg.state_dir).resolve()  # also names our process (see _stop_stale)
         self.conf_path = self.state_dir / "mosquitto.conf"
         self.log_path = self.state_dir / "mosquitto.log"
+        self.pid_path = self.state_dir / "mosquitto.pid"
+        self.persistent = cfg.persistence  # False if the broker's user cannot reach data/
         self.proc: subprocess.Popen | None = None
-        self.restarts = 0
+        self.restarts = 0  # by the supervisor, successful
+        self._lock = threading.RLock()  # start/stop vs the supervisor
         self._stopping = threading.Event()
         self._watch: threading.Thread | None = None
 
@@ -140,68 +179,32 @@ class ManagedBroker:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout: float = 10.0) -> None:
-        exe = find_mosquitto()
-        (self.state_dir / "data").mkdir(parents=True, exist_ok=True)
-        self.conf_path.write_text(render_config(self.cfg))
-        self.log_path.touch()
-        _hand_to_mosquitto_user([self.state_dir, self.state_dir / "data", self.log_path])
+        """Write the config, start mosquitto and return once it accepts connections;
+        BrokerError (with the tail of its log) if it does not."""
         self._stopping.clear()
-        self.proc = subprocess.Popen([exe, "-c", str(self.conf_path)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        t_end = time.monotonic() + timeout
-        while time.monotonic() < t_end:
-            if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"mosquitto exited with code {self.proc.returncode}: "
-                                   f"{err.strip()} {self._log_tail()}")
-            try:
-                with socket.create_connection((self.cfg.host, self.cfg.port), timeout=0.2):
-                    break
-            except OSError:
-                time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError(f"mosquitto did not listen on {self.cfg.host}:{self.cfg.port} "
-                               f"within {timeout}s {self._log_tail()}")
-        log.info("mosquitto listening on %s (config %s)", self.url, self.conf_path)
-        if self.supervise and (self._watch is None or not self._watch.is_alive()):
-            self._watch = threading.Thread(target=self._supervise, daemon=True)
-            self._watch.start()
+        with self._lock:
+            self._spawn(timeout)
+            if self.supervise and (self._watch is None or not self._watch.is_alive()):
+                self._watch = threading.Thread(target=self._supervise, daemon=True,
+                                               name="gkt-broker-supervisor")
+                self._watch.start()
 
-    def _log_tail(self, lines: int = 8) -> str:
-        try:
-            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-        except OSError:
-            return ""
-        return ("; log: " + " | ".join(tail)) if tail else ""
-
-    def _supervise(self) -> None:
-        while not self._stopping.wait(1.0):
-            if self.proc is not None and self.proc.poll() is not None:
-                log.warning("mosquitto died (exit %s); restarting", self.proc.returncode)
-                self.restarts += 1
-                try:
-                    self.start()
-                except RuntimeError as err:
-                    log.error("could not restart mosquitto: %s", err)
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (mosquitto then saves its persistence), SIGKILL after ``timeout``."""
+        self._stopping.set()
+        with self._lock:
+            self._terminate(timeout)
+            self.pid_path.unlink(missing_ok=True)
+        if self._watch is not None and self._watch is not threading.current_thread():
+            self._watch.join()
+            self._watch = None
 
     def kill(self) -> None:
-        """SIGKILL, as a crash would (tests use it)."""
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
+        """SIGKILL, as a crash would: unsaved state is lost (tests use it)."""
+        with self._lock:
+            if self.proc is not None and self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc is not None and self.proc.stderr:
-            self.proc.stderr.close()
 
     def restart(self) -> None:
         self.stop()
@@ -211,8 +214,139 @@ class ManagedBroker:
         self.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    # -- internals ------------------------------------------------------------------------
+    def _spawn(self, timeout: float) -> None:
+        exe = find_mosquitto()
+        if self.is_running():
+            return
+        self._prepare()
+        self._stop_stale()
+        with open(self.log_path, "ab") as logf:
+            offset = logf.tell()
+            self.proc = subprocess.Popen([exe, "-c", str(self.conf_path)],
+                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+        self.pid_path.write_text(f"{self.proc.pid}\n")
+        try:
+            self._wait_listening(timeout, offset)
+        except BrokerError:
+            self._terminate()
+            raise
+        self.log.info("mosquitto (pid %d) listening on %s; config %s, log %s", self.proc.pid,
+                      self.url, self.conf_path, self.log_path)
+
+    def _prepare(self) -> None:
+        data = self.state_dir / "data"
+        data.mkdir(parents=True, exist_ok=True)
+        cfg = self.cfg
+        self.persistent = cfg.persistence
+        if os.geteuid() == 0:
+            cfg = self._hand_to_broker_user(data)
+        self.conf_path.write_text(render_config(cfg))
+
+    def _hand_to_broker_user(self, data: Path) -> BrokerConfig:
+        try:
+            pw = pwd.getpwnam(BROKER_USER)
+        except KeyError:
+            return self.cfg  # no such user: mosquitto keeps running as root
+        for p in [self.state_dir, data, *data.iterdir()]:
+            os.chown(p, pw.pw_uid, pw.pw_gid)
+        # Mosquitto reads these after dropping to its user; say so before it fails.
+        c = self.cfg
+        for what, f in [("password_file", c.password_file), ("acl_file", c.acl_file),
+                        ("cafile", c.cafile), ("certfile", c.certfile), ("keyfile", c.keyfile)]:
+            if f and not _readable_by(Path(f), pw.pw_uid, pw.pw_gid):
+                raise BrokerError(f"mosquitto runs as user {BROKER_USER!r} and cannot read its "
+                                  f"{what} {f}: `chown {BROKER_USER} {f}` (keep secrets mode "
+                                  "0600) and make sure that user can enter its directory")
+        if self.cfg.persistence and not _reachable_by(data, pw.pw_uid, pw.pw_gid):
+            self.log.warning("broker persistence is OFF: mosquitto runs as user %r, which "
+                             "cannot enter a parent of %s; choose a state directory whose "
+                             "parents it can enter (e.g. under /var/lib or /tmp)",
+                             BROKER_USER, self.state_dir.resolve())
+            self.persistent = False
+            return dataclasses.replace(self.cfg, persistence=False)
+        return self.cfg
+
+    def _stop_stale(self) -> None:
+        """End a mosquitto left running on this very config by a hub that was killed."""
+        try:
+            pid = int(self.pid_path.read_text())
+        except (OSError, ValueError):
+            return
+        conf = str(self.conf_path).encode()
+
+        def alive() -> bool:  # a zombie's cmdline is empty
+            try:
+                return conf in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                return False
+
+        if alive():
+            self.log.warning("stopping mosquitto pid %d left over on %s", pid, self.conf_path)
+            os.kill(pid, signal.SIGTERM)
+            t_end = time.monotonic() + 5
+            while alive() and time.monotonic() < t_end:
+                time.sleep(0.05)
+
+    def _wait_listening(self, timeout: float, log_offset: int) -> None:
+        assert self.proc is not None
+        address = parse_url(self.cfg.url)[:2]
+        t_end = time.monotonic() + timeout
+        while time.monotonic() < t_end:
+            if self.proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited with code {self.proc.returncode} "
+                                  f"{self._log_tail(log_offset)}")
+            try:
+                with socket.create_connection(address, timeout=0.2):
+                    pass
+            except OSError:
+                time.sleep(0.05)
+                continue
+            time.sleep(0.05)  # a port taken by someone else: our process exits right away
+            if self.proc.poll() is None:
+                return
+        raise BrokerError(f"mosquitto did not listen on {self.cfg.host}:{self.cfg.port} "
+                          f"within {timeout:g}s {self._log_tail(log_offset)}")
+
+    def _terminate(self, timeout: float = 5.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def _log_tail(self, offset: int = 0, lines: int = 8) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(offset)
+                tail = f.read().decode(errors="replace").splitlines()[-lines:]
+        except OSError:
+            return ""
+        return f"(log {self.log_path}: " + " | ".join(tail) + ")" if tail else ""
+
+    def _supervise(self) -> None:
+        delay = 0.5
+        while not self._stopping.wait(delay):
+            with self._lock:
+                if self._stopping.is_set() or self.is_running():
+                    delay = 0.5
+                    continue
+                assert self.proc is not None
+                self.log.warning("mosquitto died (exit code %s); restarting it %s",
+                                 self.proc.returncode, self._log_tail(lines=3))
+                try:
+                    self._spawn(timeout=10.0)
+                except (BrokerError, OSError) as err:
+                    self.log.error("could not restart mosquitto: %s", err)
+                    delay = min(delay * 2, 30.0)
+                else:
+                    self.restarts += 1
 
 
 def read_sys_counters(url: str, wait: float = 4.0) -> dict[str, int]:
@@ -228,7 +362,7 @@ def read_sys_counters(url: str, wait: float = 4.0) -> dict[str, int]:
         try:
             values[topic.removeprefix("$SYS/broker/")] = int(payload)
         except ValueError:
-            pass
+            pass  # a non-numeric $SYS value: not a counter
 
     link.subscribe("$SYS/broker/bytes/#", on, qos=0)
     link.subscribe("$SYS/broker/publish/bytes/#", on, qos=0)

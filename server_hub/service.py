@@ -26,11 +26,13 @@ from edge_runtime.transport import MqttLink
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .feature_bank import DeviceFeatures
 from .hub import Hub
+from .journal import UploadJournal
 from .results import RoundRecord
 
 log = logging.getLogger("gkt.hub")
 
 EXIT_OK, EXIT_NO_DEVICES = 0, 3
+REANNOUNCE_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -84,11 +86,13 @@ class HubService:
         self.last_logits: dict[str, list[bytes]] = {}  # this round's, for re-requests
         self.logits_round = -1
         self.bytes_down = 0
+        self.journal = UploadJournal(Path(cfg.state_dir) / "uploads")
+        self._announcement: bytes | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
 
     # -- network thread ------------------------------------------------------------------
-    def _on_up(self, topic: str, payload: bytes) -> None:
+    def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
         if not payload:  # a device clearing its retained hello
             return
         try:
@@ -97,13 +101,15 @@ class HubService:
             if msg.device != device:
                 raise wire.WireError("spoofed", f"header names device {msg.device!r} "
                                                 f"on {device!r}'s topic")
-            self._handle(device, msg, len(payload))
+            self._handle(device, msg, payload, replay)
         except (wire.WireError, ValueError) as err:
             reason = getattr(err, "reason", "invalid")
             self.rejected[reason] += 1
             log.warning("rejected message on %s (%s): %s", topic, reason, err)
 
-    def _handle(self, device: str, msg: wire.Message, size: int) -> None:
+    def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
+                replay: bool = False) -> None:
+        size = len(msg_bytes)
         if msg.kind == "hello":
             ncls = msg.meta.get("num_classes")
             if ncls != self.hub.num_classes:
@@ -123,6 +129,8 @@ class HubService:
         if msg.kind not in ("features", "extractor", "upload_done"):
             raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent to the hub")
         with self._cond:
+            if replay:  # it was accepted before the crash, so the device was known
+                self.known.setdefault(device, {})
             if device not in self.known:
                 raise wire.WireError("unknown_device", f"{device} sent {msg.kind} before hello")
             if msg.round != self.round or self.phase != "collect":
@@ -133,16 +141,21 @@ class HubService:
                 self.rejected["stale_round"] += 1
                 self._ack(device, msg.msg_id)
                 return
-            self._store(device, msg, size)
+            if self._store(device, msg, size, replay) and not replay:
+                self.journal.record(self.round, device, msg_bytes)
             self._cond.notify_all()
-        self._ack(device, msg.msg_id)
+        if not replay:
+            self._ack(device, msg.msg_id)
 
-    def _store(self, device: str, msg: wire.Message, size: int) -> None:
+    def _store(self, device: str, msg: wire.Message, size: int, replay: bool) -> bool:
+        """Apply an upload message; False if it was a duplicate (nothing new to journal)."""
         upload_id = msg.msg_id.split(":", 1)[0]
         up = self.uploads.get(device)
         if up is None or up.upload_id != upload_id:
             if up is not None:  # the device restarted its upload: drop the partial one
                 log.info("device %s restarted its round %d upload", device, self.round)
+                if not replay:
+                    self.journal.drop_device(self.round, device)
             self.hub.bank.clear(device)
             up = self.uploads[device] = Upload(upload_id)
         if msg.kind == "features":
@@ -151,7 +164,7 @@ class HubService:
             if msg.chunks != up.expected:
                 raise wire.WireError("schema", f"chunk count changed within upload {upload_id}")
             if msg.chunk in up.chunks:
-                return  # a duplicate: already stored, just ack again
+                return False  # a duplicate: already stored, just ack again
             b = parse_feature_chunk(msg)
             self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
                                                              b.labels))
@@ -169,6 +182,7 @@ class HubService:
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
         up.bytes += size
+        return True
 
     def _ack(self, device: str, msg_id: str) -> None:
         payload = wire.encode_message("ack", device, max(self.round, 0), {},
@@ -203,7 +217,15 @@ class HubService:
         meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
         payload = wire.encode_message("round", "hub", max(self.round, 0), {},
                                       msg_id=f"round-{self.round}-{state}", meta=meta)
+        self._announcement = payload
         self.link.publish(topics.ROUND_TOPIC, payload, retain=True)
+
+    def _reannounce(self) -> None:
+        """Publish the same announcement again: a broker killed before its autosave loses
+        retained messages, and devices that join later need it. Same epoch, so devices
+        that saw it already ignore it."""
+        if self._announcement is not None and self.link.connected:
+            self.link.publish(topics.ROUND_TOPIC, self._announcement, retain=True, wait=False)
 
     def run(self) -> int:
         start = self._restore()
@@ -230,6 +252,17 @@ class HubService:
         log.info("resumed from %s (round %d)", found, ckpt.round)
         return ckpt.round + 1
 
+    def _replay(self, rnd: int) -> None:
+        """Re-apply what this round accepted before a crash (validated again)."""
+        n = 0
+        for device, payload in self.journal.replay(rnd):
+            self._on_up(topics.up(device), payload, replay=True)
+            n += 1
+        if n:
+            done = sum(u.complete for u in self.uploads.values())
+            log.info("round %d: replayed %d accepted messages from disk (%d devices complete)",
+                     rnd, n, done)
+
     def _wait_for_devices(self) -> None:
         t_end = time.monotonic() + self.cfg.start_timeout
         with self._cond:
@@ -247,11 +280,16 @@ class HubService:
             self.round, self.phase = rnd, "collect"
             self.uploads = {}
             self.hub.start_round()
+        self._replay(rnd)
         deadline = time.time() + self.cfg.round_deadline
         self._announce("collect", deadline)
         extensions = 0
+        last_announce = time.monotonic()
         with self._cond:
             while True:
+                if time.monotonic() - last_announce > REANNOUNCE_S:
+                    self._reannounce()
+                    last_announce = time.monotonic()
                 done = sorted(d for d, u in self.uploads.items() if u.complete)
                 got = sum(u.bytes for u in self.uploads.values())
                 self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
@@ -311,5 +349,6 @@ class HubService:
                           float(np.mean(accs)) if accs else None, stats.loss)
         self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
                                                                            ev.mean))
+        self.journal.drop(rnd)
         if self.on_round:
             self.on_round(rec)

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from edge_runtime.distill import kd_loss
 from edge_runtime.models import FeatureExtractor
+from edge_runtime.perf import channels_last_input, keep_freed_memory, to_channels_last
 
 from .feature_bank import FeatureBank
 from .models import FullResNet
@@ -26,6 +27,9 @@ class ServerTrainConfig:
     temperature: float = 3.0
     alpha: float = 0.0  # weight of KD from the devices' logits (0 = CE only)
     device: str = "auto"  # auto | cpu | cuda
+    # speed (docs/performance.md): NHWC model and batches; on glibc, keep freed memory
+    channels_last: bool = True
+    reuse_memory: bool = True
 
 
 def pick_device(name: str) -> torch.device:
@@ -61,6 +65,10 @@ def train_server(
 ) -> ServerStats:
     """``cfg.epochs`` passes over every sample of ``devices``, shuffled across devices."""
     dev = next(model.parameters()).device
+    if cfg.reuse_memory:
+        keep_freed_memory()
+    if cfg.channels_last:
+        to_channels_last(model)
     h, z_c, y = _gather(bank, devices)
     n = len(y)
     amp = dev.type == "cuda"
@@ -71,6 +79,8 @@ def train_server(
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             hb, yb = h[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
+            if cfg.channels_last:
+                hb = channels_last_input(hb)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 z_s = model(hb)
                 loss = F.cross_entropy(z_s, yb)
@@ -86,14 +96,19 @@ def train_server(
 
 
 @torch.inference_mode()
-def server_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Eval-mode logits for features, in the features' order (so ids stay paired)."""
+def server_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 256,
+                  channels_last: bool = True) -> torch.Tensor:
+    """Eval-mode logits for features, in the features' order (so ids stay paired).
+
+    ``channels_last`` converts the batches only: converting the model's parameters here,
+    under inference mode, would turn them into inference tensors that cannot train.
+    """
     dev = next(model.parameters()).device
     model.eval()
-    outs = [
-        model(features[i : i + batch_size].float().to(dev)).float().cpu()
-        for i in range(0, len(features), batch_size)
-    ]
+    outs = []
+    for i in range(0, len(features), batch_size):
+        x = features[i : i + batch_size].float().to(dev)
+        outs.append(model(channels_last_input(x) if channels_last else x).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 

@@ -164,8 +164,8 @@ def test_decoders_check_every_size(name):
     codec = get_codec(name)
     blob = codec.encode(x)
     cases = {
-        "truncated": (blob, (3, 16, 8, 8)),  # blob holds more than the shape: oversized
-        "too_large_shape": (blob, (5, 16, 8, 8)),  # shape needs more than the blob holds
+        "oversized": (blob, (3, 16, 8, 8)),  # the blob holds more than the shape
+        "undersized": (blob, (5, 16, 8, 8)),  # the shape needs more than the blob holds
         "cut": (blob[: len(blob) // 2], x.shape),
         "extra": (blob + b"\0\0\0\0", x.shape),
         "second_frame": (blob + blob, x.shape),
@@ -177,7 +177,7 @@ def test_decoders_check_every_size(name):
         with pytest.raises(WireError) as err:
             codec.decode(b, shape)
         reasons[case] = err.value.reason
-    assert reasons["truncated"] == "too_large" and reasons["too_large_shape"] == "truncated"
+    assert reasons["oversized"] == "too_large" and reasons["undersized"] == "truncated"
     assert {reasons[c] for c in ("cut", "extra", "second_frame", "garbage", "empty")} == {
         "corrupt"}
 
