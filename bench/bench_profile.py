@@ -8,7 +8,10 @@ load from other processes hits both alike; the median ratio is reported. Memory 
 fresh processes at several batch sizes. The calibration goes to a temporary file, never
 to the user's state.
 
-Usage: python bench/bench_profile.py [--reps 3] [--steps 20] [--batch 64]
+On a machine shared with other jobs use ``--threads 1``: two OpenMP threads on two busy
+cores spin at barriers and the step time swings by 2x from one second to the next.
+
+Usage: python bench/bench_profile.py [--reps 3] [--steps 20] [--batch 64] [--threads N]
                                      [--memory-batches 16,64,256] [--json PATH]
 """
 
@@ -58,9 +61,12 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--memory-batches", default="16,64,256")
     p.add_argument("--json", default="bench/results/profile.json")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     edge = profile_model("resnet8")
     cost = edge.cost()

@@ -57,7 +57,8 @@ def matches_this_machine(cal: Calibration) -> bool:
 def calibrated_this_machine(cal: Calibration | None) -> DeviceSpec:
     """This machine as a device; with a calibration made here, its peak is the very peak
     the efficiency was computed against, so predictions reproduce the measured step."""
-    spec = this_machine(matmul_gflops=cal.matmul_gflops if cal else None)
+    spec = this_machine(matmul_gflops=cal.matmul_gflops if cal else None,
+                        threads=torch.get_num_threads())
     if cal is not None and matches_this_machine(cal):
         spec = replace(spec, cpu_peak_gflops=Quantity(cal.peak_gflops, cal.peak_source))
     return spec
@@ -110,7 +111,7 @@ def calibrate(models: tuple[str, ...] = ("resnet8",), batches: tuple[int, ...] =
     """Measure the matmul peak and every (model, batch) training step on this machine."""
     progress("large matmul (2048 x 2048, fp32)")
     mm = matmul_gflops()
-    spec = this_machine(matmul_gflops=mm)
+    spec = this_machine(matmul_gflops=mm, threads=torch.get_num_threads())
     peak = spec.cpu_peak_gflops
     points = []
     for name in models:

@@ -130,13 +130,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ---- calibrate -------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    import torch
-
     from .calibrate import calibrate
     from .calibration import save_calibration
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     progress = _progress(args.quiet)
     cal = calibrate(args.models, args.batches, args.steps, progress=progress)
     path = save_calibration(cal, args.state)
@@ -216,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="gkt-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads for measuring (default: torch's); calibrate and "
+                        "report with the same number")
     sub = p.add_subparsers(dest="command", required=True)
     cat_help = "extra directory of device *.toml files (repeatable)"
 
@@ -241,7 +240,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models to time (add resnet56,resnet110 for a fair FedAvg comparison)")
     c.add_argument("--batches", type=_csv_ints, default=(64,))
     c.add_argument("--steps", type=int, default=20, help="timed steps per model and batch")
-    c.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     c.add_argument("--state", default=None, metavar="PATH",
                    help=f"calibration file (default: ${STATE_ENV} or ~/.local/state/...)")
     c.set_defaults(func=cmd_calibrate)
@@ -267,6 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (CatalogError, ValueError, FileNotFoundError) as err:

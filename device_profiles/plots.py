@@ -36,7 +36,7 @@ def epoch_times(report: dict[str, Any]) -> bytes:
             series.append((f"FedAvg {name.replace('resnet', 'ResNet-')}",
                            report["fedavg_estimates"][name], color))
     n = len(gkt)
-    fig = Figure(figsize=(9, 0.42 * n * len(series) / 2 + 1.6))
+    fig = Figure(figsize=(7, 0.3 * n * len(series) / 2 + 1.8))
     ax = fig.add_subplot()
     height = 0.8 / len(series)
     for k, (title, rows, color) in enumerate(series):
@@ -60,8 +60,8 @@ def epoch_times(report: dict[str, Any]) -> bytes:
     handles = [Patch(color=color, label=title) for title, _rows, color in series]
     handles.append(Patch(facecolor="white", edgecolor="#555", hatch="///",
                          label="exceeds the device's RAM"))
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.045 * 24 / n),
-              ncols=len(handles), fontsize=8, frameon=False)
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.06 * 24 / n),
+              ncols=2, fontsize=8, frameon=False)
     ax.set_title("Time per local epoch: GKT edge model vs FedAvg")
     return _png(fig)
 
@@ -123,7 +123,7 @@ def gkt_vs_fedavg(report: dict[str, Any]) -> bytes:
 def value(report: dict[str, Any]) -> bytes:
     """Training throughput against price; marker size ~ samples per joule."""
     rows = [e for e in report["estimates"] if e["price_usd"] and e["fits"]]
-    fig = Figure(figsize=(8, 4.6))
+    fig = Figure(figsize=(8, 5.2))
     ax = fig.add_subplot()
     best = max((e["samples_per_joule"] or 0 for e in rows), default=1) or 1
     # RAM variants of one board have the same speed: label each such group once
@@ -138,11 +138,12 @@ def value(report: dict[str, Any]) -> bytes:
             ax.scatter(e["price_usd"], e["samples_per_second"], s=size, color=color,
                        alpha=0.7, edgecolor="k", lw=0.5)
         first = min(members, key=lambda e: e["price_usd"])
-        label = _label(first) if len(members) == 1 else (
-            f"{first['device']} .. {members[-1]['device'].split('-')[-1]} "
-            f"({first['target'].upper()})")
+        label = first["device"] if len(members) == 1 else (
+            f"{first['device']} .. {members[-1]['device'].split('-')[-1]}")
+        # GPUs above their point, CPUs below: the two rows of a Jetson do not collide
         ax.annotate(label, (first["price_usd"], first["samples_per_second"]), fontsize=7,
-                    xytext=(6, 5), textcoords="offset points")
+                    xytext=(6, 5 if first["target"] == "gpu" else -10),
+                    textcoords="offset points")
     ax.scatter([], [], color="#2a7ab0", label="CPU")
     ax.scatter([], [], color="#6aa84f", label="GPU")
     ax.set_xscale("log")

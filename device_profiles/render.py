@@ -130,16 +130,16 @@ def render_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         "<ul class=\"summary\">" + "".join(f"<li>{html.escape(s)}</li>"
                                            for s in summary(report)) + "</ul>",
     ]
-    if "epoch_times" in figures:
-        parts.append(_figure("epoch_times", figures["epoch_times"]))
+    # all plots first, two columns: the tall per-device chart beside the three others
+    left = [_figure(n, figures[n]) for n in ("epoch_times",) if n in figures]
+    right = [_figure(n, figures[n]) for n in ("value", "gkt_vs_fedavg", "memory")
+             if n in figures]
+    if figures:
+        parts.append(f'<div class="grid"><div>{"".join(left)}</div>'
+                     f'<div>{"".join(right)}</div></div>')
     parts.append("<h2>Devices</h2>" + _html_table(tables[0]))
-    side = [_figure(n, figures[n]) for n in ("value", "memory") if n in figures]
-    if side:
-        parts.append('<div class="grid">' + "".join(side) + "</div>")
-    parts.append("<h2>GKT against FedAvg</h2>")
-    if "gkt_vs_fedavg" in figures:
-        parts.append(_figure("gkt_vs_fedavg", figures["gkt_vs_fedavg"]))
-    parts += [_html_table(tables[2]), _html_table(tables[1]), "<h2>Models and measurements</h2>"]
+    parts += ["<h2>GKT against FedAvg</h2>", _html_table(tables[2]), _html_table(tables[1]),
+              "<h2>Models and measurements</h2>"]
     parts += [_html_table(t) for t in tables[3:]]
     parts.append("<h2>How the numbers are made</h2><ul>"
                  + "".join(f"<li>{html.escape(m)}</li>" for m in METHOD) + "</ul>")

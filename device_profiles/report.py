@@ -149,7 +149,7 @@ def _best(estimates: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
         return None
     top = max(scored, key=lambda e: e[key])
     return {"device": top["device"], "name": top["name"], "target": top["target"],
-            "value": top[key]}
+            "value": top[key], "trust": top["trust"]}
 
 
 def build_report(inp: ReportInputs) -> dict[str, Any]:
@@ -192,6 +192,8 @@ def build_report(inp: ReportInputs) -> dict[str, Any]:
         "fedavg_estimates": fedavg,
         "best": {
             "value": _best(gkt, "samples_per_s_per_100usd"),
+            "value_cpu": _best([e for e in gkt if e["target"] == "cpu"],
+                               "samples_per_s_per_100usd"),
             "energy": _best(gkt, "samples_per_joule"),
             "speed": _best([e for e in gkt if e["fits"]], "samples_per_second"),
         },

@@ -207,17 +207,15 @@ def summary(report: dict[str, Any]) -> list[str]:
     s = report["settings"]
     best = report["best"]
     lines = []
-    if best["value"]:
-        b = best["value"]
-        lines.append(f"Most for the money: {b['name']} [{b['target'].upper()}], "
-                     f"{b['value']:.1f} training samples/s per $100.")
-    if best["energy"]:
-        b = best["energy"]
-        lines.append(f"Most for the watts: {b['name']} [{b['target'].upper()}], "
-                     f"{b['value']:.1f} samples per joule.")
-    if best["speed"]:
-        b = best["speed"]
-        lines.append(f"Fastest: {b['name']} [{b['target'].upper()}], {b['value']:,.0f} samples/s.")
+    for key, what, unit in (("value", "Most for the money", "training samples/s per $100"),
+                            ("value_cpu", "Most for the money on a CPU",
+                             "training samples/s per $100"),
+                            ("energy", "Most for the watts", "samples per joule"),
+                            ("speed", "Fastest", "samples/s")):
+        b = best[key]
+        if b:
+            lines.append(f"{what}: {b['name']} [{b['target'].upper()}], {b['value']:,.1f} "
+                         f"{unit} (trust: {b['trust'].split(':')[0]}).")
     no = sorted({e["name"] for e in report["estimates"] if not e["fits"]})
     lines.append(f"Cannot train ResNet-8 at batch {s['batch']}: {', '.join(no)}." if no else
                  f"Every device can train ResNet-8 at batch {s['batch']}.")
@@ -225,6 +223,14 @@ def summary(report: dict[str, Any]) -> list[str]:
         no = sorted({e["name"] for e in rows if not e["fits"]})
         if no:
             lines.append(f"FedAvg {name} does not fit at batch {s['batch']} on: {', '.join(no)}.")
+    gkt_bytes = [e["bytes_up"] + e["bytes_down"] for e in report["estimates"]]
+    fed_bytes = [rows[0]["bytes_up"] + rows[0]["bytes_down"]
+                 for rows in report["fedavg_estimates"].values() if rows]
+    if gkt_bytes and fed_bytes:
+        lines.append(f"Per round a GKT device moves {human_bytes(gkt_bytes[0])} (features, "
+                     f"{s['codec']}, {s['samples']:,} samples; upper bound) against FedAvg's "
+                     f"{' / '.join(human_bytes(b) for b in fed_bytes)} of weights: GKT saves "
+                     "compute and memory on the device, not bandwidth.")
     cal = report["calibration"]
     if cal is None:
         lines.append("Not calibrated: CPU times use a default efficiency of 10% of peak "

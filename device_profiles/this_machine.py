@@ -84,12 +84,13 @@ def _ram_gib() -> tuple[float, str]:
 
 
 def this_machine(runtime_mib: float | None = None, matmul_gflops: float | None = None,
-                 os_mib: float | None = None) -> DeviceSpec:
+                 os_mib: float | None = None, threads: int | None = None) -> DeviceSpec:
     """This machine as a device. ``matmul_gflops`` (from a calibration) stands in for the
-    peak when the clock cannot be read, and raises a peak estimate that it exceeds."""
+    peak when the clock cannot be read, and raises a peak estimate that it exceeds.
+    ``threads`` (torch's) caps the cores counted: a 1-thread run can use one core."""
     info = _cpuinfo()
     arch = platform.machine().lower().replace("arm64", "aarch64")
-    cores = usable_cores()
+    cores = min(usable_cores(), threads or usable_cores())
     model = cpu_model()
     fpc, fpc_why = _flops_per_cycle(info, arch)
     clock = _clock_ghz(info)
@@ -111,7 +112,8 @@ def this_machine(runtime_mib: float | None = None, matmul_gflops: float | None =
         name=f"This machine ({model}, {cores} cores)",
         arch=arch if arch in ("x86_64", "aarch64") else "x86_64",
         cpu=f"{cores}x {model}",
-        cpu_cores=Quantity(cores, "measured: CPUs in this process's affinity mask"),
+        cpu_cores=Quantity(cores, "measured: CPUs in this process's affinity mask"
+                                  + (f", capped at {threads} torch threads" if threads else "")),
         cpu_clock_ghz=clock_q,
         cpu_peak_gflops=peak,
         ram_gib=Quantity(ram, ram_src),

@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="bytes per message; must fit the broker's max_packet_size")
     run.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (0 = torch's default: one per core)")
+    run.add_argument("--extract-backend", default="folded",
+                     help="folded | eager | onnxruntime (docs/performance.md)")
     run.add_argument("--no-local-eval", action="store_true",
                      help="do not evaluate the local classifier on the test split")
     return p
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
         get_codec(cfg.codec)
         edge_cfg = EdgeTrainConfig(args.epochs, args.batch_size, args.lr,
-                                   temperature=args.temperature, alpha=args.alpha)
+                                   temperature=args.temperature, alpha=args.alpha,
+                                   extract_backend=args.extract_backend)
     except (ValueError, FileNotFoundError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE

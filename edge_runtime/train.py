@@ -14,6 +14,9 @@ from .distill import LogitBank, kd_loss
 from .perf import channels_last_input, inference_copy, keep_freed_memory, to_channels_last
 
 
+EXTRACT_BACKENDS = ("folded", "eager", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class EdgeTrainConfig:
     epochs: int = 1
@@ -26,6 +29,12 @@ class EdgeTrainConfig:
     # activation memory in the process (set once for the whole process by the first call).
     channels_last: bool = True
     reuse_memory: bool = True
+    extract_backend: str = "folded"  # see extract_features
+
+    def __post_init__(self) -> None:
+        if self.extract_backend not in EXTRACT_BACKENDS:
+            raise ValueError(f"unknown extraction backend {self.extract_backend!r}; "
+                             f"choose from {list(EXTRACT_BACKENDS)}")
 
 
 @dataclass(frozen=True)
@@ -84,18 +93,31 @@ class FeatureBatch:
     labels: torch.Tensor  # int64 [k]
 
 
-@torch.inference_mode()
 def extract_features(model: nn.Module, loader: DataLoader,
-                     fast: bool = True) -> Iterator[FeatureBatch]:
+                     backend: str = "folded") -> Iterator[FeatureBatch]:
     """Eval-mode pass over the (non-augmented) local set, one batch at a time.
 
-    ``fast``: run a copy with batch norm folded into the convolutions, channels-last
-    (outputs equal up to float rounding); H is returned NCHW-contiguous either way.
+    backend: "folded" runs a copy with batch norm folded into the convolutions, in
+    channels-last; "eager" runs ``model`` as it is; "onnxruntime" exports it first
+    (``ort_extract``). Outputs agree up to float rounding (~1e-6); H is NCHW-contiguous.
     """
+    if backend not in EXTRACT_BACKENDS:
+        raise ValueError(f"unknown extraction backend {backend!r}; choose from "
+                         f"{list(EXTRACT_BACKENDS)}")
     model.eval()
-    run = inference_copy(model) if fast else model
+    if backend == "onnxruntime":
+        from .ort_extract import ort_extract_features
+
+        return ort_extract_features(model, loader)
+    return _torch_features(inference_copy(model) if backend == "folded" else model, loader,
+                           channels_last=backend == "folded")
+
+
+@torch.inference_mode()
+def _torch_features(run: nn.Module, loader: DataLoader,
+                    channels_last: bool) -> Iterator[FeatureBatch]:
     for x, y, ids in loader:
-        logits, h = run(channels_last_input(x) if fast else x)
+        logits, h = run(channels_last_input(x) if channels_last else x)
         yield FeatureBatch(ids.long(), h.contiguous(), logits, y.long())
 
 
