@@ -27,9 +27,9 @@ import time
 from pathlib import Path
 
 import torch
+from cpu_worker import BASELINE, TUNED, Worker, machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
-from cpu_worker import BASELINE, TUNED, Worker, machine_info
 from edge_runtime.models import EdgeResNet8, count_parameters
 from server_hub.models import resnet56, resnet110
 

@@ -2,14 +2,14 @@
 
 ResNet-8 training steps (``train_edge`` on one batch) and feature extraction (one batch of
 ``extract_features``) under: the code before the speed work; channels-last; glibc keeping
-freed memory; the GlobalAvgPool; 1 thread; 1 inter-op thread; torch.compile (its compile
+freed memory; the GlobalAvgPool; one thread per core; 1 inter-op thread; torch.compile (its compile
 time too, and the steps it needs to pay off); batch sizes; onnxruntime extraction (and the
 export it needs every round). Every process-wide setting gets its own worker process
 (bench/cpu_worker.py); the workers are asked in turn, variant by variant, round by round,
 so load from other processes hits all alike. Medians over all timed calls; "cpu" is the
 worker's CPU time (user + system), steadier than wall time on a shared machine.
 
-Usage: python bench/bench_edge_tuning.py [--rounds 5] [--calls 2] [--threads 0]
+Usage: python bench/bench_edge_tuning.py [--rounds 5] [--calls 2] [--threads 1]
        [--no-compile] [--shard 6250] [--json PATH]
 """
 
@@ -28,14 +28,14 @@ ADAPTIVE_CL = {"channels_last": True, "pool": "adaptive"}
 ADAPTIVE_NCHW = {"channels_last": False, "pool": "adaptive"}
 
 # name -> (worker, request). Workers: "base" (glibc's default allocator), "tuned",
-# "one" (1 intra-op thread), "interop1" (1 inter-op thread).
+# "cores" (torch's default threads: one per core), "interop1" (1 inter-op thread).
 TRAIN = {
     "before: NCHW, AdaptiveAvgPool, default allocator": ("base", BASELINE),
     "+ channels_last": ("base", ADAPTIVE_CL),
     "+ kept freed memory (glibc)": ("tuned", ADAPTIVE_CL),
     "+ GlobalAvgPool = after (library default)": ("tuned", TUNED),
     "kept freed memory only (NCHW)": ("tuned", ADAPTIVE_NCHW),
-    "after, 1 intra-op thread": ("one", TUNED),
+    "after, torch's default threads (one per core)": ("cores", TUNED),
     "after, 1 inter-op thread": ("interop1", TUNED),
 }
 EXTRACT = {
@@ -55,7 +55,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=2, help="timed calls per variant per round")
-    p.add_argument("--threads", type=int, default=0, help="0 = torch's default")
+    p.add_argument("--threads", type=int, default=1,
+                   help="intra-op threads (0 = torch's default); 1 is steadiest when shared")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", default="16,32,64,128", help="batch sizes to compare")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
@@ -65,7 +66,7 @@ def main() -> None:
     args = p.parse_args()
     info = machine_info()
     workers = {"base": Worker(args.threads, tuned_allocator=False),
-               "tuned": Worker(args.threads), "one": Worker(1),
+               "tuned": Worker(args.threads), "cores": Worker(0),
                "interop1": Worker(args.threads, interop=1)}
     plan = [("train", name, w, {"op": "train", "model": "resnet8", "batch": args.batch, **req})
             for name, (w, req) in TRAIN.items()]
@@ -126,11 +127,11 @@ def main() -> None:
             "compile_net_s_first_epoch": comp["setup_s"] - steps * gain_ms / 1e3}
     fold = by["after: BN folded + channels_last (default)"]
     ort, export = by["onnxruntime session run"], by["onnxruntime export + session (once per round)"]
+    gain_ms = fold["ms_median"] - ort["ms_median"]
     round_figures |= {
         "extract_epoch_s_folded": steps * fold["ms_median"] / 1e3,
-        "extract_epoch_s_onnxruntime": steps * ort["ms_median"] / 1e3 + export["ms_median"] / 1e3,
-        "onnxruntime_break_even_batches": (export["ms_median"] / (fold["ms_median"] - ort["ms_median"])
-                                           if fold["ms_median"] > ort["ms_median"] else None)}
+        "extract_epoch_s_onnxruntime": (steps * ort["ms_median"] + export["ms_median"]) / 1e3,
+        "onnxruntime_break_even_batches": export["ms_median"] / gain_ms if gain_ms > 0 else None}
 
     print(f"\nResNet-8, {info['cpu']} ({info['cores']} cores), torch {info['torch']}; load average "
           f"{info['load_average']} at start, {os.getloadavg()[0]:.1f} at end: a shared machine, "

@@ -32,7 +32,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
 TUNED_ALLOCATOR = False  # set once at worker start-up
 
 

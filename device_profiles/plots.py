@@ -6,8 +6,15 @@ import io
 import math
 from typing import Any
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.transforms import Bbox
+
+# where a point's label may go, as (x, y) multiples of the marker's radius (+ a gap) and
+# alignment: lower right, upper right, lower left, upper left, then further out
+_LABEL_SPOTS = ((0.7, -1.2, "left"), (0.7, 0.7, "left"), (-0.7, -1.2, "right"),
+                (-0.7, 0.7, "right"), (0.7, -2.2, "left"), (0.7, 1.7, "left"))
 
 GKT_COLOR, F56_COLOR, F110_COLOR = "#2a7ab0", "#e39c37", "#c2452d"
 MEMORY_PARTS = (("os", "OS", "#9e9e9e"), ("runtime", "python + torch", "#7fa7c9"),
@@ -126,29 +133,52 @@ def value(report: dict[str, Any]) -> bytes:
     fig = Figure(figsize=(8, 5.2))
     ax = fig.add_subplot()
     best = max((e["samples_per_joule"] or 0 for e in rows), default=1) or 1
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    placed: list[Any] = []  # label boxes so far, in pixels
+
+    def place(text: str, xy: tuple[float, float], radius: float) -> None:
+        """The first spot where the label overlaps no marker or earlier label (else the
+        first spot). ``radius``: the marker's, in points."""
+        spots = [((radius + 2) * fx, (radius + 2) * fy, ha) for fx, fy, ha in _LABEL_SPOTS]
+        for dx, dy, ha in spots:
+            label = ax.annotate(text, xy, fontsize=7, xytext=(dx, dy), ha=ha,
+                                textcoords="offset points")
+            box = label.get_window_extent(renderer)
+            if not any(box.overlaps(b) for b in placed):
+                placed.append(box)
+                return
+            label.remove()
+        dx, dy, ha = spots[0]
+        ax.annotate(text, xy, fontsize=7, xytext=(dx, dy), ha=ha, textcoords="offset points")
+
     # RAM variants of one board have the same speed: label each such group once
     groups: dict[tuple[str, str, float], list[dict[str, Any]]] = {}
     for e in rows:
         key = (e["device"].split("-")[0], e["target"], round(e["samples_per_second"], 1))
         groups.setdefault(key, []).append(e)
+    sizes = {}
     for members in groups.values():
         for e in members:
             size = 30 + 300 * math.sqrt((e["samples_per_joule"] or 0) / best)
             color = "#6aa84f" if e["target"] == "gpu" else "#2a7ab0"
             ax.scatter(e["price_usd"], e["samples_per_second"], s=size, color=color,
                        alpha=0.7, edgecolor="k", lw=0.5)
-        first = min(members, key=lambda e: e["price_usd"])
-        label = first["device"] if len(members) == 1 else (
-            f"{first['device']} .. {members[-1]['device'].split('-')[-1]}")
-        # GPUs above their point, CPUs below: the two rows of a Jetson do not collide
-        ax.annotate(label, (first["price_usd"], first["samples_per_second"]), fontsize=7,
-                    xytext=(6, 5 if first["target"] == "gpu" else -10),
-                    textcoords="offset points")
-    ax.scatter([], [], color="#2a7ab0", label="CPU")
-    ax.scatter([], [], color="#6aa84f", label="GPU")
+            sizes[(e["price_usd"], e["samples_per_second"])] = size
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.margins(x=0.2, y=0.15)  # room for the labels of the outermost points
+    for (x, y), size in sizes.items():  # labels keep off the markers too
+        cx, cy = ax.transData.transform((x, y))
+        r = math.sqrt(size) / 2 * fig.dpi / 72
+        placed.append(Bbox([[cx - r, cy - r], [cx + r, cy + r]]))
+    for members in groups.values():  # after the axes are final, so boxes are where drawn
+        first = min(members, key=lambda e: e["price_usd"])
+        label = first["device"] if len(members) == 1 else (
+            f"{first['device']} .. {members[-1]['device'].split('-')[-1]}")
+        xy = (first["price_usd"], first["samples_per_second"])
+        place(label, xy, math.sqrt(sizes[xy]) / 2)
+    ax.scatter([], [], color="#2a7ab0", label="CPU")
+    ax.scatter([], [], color="#6aa84f", label="GPU")
     ax.set_xlabel("price (USD, log scale)")
     ax.set_ylabel("training samples / s (log scale)")
     ax.grid(which="both", alpha=0.3)

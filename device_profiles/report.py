@@ -52,6 +52,7 @@ class ReportInputs:
     calibration: Calibration | None = None
     measured_peak: MeasuredPeak | None = None
     onnx: list[dict[str, Any]] = field(default_factory=list)
+    wire_codecs: dict[str, WireCost] = field(default_factory=dict)  # for comparison
 
 
 def efficiency_for(model: str, batch: int, cal: Calibration | None) -> Efficiency:
@@ -186,6 +187,7 @@ def build_report(inp: ReportInputs) -> dict[str, Any]:
         "measured_peak": peak,
         "onnx": inp.onnx,
         "wire": dataclasses.asdict(inp.wire),
+        "wire_codecs": {k: dataclasses.asdict(v) for k, v in inp.wire_codecs.items()},
         "comparison": _comparison(inp.profiles),
         "devices": [spec_to_dict(d) for d in inp.devices],
         "estimates": gkt,
@@ -208,7 +210,7 @@ def collect_inputs(settings: Settings, devices: Sequence[DeviceSpec],
     from .memory import measure_training_peak, runtime_footprint
     from .model_zoo import profile_model
     from .onnx_graph import onnx_profile
-    from .wire_bytes import measure_wire_cost
+    from .wire_bytes import measure_all
 
     profiles = {}
     for name in models:
@@ -216,8 +218,8 @@ def collect_inputs(settings: Settings, devices: Sequence[DeviceSpec],
         profiles[name] = profile_model(name)
     progress("runtime footprint: RSS of fresh python / import torch / device stack")
     runtime = runtime_footprint()
-    progress(f"bytes on the wire: encoding real {settings.codec} feature chunks")
-    wire = measure_wire_cost(settings.codec)
+    progress("bytes on the wire: encoding real feature chunks with every codec")
+    codecs = measure_all()
     peak = None
     if measure:
         progress(f"peak training memory of {EDGE} at batch {settings.batch} (fresh process)")
@@ -226,4 +228,5 @@ def collect_inputs(settings: Settings, devices: Sequence[DeviceSpec],
     for path in onnx_paths:
         progress(f"reading {path}")
         onnx.append(dataclasses.asdict(onnx_profile(path)))
-    return ReportInputs(settings, list(devices), profiles, runtime, wire, calibration, peak, onnx)
+    return ReportInputs(settings, list(devices), profiles, runtime, codecs[settings.codec],
+                        calibration, peak, onnx, codecs)

@@ -157,19 +157,22 @@ def memory_check_table(report: dict[str, Any]) -> Table:
 def wire_table(report: dict[str, Any]) -> Table:
     w = report["wire"]
     s = report["settings"]
-    up_real = s["samples"] * w["up_bytes_per_sample"] + w["up_bytes_per_round"]
-    up_dense = s["samples"] * w["up_bytes_per_sample_dense"] + w["up_bytes_per_round"]
-    rows = [["H alone, raw fp32 (16 x S x S x 4)", f"{w['raw_fp32_feature_bytes']:,}",
-             human_bytes(s["samples"] * w["raw_fp32_feature_bytes"])],
-            [f"upload, {w['codec']} + zstd, real images", f"{w['up_bytes_per_sample']:,.0f}",
-             human_bytes(up_real)],
-            [f"upload, {w['codec']} + zstd, noise images (upper bound)",
-             f"{w['up_bytes_per_sample_dense']:,.0f}", human_bytes(up_dense)],
-            ["download (hub logits + ids)", f"{w['down_bytes_per_sample']:,.0f}",
-             human_bytes(s["samples"] * w["down_bytes_per_sample"])]]
-    return Table(f"Bytes on the wire per round ({s['samples']:,} samples)",
-                 ["what", "bytes / sample", "bytes / round"], rows, note=w["how"],
-                 numeric=(1, 2))
+    n = s["samples"]
+    rows = [["H alone, raw fp32 (16 x S x S x 4)", f"{w['raw_fp32_feature_bytes']:,}", "",
+             human_bytes(n * w["raw_fp32_feature_bytes"]), ""]]
+    for name, c in (report["wire_codecs"] or {w["codec"]: w}).items():
+        chosen = " (used above)" if name == w["codec"] else ""
+        rows.append([f"upload: features {name} + zstd, logits, labels, ids{chosen}",
+                     f"{c['up_bytes_per_sample']:,.0f}", f"{c['up_bytes_per_sample_dense']:,.0f}",
+                     human_bytes(n * c["up_bytes_per_sample"] + c["up_bytes_per_round"]),
+                     human_bytes(n * c["up_bytes_per_sample_dense"] + c["up_bytes_per_round"])])
+    rows.append(["download: hub logits + ids", f"{w['down_bytes_per_sample']:,.0f}", "",
+                 human_bytes(n * w["down_bytes_per_sample"]), ""])
+    return Table(f"Bytes on the wire per round ({n:,} samples)",
+                 ["what", "bytes / sample (real images)", "(noise images)",
+                  "bytes / round (real)", "(noise: upper bound)"], rows,
+                 note=w["how"] + ". Transfer times use the noise-image upper bound.",
+                 numeric=(1, 2, 3, 4))
 
 
 def onnx_table(report: dict[str, Any]) -> Table | None:
@@ -239,10 +242,15 @@ def summary(report: dict[str, Any]) -> list[str]:
         pts = ", ".join(f"{p['model']}@{p['batch']}: {100 * p['efficiency']:.1f}%"
                         for p in cal["points"])
         where = "this machine" if cal["matches_this_machine"] else f"{cal['machine']}"
+        threads = f"{cal['threads']} thread" + ("s" if cal["threads"] > 1 else "")
         lines.append(f"CPU times use efficiencies measured on {where} ({cal['arch']}, "
-                     f"{cal['threads']} threads, peak {cal['peak_gflops']:.0f} GFLOP/s, large "
+                     f"{threads}, peak {cal['peak_gflops']:.0f} GFLOP/s, large "
                      f"matmul {cal['matmul_gflops']:.0f} GFLOP/s): {pts} of peak. GPU times "
                      "use the catalog's estimated efficiency (not measured).")
+        if cal["threads"] < 4:
+            lines.append(f"Calibrated with {threads}: times for devices with more cores assume "
+                         "the step scales perfectly over them, which a CNN this small does "
+                         "not quite do, so they are optimistic.")
     return lines
 
 

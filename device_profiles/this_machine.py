@@ -109,7 +109,7 @@ def this_machine(runtime_mib: float | None = None, matmul_gflops: float | None =
     ram, ram_src = _ram_gib()
     return DeviceSpec(
         id=THIS_MACHINE_ID,
-        name=f"This machine ({model}, {cores} cores)",
+        name=f"This machine ({model}, {cores} core{'s' if cores != 1 else ''})",
         arch=arch if arch in ("x86_64", "aarch64") else "x86_64",
         cpu=f"{cores}x {model}",
         cpu_cores=Quantity(cores, "measured: CPUs in this process's affinity mask"

@@ -118,6 +118,7 @@ class MqttLink:
         self._lock = threading.Lock()  # counters and subscriptions
         self._subs: dict[str, tuple[Handler, int]] = {}  # filter -> handler, qos
         self._resubs: set[int] = set()  # SUBSCRIBE mids sent by _on_connect
+        self._unhandled: set[str] = set()  # topics we dropped a message on
         self._subacks: dict[int, list] = {}
         self._suback_cond = threading.Condition()
         self._pub_failures: dict[int, mqtt.ReasonCode] = {}
@@ -336,9 +337,11 @@ class MqttLink:
             handlers = [h for sub, (h, _) in self._subs.items()
                         if (not ids or subscription_id(sub) in ids)
                         and mqtt.topic_matches_sub(_unshared(sub), msg.topic)]
-        if not handlers:
-            self.log.warning("no handler for a message on %s (subscribe before connect() to "
-                             "get messages queued for this session while away)", msg.topic)
+        if not handlers and msg.topic not in self._unhandled:  # once per topic
+            self._unhandled.add(msg.topic)
+            self.log.warning("dropped a message on %s: no handler yet (subscribe before "
+                             "connect() to get what was queued for this session while away)",
+                             msg.topic)
         for handler in handlers:
             try:
                 handler(msg.topic, msg.payload)

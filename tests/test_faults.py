@@ -76,6 +76,7 @@ def hub_cmd(url: str, state, rounds: int) -> list[str]:
             "--round-deadline", "120", "--no-progress"]
 
 
+@pytest.mark.slow  # starts hub processes (torch import each time): ~1 min on 2 idle cores
 def test_hub_killed_mid_round_resumes_without_losing_uploads(broker, tmp_path, setup):
     state = tmp_path / "hub"
     log1 = open(tmp_path / "hub1.log", "w")
@@ -105,6 +106,7 @@ def test_hub_killed_mid_round_resumes_without_losing_uploads(broker, tmp_path, s
     assert not journal.exists()  # dropped once the round's checkpoint was written
 
 
+@pytest.mark.slow  # four rounds with a device process killed and restarted
 def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup):
     """Device process kill -9 mid-upload: the hub goes on without it at the deadline; the
     restarted device resumes from its state directory and takes part again."""

@@ -39,6 +39,7 @@ PROFILES = {
     "resnet110": _profile("resnet110", "fedavg", 1_147_738, 167_430_656, 16.6),
 }
 WIRE = WireCost("fp32", 23_600.0, 35_900.0, 44.0, 2_657, 65_536, "measured: test")
+Q8 = WireCost("q8", 8_000.0, 10_700.0, 44.0, 2_657, 65_536, "measured: test")
 RUNTIME = RuntimeFootprint(11 * MIB, 507 * MIB, 674 * MIB, "2.x")
 CAL = Calibration("Test CPU", "x86_64", 2, "2.x", "2026-01-01T00:00:00+00:00", 166.0,
                   "estimate: test", 120.0,
@@ -49,7 +50,8 @@ PEAK = MeasuredPeak("resnet8", 64, 2, 160_350_072, 980 * MIB, 707 * MIB)
 @pytest.fixture(scope="module")
 def report():
     devices = load_catalog() + [this_machine(runtime_mib=674)]
-    inputs = ReportInputs(Settings(batch=64), devices, PROFILES, RUNTIME, WIRE, CAL, PEAK)
+    inputs = ReportInputs(Settings(batch=64), devices, PROFILES, RUNTIME, WIRE, CAL, PEAK,
+                          wire_codecs={"fp32": WIRE, "q8": Q8})
     return build_report(inputs)
 
 
@@ -94,6 +96,7 @@ def test_markdown_has_tables_sources_and_figure_links(report, figures, tmp_path)
     for d in report["devices"]:
         assert d["name"] in md
     assert "ESTIMATE - estimate:" in md and "Most for the money" in md
+    assert "features q8 + zstd" in md and "features fp32 + zstd, logits, labels, ids (used" in md
     written = write_markdown(report, figures, tmp_path / "report.md")
     text = (tmp_path / "report.md").read_text()
     for name in figures:

@@ -1,0 +1,170 @@
+"""The CPU speed settings change speed only: same numbers, same parameters, same API."""
+
+import json
+import platform
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from edge_runtime.models import EdgeResNet8, GlobalAvgPool
+from edge_runtime.perf import channels_last_input, inference_copy
+from edge_runtime.train import (
+    EdgeTrainConfig,
+    accuracy,
+    extract_features,
+    make_optimizer,
+    train_edge,
+)
+from server_hub.feature_bank import DeviceFeatures, FeatureBank
+from server_hub.models import resnet55_server
+from server_hub.trainer import ServerTrainConfig, server_logits, train_server
+
+CL = torch.channels_last
+
+
+def batches(n_batches: int = 2, batch: int = 8, size: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g),
+             torch.randint(0, 10, (batch,), generator=g),
+             torch.arange(i * batch, (i + 1) * batch)) for i in range(n_batches)]
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, CL])
+def test_global_avg_pool_matches_adaptive_avg_pool_values_and_gradients(memory_format):
+    x = torch.randn(4, 8, 5, 7).contiguous(memory_format=memory_format)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = GlobalAvgPool()(a), nn.AdaptiveAvgPool2d(1)(b)
+    torch.testing.assert_close(ya, yb)
+    w = torch.randn_like(ya)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_channels_last_training_matches_nchw_training():
+    data = batches()
+    models = []
+    for cl in (False, True):
+        torch.manual_seed(0)
+        model = EdgeResNet8(10)
+        opt = make_optimizer(model, 1e-3, 1e-4)
+        params = list(model.parameters())
+        cfg = EdgeTrainConfig(batch_size=8, channels_last=cl, reuse_memory=False)
+        stats = train_edge(model, opt, data, None, cfg)
+        assert stats.samples == 16
+        assert all(p is q for p, q in zip(model.parameters(), params))  # optimizer still valid
+        models.append(model)
+    nchw, cl = models
+    assert cl.extractor[0].weight.is_contiguous(memory_format=CL)
+    for (name, p), q in zip(nchw.state_dict().items(), cl.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["folded", "onnxruntime"])
+def test_extraction_backends_agree_with_the_eager_model(backend):
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = EdgeResNet8(10)
+    train_edge(model, make_optimizer(model, 1e-2, 0), batches(), None, EdgeTrainConfig())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = batches(n_batches=2, batch=5, seed=1) + batches(n_batches=1, batch=3, seed=2)
+    ref = list(extract_features(model, data, "eager"))
+    out = list(extract_features(model, data, backend))
+    assert [len(b.ids) for b in out] == [5, 5, 3]
+    for r, o in zip(ref, out):
+        assert torch.equal(r.ids, o.ids) and torch.equal(r.labels, o.labels)
+        assert o.features.is_contiguous()  # the codecs and the wire expect NCHW bytes
+        torch.testing.assert_close(o.features, r.features, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(o.logits, r.logits, rtol=1e-4, atol=1e-5)
+    assert not model.training
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())  # folded a copy only
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_inference_copy_folds_batch_norm_and_leaves_the_model_alone():
+    model = EdgeResNet8(10).train()
+    copy = inference_copy(model)
+    assert model.training
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        z, h = model.eval()(x)
+        z2, h2 = copy(channels_last_input(x))
+    torch.testing.assert_close(z2, z, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(h2, h, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_extraction_backend_is_refused_at_configuration():
+    with pytest.raises(ValueError, match="unknown extraction backend 'tensorrt'"):
+        EdgeTrainConfig(extract_backend="tensorrt")
+
+
+def test_accuracy_does_not_depend_on_the_evaluation_chunk():
+    torch.manual_seed(0)
+    model = EdgeResNet8(10)
+    data = [(x, y) for x, y, _ in batches(n_batches=3, batch=10)]
+    with torch.no_grad():
+        expected = sum(int((model.eval()(x)[0].argmax(1) == y).sum()) for x, y in data) / 30
+    assert accuracy(model, data, chunk=4) == accuracy(model, data, chunk=64) == expected
+
+
+def test_server_logits_then_training_still_works():
+    """Logits run under inference mode; they must not turn the parameters into inference
+    tensors (converting the model to channels-last there would), or training fails."""
+    torch.manual_seed(0)
+    model = resnet55_server(10)
+    g = torch.Generator().manual_seed(0)
+    feats = torch.relu(torch.randn(12, 16, 8, 8, generator=g))
+    z_nchw = server_logits(model, feats, 5, channels_last=False)
+    z_cl = server_logits(model, feats, 5)
+    torch.testing.assert_close(z_cl, z_nchw, rtol=1e-4, atol=1e-5)
+    bank = FeatureBank()
+    bank.add("d", DeviceFeatures(torch.arange(12), feats, torch.zeros(12, 10),
+                                 torch.randint(0, 10, (12,), generator=g)))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    stats = train_server(model, opt, bank, ["d"], ServerTrainConfig(epochs=1, batch_size=6,
+                                                                    device="cpu"), g)
+    assert stats.samples == 12
+    assert model.layer1[0].conv1.weight.is_contiguous(memory_format=CL)
+
+
+PAGE_FAULTS = """
+import json, resource, torch, torch.nn.functional as F
+from edge_runtime.models import EdgeResNet8
+from edge_runtime.perf import keep_freed_memory
+torch.set_num_threads(1)
+model, x, y = EdgeResNet8(10), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+opt = torch.optim.SGD(model.parameters(), lr=0.01)
+def faults_per_step(steps=3):
+    def step():
+        loss = F.cross_entropy(model(x)[0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    step()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(steps):
+        step()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / steps
+before = faults_per_step()
+kept = keep_freed_memory()
+print(json.dumps({"before": before, "kept": kept, "after": faults_per_step(),
+                  "again": keep_freed_memory()}))
+"""
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="glibc allocator setting")
+def test_keeping_freed_memory_stops_per_step_page_faults():
+    # in a child process: the setting is process-wide and cannot be undone
+    out = subprocess.run([sys.executable, "-c", PAGE_FAULTS], capture_output=True, text=True,
+                         check=True, timeout=300)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["kept"] and r["again"]
+    assert r["before"] > 1000  # each step re-faults its activations (4 KB pages)
+    assert r["after"] < r["before"] / 10

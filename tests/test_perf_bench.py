@@ -1,0 +1,67 @@
+"""The benchmark suite's plumbing: the timing worker and run_all's collection and tables."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import cpu_worker  # noqa: E402
+import run_all  # noqa: E402
+
+
+def test_worker_times_the_library_training_step_in_its_own_process():
+    w = cpu_worker.Worker(threads=1)
+    try:
+        assert w.info["threads"] == 1
+        r = w.ask(op="train", model="resnet8", batch=4, size=8, calls=2, **cpu_worker.TUNED)
+        assert len(r["wall"]) == len(r["cpu"]) == 2 and r["setup_s"] > 0
+        again = w.ask(op="train", model="resnet8", batch=4, size=8, calls=1, **cpu_worker.TUNED)
+        assert again["setup_s"] == 0  # built once, then reused
+        with pytest.raises(RuntimeError, match="KeyError"):
+            w.ask(op="train", model="resnet9", batch=4, size=8, calls=1, **cpu_worker.TUNED)
+        assert w.ask(op="matmul", n=64, calls=1)["wall"][0] > 0  # still serving after an error
+    finally:
+        w.close()
+
+
+def test_tables_finds_nested_rows_and_renders_them():
+    result = {"batch": 64, "rows": [{"model": "a", "ms": 123.456, "all": [1, 2]},
+                                    {"model": "b|c", "ms": 0.01234, "extra": True}],
+              "sizes": [{"size": 32, "rows": [{"codec": "q8", "bytes": 123456}]}]}
+    found = dict(run_all.tables(result))
+    assert set(found) == {"rows", "sizes", "sizes[0].rows"}
+    lines = run_all.markdown_table(found["rows"])
+    assert lines[0] == "| model | ms | extra |"  # list-valued columns are left out
+    assert lines[2] == "| a | 123 |  |"
+    assert lines[3] == "| b\\|c | 0.0123 | True |"
+    assert run_all.markdown_table(found["sizes[0].rows"])[2] == "| q8 | 123,456 |"
+
+
+def test_run_one_records_results_and_failures(tmp_path):
+    good = tmp_path / "bench_good.py"
+    good.write_text("import json, sys\n"
+                    "path = sys.argv[sys.argv.index('--json') + 1]\n"
+                    "open(path, 'w').write(json.dumps({'rows': [{'x': 1}]}))\n")
+    bad = tmp_path / "bench_bad.py"
+    bad.write_text("raise SystemExit('broken on purpose')\n")
+    ok = run_all.run_one("good", good, [], tmp_path, timeout=60)
+    assert ok["ok"] and ok["result"] == {"rows": [{"x": 1}]}
+    failed = run_all.run_one("bad", bad, [], tmp_path, timeout=60)
+    assert not failed["ok"] and "broken on purpose" in failed["error_tail"]
+    md = tmp_path / "RESULTS.md"
+    info = {"cpu": "cpu", "cores": 2, "memory_gb": 1.0, "machine": "x", "python": "3",
+            "torch": "t", "load_average": 0.5}
+    run_all.write_markdown(md, info, {"good": ok, "bad": failed}, True, "now", 1.0)
+    text = md.read_text()
+    assert "| x |" in text and "**failed**" in text and "cpu, 2 cores" in text
+    json.dumps({"good": ok, "bad": failed})  # summary.json must be plain JSON
+
+
+def test_every_benchmark_script_is_discovered():
+    names = run_all.discover()
+    assert {"edge_cost", "edge_tuning", "device_memory", "hub"} <= set(names)
+    assert all(p.name.startswith("bench_") for p in names.values())
