@@ -76,6 +76,8 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     t0 = time.perf_counter()
     # Same layout as the in-process runner: checkpoints/, devices/<id>/, plus broker/, logs/.
     work = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
+    work.mkdir(parents=True, exist_ok=True)
+    work.chmod(0o755)  # the broker runs as user mosquitto and must reach its folder
     (work / "logs").mkdir(parents=True, exist_ok=True)
     max_payload = 256 * 1024
     broker = ManagedBroker(BrokerConfig(str(work / "broker"), port=free_port(),

@@ -41,20 +41,15 @@ def start_broker(state_dir: Path, **overrides) -> ManagedBroker:
     return broker
 
 
-def _broker_dir() -> Path:
-    # Not under pytest's tmp_path: as root, mosquitto drops to its own user, which cannot
-    # enter /tmp/pytest-of-root (0700), and its persistence would be off.
-    path = Path(tempfile.mkdtemp(prefix="gkt-test-broker-"))
-    path.chmod(0o755)
-    return path
-
-
 @pytest.fixture
 def broker_dir() -> Iterator[Path]:
-    """A temp dir the broker's user can enter (for its state, passwords, certificates)."""
-    state = _broker_dir()
-    yield state
-    shutil.rmtree(state, ignore_errors=True)
+    """A temp dir the broker's user can enter (for its state, passwords, certificates).
+    Not under pytest's tmp_path: as root, mosquitto drops to its own user, which cannot
+    enter /tmp/pytest-of-root (0700), and its persistence would be off."""
+    path = Path(tempfile.mkdtemp(prefix="gkt-test-broker-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -77,16 +72,6 @@ def broker_factory(broker_dir) -> Iterator:
     yield make
     for b in started:
         b.stop()
-
-
-@pytest.fixture(scope="session")
-def session_broker() -> Iterator[BrokerInfo]:
-    """One broker for many tests; don't kill it, and use `topic` prefixes to stay apart."""
-    state = _broker_dir()
-    b = start_broker(state)
-    yield BrokerInfo(b.cfg.host, b.cfg.port, b.url, b)
-    b.stop()
-    shutil.rmtree(state, ignore_errors=True)
 
 
 _ids = itertools.count()
