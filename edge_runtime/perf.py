@@ -11,11 +11,14 @@ not help: docs/performance.md).
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import platform
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on
 # 64-bit systems (HEAP_MAX_SIZE / 2); blocks above it are always mmap'ed.
@@ -59,14 +62,29 @@ def channels_last_input(x: torch.Tensor) -> torch.Tensor:
 
 
 def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
-    """An eval-mode copy of ``model`` with each Conv2d -> BatchNorm2d folded into the conv
-    (same outputs up to float rounding, ~1e-6); ``model`` itself is left untouched."""
-    from torch.fx.experimental.optimization import fuse
+    """An eval-mode copy of ``model`` with batch norm folded into the convolution before it
+    (same outputs up to float rounding, ~1e-6); ``model`` itself is left untouched.
 
-    was_training = model.training
-    model.eval()
-    try:
-        folded = fuse(model, inplace=False)
-    finally:
-        model.train(was_training)
+    Folds Conv2d -> BatchNorm2d pairs that are adjacent in an ``nn.Sequential`` and the
+    convN/bnN pairs of torchvision's ResNet blocks, which covers every model here; any other
+    batch norm stays, in eval mode. Not torch.fx: its tracing patches ``nn.Module.__call__``
+    for the whole process, which broke devices training in other threads.
+    """
+    folded = copy.deepcopy(model).eval()
+    for module in list(folded.modules()):
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in zip(names, names[1:]):
+                _fold(module, first, second)
+        elif isinstance(module, (BasicBlock, Bottleneck)):
+            for i in (1, 2, 3):
+                if hasattr(module, f"conv{i}"):
+                    _fold(module, f"conv{i}", f"bn{i}")
     return to_channels_last(folded) if channels_last else folded
+
+
+def _fold(parent: nn.Module, conv_name: str, bn_name: str) -> None:
+    conv, bn = getattr(parent, conv_name), getattr(parent, bn_name)
+    if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+        setattr(parent, conv_name, fuse_conv_bn_eval(conv, bn))
+        setattr(parent, bn_name, nn.Identity())

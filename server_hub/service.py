@@ -88,6 +88,7 @@ class HubService:
         self.bytes_down = 0
         self.journal = UploadJournal(Path(cfg.state_dir) / "uploads")
         self._announcement: bytes | None = None
+        self.listening = threading.Event()  # set once uploads are subscribed to
         self._cond = threading.Condition()
         self._stop = threading.Event()
 
@@ -230,6 +231,7 @@ class HubService:
     def run(self) -> int:
         start = self._restore()
         self.link.subscribe(topics.UP_WILDCARD, self._on_up)
+        self.listening.set()
         try:
             self._wait_for_devices()
             for rnd in range(start, self.cfg.rounds):

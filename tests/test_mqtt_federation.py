@@ -134,6 +134,7 @@ def test_hostile_input_is_rejected_and_the_hub_keeps_serving(broker, tmp_path, s
     before = {k: v.clone() for k, v in service.hub.model.state_dict().items()}
     hub_thread = threading.Thread(target=service.run)
     hub_thread.start()
+    assert service.listening.wait(60)  # non-retained junk sent earlier would reach no one
     attacker = MqttLink(LinkConfig(broker.url, f"attacker-{tmp_path.name}"))
     attacker.connect()
     cases = hostile_messages("mallory")

@@ -4,6 +4,7 @@ import json
 import platform
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -168,3 +169,27 @@ def test_keeping_freed_memory_stops_per_step_page_faults():
     assert r["kept"] and r["again"]
     assert r["before"] > 1000  # each step re-faults its activations (4 KB pages)
     assert r["after"] < r["before"] / 10
+
+
+def test_folding_for_extraction_is_safe_while_another_device_trains():
+    """In-process federations train devices in threads; extraction must not disturb them
+    (torch.fx tracing did: it patches nn.Module.__call__ for the whole process)."""
+    errors = []
+
+    def train() -> None:
+        try:
+            torch.manual_seed(1)
+            model = EdgeResNet8(10)
+            opt = make_optimizer(model, 1e-3, 0)
+            for _ in range(10):
+                train_edge(model, opt, batches(batch=4, size=8), None, EdgeTrainConfig())
+        except Exception as err:  # reported below, failing the test
+            errors.append(err)
+
+    model, data = EdgeResNet8(10), batches(batch=4, size=8)
+    worker = threading.Thread(target=train)
+    worker.start()
+    while worker.is_alive():
+        list(extract_features(model, data))
+    worker.join()
+    assert errors == []
