@@ -150,8 +150,9 @@ def headlines(records: dict[str, dict]) -> list[str]:
 def write_markdown(path: Path, info: dict, records: dict[str, dict], quick: bool,
                    started: str, load_end: float) -> None:
     lines = ["# Benchmark results", "",
-             f"Written by `python bench/run_all.py{' --quick' if quick else ''}` on {started} "
-             f"({'quick settings' if quick else 'full settings'}). Machine: {info['cpu']}, "
+             f"Written by `python bench/run_all.py{' --quick' if quick else ''}` on {started}. "
+             "Each section names the command that produced it and when (a run with --only "
+             f"keeps the other sections from earlier runs). Machine: {info['cpu']}, "
              f"{info['cores']} cores, {info['memory_gb']} GB RAM, {info['machine']}, Python "
              f"{info['python']}, torch {info['torch']}. Load average {info['load_average']} at "
              f"the start, {load_end:.1f} at the end: this machine is shared with other work, so "

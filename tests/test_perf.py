@@ -174,22 +174,26 @@ def test_keeping_freed_memory_stops_per_step_page_faults():
 def test_folding_for_extraction_is_safe_while_another_device_trains():
     """In-process federations train devices in threads; extraction must not disturb them
     (torch.fx tracing did: it patches nn.Module.__call__ for the whole process)."""
-    errors = []
+    errors, stop = [], threading.Event()
 
     def train() -> None:
-        try:
-            torch.manual_seed(1)
-            model = EdgeResNet8(10)
-            opt = make_optimizer(model, 1e-3, 0)
-            for _ in range(10):
+        torch.manual_seed(1)
+        model = EdgeResNet8(10)
+        opt = make_optimizer(model, 1e-3, 0)
+        while not stop.is_set():
+            try:
                 train_edge(model, opt, batches(batch=4, size=8), None, EdgeTrainConfig())
-        except Exception as err:  # reported below, failing the test
-            errors.append(err)
+            except Exception as err:  # reported below, failing the test
+                errors.append(err)
+                return
 
     model, data = EdgeResNet8(10), batches(batch=4, size=8)
     worker = threading.Thread(target=train)
     worker.start()
-    while worker.is_alive():
-        list(extract_features(model, data))
-    worker.join()
+    try:
+        for _ in range(40):
+            list(extract_features(model, data))
+    finally:
+        stop.set()
+        worker.join()
     assert errors == []
