@@ -1,17 +1,21 @@
 """`gkt-edge`: run a device of a GKT federation.
 
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
-2 bad arguments, 4 cannot reach the broker.
+2 bad arguments or config, 4 cannot reach the broker. Options can come from
+`--config FILE` (TOML) and GKT_EDGE_* variables; flags > environment > file > defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 
+from .config_file import ConfigError, add_config_args, parse_args, read_file, subparser
+from .logs import add_log_args, setup_logging
+
 EXIT_OK, EXIT_USAGE, EXIT_BROKER = 0, 2, 4
+ENV_PREFIX = "GKT_EDGE_"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="join a hub and train rounds until it says stop")
-    run.add_argument("--hub", required=True, metavar="URL", help="broker: mqtt://HOST:PORT")
+    run.add_argument("--hub", required=True, metavar="URL",
+                     help="broker: mqtt://HOST:PORT, or mqtts://HOST:PORT for TLS")
+    run.add_argument("--username", help="MQTT user (default: the device id when a password "
+                                        "is given; `gkt-hub device add` prints it)")
+    run.add_argument("--password", help="MQTT password (visible to `ps`: prefer --password-file)")
+    run.add_argument("--password-file", metavar="PATH", help="file holding the MQTT password")
+    run.add_argument("--ca-file", metavar="PATH",
+                     help="CA certificate of an mqtts:// broker (default: the system's CAs)")
     run.add_argument("--device-id", required=True)
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
@@ -46,13 +57,60 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folded | eager | onnxruntime (docs/performance.md)")
     run.add_argument("--no-local-eval", action="store_true",
                      help="do not evaluate the local classifier on the test split")
+    add_config_args(run, ENV_PREFIX)
+    add_log_args(run)
+    svc = sub.add_parser("service", help="print a systemd unit that runs `gkt-edge run "
+                                         "--config FILE` and restarts it on failure")
+    svc.add_argument("--config", dest="unit_config", required=True, metavar="FILE",
+                     help="the device's TOML config (made absolute in the unit)")
+    svc.add_argument("--user", default=None, help="run as this user (User=)")
+    svc.add_argument("--restart-sec", type=float, default=10.0)
+    svc.add_argument("--executable", default=None,
+                     help="path of gkt-edge (default: the one of this installation)")
     return p
 
 
+def print_service(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .service_unit import UnitConfig, console_script, render_unit
+
+    path = Path(args.unit_config).resolve()
+    try:
+        read_file(subparser(build_parser(), ["run"]), str(path))  # fail now, not at boot
+    except ConfigError as err:
+        print(f"gkt-edge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    exe = args.executable or console_script("gkt-edge")
+    print(render_unit(UnitConfig("GKT edge device (gkt-edge run)",
+                                 [exe, "run", "--config", str(path)], user=args.user,
+                                 restart_sec=args.restart_sec)), end="")
+    return EXIT_OK
+
+
+def login_fields(args: argparse.Namespace) -> dict:
+    """LinkConfig fields for the credentials and CA options (ValueError/OSError if bad)."""
+    if args.password and args.password_file:
+        raise ValueError("give --password or --password-file, not both")
+    password = args.password
+    if args.password_file:
+        with open(args.password_file) as f:
+            password = f.read().strip()
+        if not password:
+            raise ValueError(f"--password-file {args.password_file} is empty")
+    username = args.username or (args.device_id if password else None)
+    return {"username": username, "password": password, "ca_file": args.ca_file}
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(build_parser(), argv, ENV_PREFIX)
+    except ConfigError as err:
+        print(f"gkt-edge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.command == "service":
+        return print_service(args)
+    setup_logging(args.log_format, args.log_level)
     from .agent import AgentConfig, EdgeAgent
     from .data import DataConfig, load_split, make_loader
     from .device import EdgeDevice
@@ -90,8 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = EdgeDevice(args.device_id, train, train_eval, ids, data.num_classes, edge_cfg,
                         seed=args.seed + args.shard, model_seed=args.model_seed)
-    link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
-                               max_packet_size=cfg.max_payload + 1024))
+    try:
+        link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
+                                   max_packet_size=cfg.max_payload + 1024,
+                                   **login_fields(args)))
+    except (ValueError, OSError) as err:
+        print(f"gkt-edge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         link.connect()
     except ConnectionError as err:

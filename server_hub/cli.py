@@ -9,6 +9,7 @@ import sys
 from edge_runtime.data import DATASETS, DataConfig
 from edge_runtime.train import EdgeTrainConfig
 
+from .device_cli import add_access_args, add_device_parser, run_device
 from .federation import ALGORITHMS, FederationConfig
 from .models import SERVER_MODELS
 from .trainer import ServerTrainConfig
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-payload", type=int, default=512 * 1024,
                      help="largest message in bytes (the broker's max_packet_size)")
     srv.add_argument("--no-progress", action="store_true")
+    add_access_args(srv)
     srv.set_defaults(devices=1)
     add_training_args(srv)
 
@@ -87,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
     add_training_args(sim)
+    add_device_parser(sub)
     return parser
 
 
@@ -94,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "device":
+        return run_device(args)
     try:
         cfg = federation_config(args)
     except ValueError as err:

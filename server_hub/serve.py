@@ -16,6 +16,7 @@ from tqdm import tqdm
 from edge_runtime.data import DataConfig, load_split, make_loader
 from edge_runtime.transport import LinkConfig, MqttLink
 
+from .access import AccessConfig, AccessError, BrokerAccess, broker_access
 from .broker import BrokerConfig, ManagedBroker
 from .federation import FederationConfig
 from .hub import Hub
@@ -31,9 +32,16 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     state.mkdir(parents=True, exist_ok=True)
     broker = None
     url = args.broker
+    access = BrokerAccess()
     if url is None:
+        try:
+            access = broker_access(AccessConfig(str(state), args.listen, args.tls, args.tls_port,
+                                                tuple(args.tls_host), args.insecure))
+        except AccessError as err:
+            log.error("%s", err)
+            return 2
         bcfg = BrokerConfig(str(state / "broker"), host=args.listen, port=args.port,
-                            max_packet_size=args.max_payload + 4096)
+                            max_packet_size=args.max_payload + 4096, **access.broker_fields)
         broker = ManagedBroker(bcfg, supervise=True)
         try:
             broker.start()
@@ -41,16 +49,15 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
             log.error("%s", err)
             return EXIT_BROKER
         url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
-        if bcfg.allow_anonymous:
-            log.warning("the managed broker accepts unauthenticated clients on %s:%d; keep it "
-                        "on a trusted network", args.listen, args.port)
     plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
     try:
         test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
     except FileNotFoundError as err:
         log.error("%s", err)
         return 2
-    link = MqttLink(LinkConfig(url, client_id="gkt-hub", max_packet_size=args.max_payload + 4096))
+    link = MqttLink(LinkConfig(url, client_id="gkt-hub", username=access.username,
+                               password=access.password,
+                               max_packet_size=args.max_payload + 4096))
     try:
         link.connect()
     except (ConnectionError, ValueError) as err:

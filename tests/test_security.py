@@ -1,0 +1,168 @@
+"""Enrolment, ACL and TLS against a real Mosquitto: a device can act only as itself."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from edge_runtime import cli as edge_cli
+from edge_runtime import topics
+from edge_runtime.transport import LinkConfig, MqttLink
+from server_hub import cli as hub_cli
+from server_hub.access import AccessConfig, AccessError, broker_access
+from server_hub.broker import free_port
+from server_hub.enrol import (
+    HUB_USER,
+    EnrolError,
+    SecurityPaths,
+    add_device,
+    hub_credentials,
+    list_devices,
+    render_acl,
+    revoke_device,
+)
+from server_hub.tls import certificate_names, ensure_tls
+
+pytestmark = pytest.mark.mqtt
+
+
+def wait_for(pred, timeout=5.0) -> bool:
+    t_end = time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        if pred():
+            return True
+        time.sleep(0.02)
+    return pred()
+
+
+def secure_broker(broker_factory, state, tls=False):
+    """The managed broker as `gkt-hub serve` configures it from ``state``."""
+    access = broker_access(AccessConfig(str(state), tls=tls, tls_port=free_port()))
+    return broker_factory("broker", **access.broker_fields), access
+
+
+def test_acl_gives_each_device_only_its_topics():
+    acl = render_acl(["b", "a"])
+    assert acl.index("user a") < acl.index("user b")
+    block = acl.split("user a\n")[1].split("\n\n")[0].splitlines()
+    assert block == ["topic write gkt/v1/dev/a/up", "topic read gkt/v1/dev/a/down",
+                     "topic read gkt/v1/hub/round"]
+    assert f"user {HUB_USER}\ntopic readwrite gkt/v1/#" in acl
+
+
+def test_enrol_rejects_bad_ids_and_the_hub_user(broker_dir):
+    with pytest.raises(ValueError, match="wildcard"):
+        add_device(broker_dir, "dev+1")
+    with pytest.raises(EnrolError, match="hub's own"):
+        add_device(broker_dir, HUB_USER)
+
+
+def test_device_a_cannot_publish_as_b_nor_read_b_logits(broker_dir, broker_factory):
+    a, b = add_device(broker_dir, "devA"), add_device(broker_dir, "devB")
+    broker, access = secure_broker(broker_factory, broker_dir)
+    assert access.username == HUB_USER
+    hub = MqttLink(LinkConfig(broker.url, "hub", username=access.username,
+                              password=access.password))
+    la = MqttLink(LinkConfig(broker.url, "a", username="devA", password=a.password))
+    lb = MqttLink(LinkConfig(broker.url, "b", username="devB", password=b.password))
+    anon = MqttLink(LinkConfig(broker.url, "anon"))
+    with pytest.raises(ConnectionError, match="0x8[67]"):
+        anon.connect(timeout=5)
+    for link in (hub, la, lb):
+        link.connect(timeout=5)
+    try:
+        ups: list[str] = []
+        hub.subscribe(topics.UP_WILDCARD, lambda t, p: ups.append(t))
+        la.publish(topics.up("devA"), b"mine")
+        with pytest.raises(ConnectionError, match="refused the publish.*authorized"):
+            la.publish(topics.up("devB"), b"spoofed")
+        # A tries every way to see B's logits; the broker delivers none of them to A.
+        seen_a: list[tuple[str, bytes]] = []
+        for f in (topics.down("devB"), "gkt/v1/dev/+/down", "#", topics.down("devA")):
+            la.subscribe(f, lambda t, p: seen_a.append((t, p)))
+        seen_b: list[bytes] = []
+        lb.subscribe(topics.down("devB"), lambda t, p: seen_b.append(p))
+        hub.publish(topics.down("devB"), b"logits for B")
+        hub.publish(topics.down("devA"), b"logits for A")
+        assert wait_for(lambda: seen_b == [b"logits for B"] and len(seen_a) >= 3)
+        time.sleep(0.3)
+        assert {p for _, p in seen_a} == {b"logits for A"}
+        assert ups == [topics.up("devA")]  # the spoofed upload never reached the hub
+    finally:
+        for link in (hub, la, lb):
+            link.close()
+
+
+def test_revoked_device_is_disconnected_and_cannot_connect(broker_dir, broker_factory):
+    e = add_device(broker_dir, "devR")
+    broker, _ = secure_broker(broker_factory, broker_dir)
+    link = MqttLink(LinkConfig(broker.url, "r", username="devR", password=e.password))
+    link.connect(timeout=5)
+    try:
+        assert revoke_device(broker_dir, "devR")  # SIGHUPs the running broker
+        assert wait_for(lambda: not link.connected, 5)
+    finally:
+        link.close()
+    again = MqttLink(LinkConfig(broker.url, "r2", username="devR", password=e.password))
+    with pytest.raises(ConnectionError, match="0x8[67]"):
+        again.connect(timeout=5)
+    assert [d["status"] for d in list_devices(broker_dir)] == ["revoked"]
+    assert not revoke_device(broker_dir, "devR")
+
+
+def test_tls_with_generated_ca_and_plain_mqtt_refused_on_tls_port(broker_dir, broker_factory):
+    e = add_device(broker_dir, "devT")
+    broker, access = secure_broker(broker_factory, broker_dir, tls=True)
+    assert {"127.0.0.1", "localhost"} <= set(certificate_names(ensure_tls(broker_dir).cert))
+    url = f"mqtts://127.0.0.1:{broker.cfg.tls_port}"
+    tls = MqttLink(LinkConfig(url, "t", username="devT", password=e.password,
+                              ca_file=access.ca_file))
+    tls.connect(timeout=5)
+    try:
+        tls.publish(topics.up("devT"), b"over tls")
+    finally:
+        tls.close()
+    plain = MqttLink(LinkConfig(f"mqtt://127.0.0.1:{broker.cfg.tls_port}", "p",
+                                username="devT", password=e.password))
+    with pytest.raises(ConnectionError):
+        plain.connect(timeout=3)
+    other_ca = ensure_tls(broker_dir / "elsewhere").ca_cert  # a CA that did not sign it
+    wrong = MqttLink(LinkConfig(url, "w", username="devT", password=e.password,
+                                ca_file=str(other_ca)))
+    with pytest.raises(ConnectionError, match="certificate verify failed"):
+        wrong.connect(timeout=5)
+
+
+def test_open_broker_on_the_network_is_refused_unless_insecure(tmp_path, caplog):
+    with pytest.raises(AccessError, match="unauthenticated MQTT on 0.0.0.0"):
+        broker_access(AccessConfig(str(tmp_path), listen="0.0.0.0"))
+    with caplog.at_level(logging.WARNING, "gkt.hub"):
+        access = broker_access(AccessConfig(str(tmp_path), listen="0.0.0.0", insecure=True))
+    assert access.broker_fields == {} and "INSECURE" in caplog.text
+    assert broker_access(AccessConfig(str(tmp_path))).username is None  # loopback simulation
+    assert hub_cli.main(["serve", "--state-dir", str(tmp_path), "--listen", "0.0.0.0",
+                         "--no-progress"]) == 2
+
+
+def test_device_cli_prints_a_working_edge_command(broker_dir, capsys):
+    ensure_tls(broker_dir)
+    assert hub_cli.main(["device", "add", "pi-1", "--state-dir", str(broker_dir),
+                         "--host", "hub.lan", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["url"] == "mqtts://hub.lan:8883" and info["username"] == "pi-1"
+    secret = broker_dir / "pi-1.secret"
+    secret.write_text(info["password"] + "\n")
+    argv = info["command"].split()[1:]
+    argv[argv.index("--password-file") + 1] = str(secret)
+    argv[argv.index("--ca-file") + 1] = info["ca_file"]
+    args = edge_cli.build_parser().parse_args(argv)
+    assert edge_cli.login_fields(args) == {"username": "pi-1", "password": info["password"],
+                                           "ca_file": info["ca_file"]}
+    assert hub_cli.main(["device", "list", "--state-dir", str(broker_dir)]) == 0
+    assert "pi-1" in capsys.readouterr().out
+    assert hub_cli.main(["device", "revoke", "pi-1", "--state-dir", str(broker_dir)]) == 0
+    assert hub_cli.main(["device", "revoke", "pi-1", "--state-dir", str(broker_dir)]) == 1
+    assert SecurityPaths.of(broker_dir).enabled and hub_credentials(broker_dir)[0] == HUB_USER
