@@ -21,6 +21,7 @@ import torch
 
 from . import topics, wire
 from .device import EdgeDevice
+from .device_metrics import device_metrics
 from .messages import extractor_message, feature_chunk, parse_logits
 from .train import FeatureBatch
 from .transport import MqttLink, ReliableSender
@@ -82,6 +83,7 @@ class EdgeAgent:
         self._announced = threading.Condition()
         self._sender: ReliableSender | None = None
         self._stop = threading.Event()
+        self._train_seconds: float | None = None  # of the last round, reported to the hub
 
     # -- network thread ------------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -151,7 +153,8 @@ class EdgeAgent:
     def _hello(self) -> None:
         dev = self.device
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
-                "codec": self.cfg.codec, "completed_round": dev.progress.completed_round}
+                "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
+                "device_metrics": device_metrics(dev.num_samples)}
         payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
                                       {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
         # Retained, so a hub that starts (or restarts) after us still learns we exist.
@@ -170,6 +173,7 @@ class EdgeAgent:
         dev = self.device
         t0 = time.perf_counter()
         stats = dev.train()
+        self._train_seconds = time.perf_counter() - t0
         local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
         log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
                  rnd, stats.loss, stats.distilled, time.perf_counter() - t0)
@@ -202,7 +206,9 @@ class EdgeAgent:
             yield mid, extractor_message(dev.device_id, rnd, mid, dev.extractor_state())
             mid = f"{upload_id}:done"
             meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
-                    "upload_id": upload_id, "edge_accuracy": local_acc}
+                    "upload_id": upload_id, "edge_accuracy": local_acc,
+                    "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
+                                                     local_acc)}
             yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
                                            meta=meta)
 

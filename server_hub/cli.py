@@ -6,13 +6,18 @@ import argparse
 import logging
 import sys
 
+from edge_runtime.config_file import ConfigError, add_config_args, parse_args
 from edge_runtime.data import DATASETS, DataConfig
+from edge_runtime.logs import add_log_args, setup_logging
 from edge_runtime.train import EdgeTrainConfig
 
 from .device_cli import add_access_args, add_device_parser, run_device
 from .federation import ALGORITHMS, FederationConfig
 from .models import SERVER_MODELS
+from .monitoring import add_monitoring_args, add_status_parser, run_status
 from .trainer import ServerTrainConfig
+
+ENV_PREFIX = "GKT_HUB_"  # GKT_HUB_ROUNDS=50 is --rounds 50 (flags > environment > --config)
 
 
 def add_training_args(p: argparse.ArgumentParser) -> None:
@@ -89,14 +94,29 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
     add_training_args(sim)
+    add_monitoring_args(srv)
+    for p in (srv, sim):
+        add_config_args(p, ENV_PREFIX)
+        add_log_args(p)
+    add_status_parser(sub)
     add_device_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args = parse_args(build_parser(), argv, ENV_PREFIX)
+    except ConfigError as err:
+        print(f"gkt-hub: error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return run_status(args)
+    if hasattr(args, "log_format"):
+        setup_logging(args.log_format, args.log_level)
+        args.no_progress = args.no_progress or args.log_format == "json"  # keep lines JSON
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "device":
         return run_device(args)
     try:

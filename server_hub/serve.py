@@ -20,6 +20,7 @@ from .access import AccessConfig, AccessError, BrokerAccess, broker_access
 from .broker import BrokerConfig, ManagedBroker
 from .federation import FederationConfig
 from .hub import Hub
+from .monitoring import MonitoringError, start_monitoring
 from .results import HEADER, RoundRecord, format_row
 from .service import HubService, ServiceConfig
 
@@ -82,9 +83,16 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
                      on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop())
+    monitor = None
     try:
+        monitor = start_monitoring(args, svc)
         return svc.run()
+    except MonitoringError as err:
+        log.error("%s", err)
+        return 2
     finally:
+        if monitor:
+            monitor.close()
         bar.close()
         link.close()
         if broker:

@@ -91,6 +91,7 @@ class HubService:
         self.listening = threading.Event()  # set once uploads are subscribed to
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self.observers: list = []  # on_accepted / on_round_done (server_hub.fleet, .metrics)
 
     # -- network thread ------------------------------------------------------------------
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
@@ -103,6 +104,7 @@ class HubService:
                 raise wire.WireError("spoofed", f"header names device {msg.device!r} "
                                                 f"on {device!r}'s topic")
             self._handle(device, msg, payload, replay)
+            self._notify("on_accepted", device, msg, len(payload))
         except (wire.WireError, ValueError) as err:
             reason = getattr(err, "reason", "invalid")
             self.rejected[reason] += 1
@@ -208,6 +210,10 @@ class HubService:
     def _logits(self, device: str) -> tuple[np.ndarray, object]:
         ids, logits = self.hub.logits_for(device)
         return ids.numpy(), logits
+
+    def _notify(self, event: str, *args) -> None:
+        for observer in self.observers:
+            getattr(observer, event)(self, *args)
 
     def stop(self) -> None:
         self._stop.set()
@@ -352,5 +358,6 @@ class HubService:
         self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
                                                                            ev.mean))
         self.journal.drop(rnd)
+        self._notify("on_round_done", rec, devices)
         if self.on_round:
             self.on_round(rec)

@@ -1,0 +1,119 @@
+"""`gkt-hub serve --metrics-port/--status-port` and `gkt-hub status`: wiring of the fleet
+observer, the Prometheus endpoint and the status page to a HubService.
+
+Both servers are off unless a port is given, and bind to loopback unless told otherwise
+(neither has authentication: put a reverse proxy in front to show them on a network).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+from .fleet import FleetObserver
+
+log = logging.getLogger("gkt.hub")
+EXIT_UNREACHABLE = 4
+
+
+def add_monitoring_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("monitoring (off unless a port is given)")
+    g.add_argument("--metrics-port", type=int, default=None,
+                   help="serve Prometheus metrics on this port (/metrics)")
+    g.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port")
+    g.add_argument("--status-port", type=int, default=None,
+                   help="serve the live status page (/) and /status.json on this port")
+    g.add_argument("--status-host", default="127.0.0.1", help="address of --status-port")
+
+
+@dataclass
+class Monitoring:
+    fleet: FleetObserver
+    servers: list = field(default_factory=list)
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
+
+
+class MonitoringError(RuntimeError):
+    """A metrics or status port that cannot be served (taken, or a bad address)."""
+
+
+def start_monitoring(args: argparse.Namespace, service) -> Monitoring:
+    """Attach the observers to ``service`` and start the servers asked for."""
+    mon = Monitoring(FleetObserver())
+    service.observers.append(mon.fleet)
+    try:
+        if args.metrics_port is not None:
+            from .metrics import HubMetrics  # prometheus_client: the [hub] extra
+
+            metrics = HubMetrics(service, mon.fleet)
+            service.observers.append(metrics)
+            port = metrics.serve(args.metrics_port, args.metrics_host)
+            mon.servers.append(metrics)
+            log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
+        if args.status_port is not None:
+            from .status_page import StatusServer
+
+            status = StatusServer(lambda: mon.fleet.snapshot(service), args.status_port,
+                                  args.status_host)
+            mon.servers.append(status)
+            log.info("status page on %s", status.url)
+    except OSError as err:
+        mon.close()
+        raise MonitoringError(f"cannot serve metrics or the status page: {err}") from err
+    return mon
+
+
+def add_status_parser(sub) -> None:
+    p = sub.add_parser("status", help="print a running hub's status (from its --status-port)")
+    p.add_argument("--url", default="http://127.0.0.1:8080",
+                   help="the hub's status server, as given to serve --status-port")
+    p.add_argument("--json", action="store_true", help="print the raw /status.json")
+    p.add_argument("--timeout", type=float, default=5.0)
+
+
+def _num(v: float | None, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def format_status(s: dict) -> str:
+    last = s["history"][-1] if s["history"] else {}
+    lines = [f"round {s['round']}/{s['rounds']} ({s['phase']}), {s['rounds_completed']} "
+             f"completed; devices {s['devices_active']} active of {s['devices_known']} known",
+             f"received {s['bytes_received'] / 1e6:.2f} MB, sent {s['bytes_sent'] / 1e6:.2f} MB, "
+             f"{s['samples_received']} samples; test accuracy "
+             f"{_num(last.get('test_accuracy'), '.4f')}",
+             "rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items()))
+                             or "none"), "",
+             f"{'device':<16} {'state':<12} {'samples':>7} {'round':>5} {'up MB':>8} "
+             f"{'train s':>7} {'own acc':>7} {'seen':>6}"]
+    for d in s["devices"]:
+        lines.append(f"{d['id']:<16} {d['state']:<12} {_num(d.get('samples'), '.0f'):>7} "
+                     f"{d['last_round']:>5} {d['bytes_up'] / 1e6:>8.2f} "
+                     f"{_num(d.get('train_seconds'), '.2f'):>7} "
+                     f"{_num(d.get('edge_accuracy'), '.3f'):>7} {d['last_seen_s']:>5.0f}s")
+    if s["history"]:
+        lines += ["", "round  test acc  device acc  seconds"]
+        lines += [f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  "
+                  f"{_num(r.get('edge_accuracy'), '.4f'):>10}  {r['seconds']:>7.1f}"
+                  for r in s["history"][-20:]]
+    return "\n".join(lines)
+
+
+def run_status(args: argparse.Namespace) -> int:
+    url = args.url.rstrip("/") + "/status.json"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
+            snap = json.load(resp)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        print(f"gkt-hub: error: cannot read {url}: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(json.dumps(snap, indent=1) if args.json else format_status(snap))
+    return 0
