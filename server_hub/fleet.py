@@ -1,7 +1,130 @@
-# NOTE FROM ENGINEER #8 (async GKT), 21:49 UTC: I created server_hub/fleet.py with my editor
-# tool without noticing that this untracked file had just been written by another engineer
-# (FleetObserver, DEVICE_METRICS, used by monitoring.py/metrics.py); my write replaced it.
-# I cannot recover its text (it was never committed). Please re-create it from your copy.
-# My module now lives in server_hub/speeds.py; this file is yours again. Sorry.
-raise ImportError("server_hub/fleet.py was overwritten by mistake (see the note in the file); "
-                  "its owner needs to re-create it")
+"""What the fleet is doing, as one JSON-able snapshot for metrics, the status page and
+`gkt-hub status`.
+
+``FleetObserver`` is attached to a ``HubService`` (``service.observers``) and hears about
+every accepted message and every finished round; everything else (round, phase, uploads,
+rejections, bytes) is read from the service when a snapshot is taken. Device-reported
+figures arrive in the ``device_metrics`` of their hello and upload_done messages, are
+untrusted input, and are kept only if they are known names with finite numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from edge_runtime import wire
+
+from .results import RoundRecord
+
+# What devices may report about themselves (edge_runtime.device_metrics).
+DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
+MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
+
+
+@dataclass
+class DeviceView:
+    device: str
+    first_seen: float
+    last_seen: float
+    last_round: int = -1  # last round it sent anything for
+    messages: int = 0
+    bytes_up: int = 0
+    codec: str | None = None
+    reported: dict[str, float] = field(default_factory=dict)
+
+
+def clean_report(meta: dict) -> dict[str, float]:
+    raw = meta.get("device_metrics")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k in DEVICE_METRICS:
+        v = raw.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = float(v)
+    return out
+
+
+class FleetObserver:
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self.devices: dict[str, DeviceView] = {}
+        self.history: list[dict] = []
+        self.samples_received = 0
+        self.rounds_completed = 0
+        self.started = clock()
+        self._lock = threading.Lock()
+
+    # -- called by HubService (network thread / main thread) ----------------------------
+    def on_accepted(self, service, device: str, msg: wire.Message, size: int) -> None:
+        now = self.clock()
+        with self._lock:
+            view = self.devices.get(device)
+            if view is None:
+                view = self.devices[device] = DeviceView(device, now, now)
+            view.last_seen = now
+            view.messages += 1
+            if msg.kind != "hello":
+                view.bytes_up += size
+                view.last_round = max(view.last_round, msg.round)
+            if msg.kind in ("hello", "upload_done"):
+                view.reported.update(clean_report(msg.meta))
+                if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
+                    view.codec = msg.meta["codec"][:16]
+
+    def on_round_done(self, service, rec: RoundRecord, devices: list[str]) -> None:
+        samples = sum(service.hub.bank.num_samples(d) for d in devices)
+        with self._lock:
+            self.samples_received += samples
+            self.rounds_completed += 1
+            self.history.append({**asdict(rec), "devices": len(devices), "samples": samples})
+            del self.history[:-MAX_HISTORY]
+
+    # -- readers (HTTP threads) ----------------------------------------------------------
+    def device_state(self, service, view: DeviceView, now: float) -> str:
+        up = service.uploads.get(view.device)
+        phase = service.phase
+        if phase == "done":
+            return "finished"
+        if phase == "collect":
+            if up is not None and up.complete:
+                return "uploaded"
+            if up is not None:
+                return "uploading"
+        if phase == "train" and up is not None and up.complete:
+            return "in training"
+        if now - view.last_seen > 2 * service.cfg.round_deadline:
+            return "silent"
+        return "training" if phase == "collect" else "waiting"
+
+    def snapshot(self, service) -> dict:
+        now = self.clock()
+        # dict() copies are single C calls, safe while the network thread inserts
+        known = dict(service.known)
+        with self._lock:
+            views = {d: DeviceView(**asdict(v)) for d, v in self.devices.items()}
+            history = list(self.history)
+            samples, completed = self.samples_received, self.rounds_completed
+        devices = []
+        for d in sorted(set(known) | set(views)):
+            v = views.get(d) or DeviceView(d, now, now)
+            hello = known.get(d, {})
+            devices.append({
+                "id": d, "state": self.device_state(service, v, now),
+                "samples": hello.get("num_samples"), "codec": v.codec,
+                "last_seen_s": round(now - v.last_seen, 1), "last_round": v.last_round,
+                "messages": v.messages, "bytes_up": v.bytes_up, **v.reported,
+            })
+        link = service.link
+        return {
+            "time": now, "uptime_s": round(now - self.started, 1),
+            "round": service.round, "rounds": service.cfg.rounds, "phase": service.phase,
+            "rounds_completed": completed, "samples_received": samples,
+            "devices_known": len(devices),
+            "devices_active": sum(x["state"] not in ("silent", "finished") for x in devices),
+            "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
+            "rejected": dict(service.rejected), "devices": devices, "history": history,
+        }
