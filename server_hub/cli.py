@@ -16,6 +16,7 @@ from .federation import ALGORITHMS, FederationConfig
 from .models import SERVER_MODELS
 from .monitoring import add_monitoring_args, add_status_parser, run_status
 from .trainer import ServerTrainConfig
+from .worker import add_worker_args
 
 ENV_PREFIX = "GKT_HUB_"  # GKT_HUB_ROUNDS=50 is --rounds 50 (flags > environment > --config)
 
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="largest message in bytes (the broker's max_packet_size)")
     srv.add_argument("--no-progress", action="store_true")
     add_access_args(srv)
+    add_worker_args(srv)
     srv.set_defaults(devices=1)
     add_training_args(srv)
 
@@ -124,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
+    if args.command == "serve" and args.workers > 1:
+        from .worker import serve_workers
+
+        return serve_workers(args, cfg)
     if args.command == "serve":
         from .serve import serve
 

@@ -1,0 +1,166 @@
+"""Start hub workers: K on this machine (``gkt-hub serve --workers K``) or one per torchrun
+process on several machines::
+
+    torchrun --nnodes 2 --nproc-per-node 1 --node-rank N --master-addr HOST0 \\
+        --master-port 29500 -m server_hub.worker --broker mqtt://BROKER:1883 \\
+        --state-dir /var/lib/gkt-hub --min-devices 8 ...   # the gkt-hub serve options
+
+See docs/scaling.md. Every worker loads the test split (it evaluates a share of the
+devices); rank 0 announces rounds and writes checkpoints to its --state-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+from .federation import FederationConfig
+
+log = logging.getLogger("gkt.hub")
+
+
+def add_worker_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("several hub workers (docs/scaling.md)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="hub processes on this machine training one server model with DDP "
+                        "(1 = a single process, no torch.distributed)")
+    g.add_argument("--share-group", default="gkt-hub",
+                   help="MQTT v5 shared-subscription group the workers split uploads in")
+    g.add_argument("--worker-threads", type=int, default=0,
+                   help="torch CPU threads per worker (0 = cores / workers on this machine)")
+    g.add_argument("--broker-user", help="MQTT user name of the workers on a --broker that "
+                                         "needs a login (password: $GKT_BROKER_PASSWORD)")
+    g.add_argument("--trace-dir", help="write the (device, sample id) each worker trained, "
+                                       "per epoch, as JSON lines here (an audit)")
+
+
+def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
+               login: tuple[str | None, str | None] = (None, None),
+               init_method: str = "env://", rank: int | None = None,
+               world: int | None = None) -> int:
+    """One worker: join the process group, connect to the broker, serve rounds."""
+    import torch
+
+    from edge_runtime.data import DataConfig, load_split, make_loader
+    from edge_runtime.transport import LinkConfig, MqttLink
+
+    from .distributed import backend_for, init_group, local_rank
+    from .hub import Hub
+    from .results import HEADER, format_row
+    from .service import ServiceConfig
+    from .trainer import pick_device
+    from .workers import WorkerConfig, WorkerService
+
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world or 1))
+    torch.set_num_threads(args.worker_threads or max(1, (os.cpu_count() or 1) // per_node))
+    device = pick_device(cfg.server.device)
+    server_cfg = cfg.server
+    if device.type == "cuda":
+        lr = int(os.environ.get("LOCAL_RANK", rank or 0))
+        torch.cuda.set_device(lr)
+        server_cfg = replace(server_cfg, device=f"cuda:{lr}")
+    rank, world = init_group(backend_for(device), init_method, rank, world)
+    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
+    test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{rank}", username=login[0],
+                               password=login[1], max_packet_size=args.max_payload + 4096))
+    try:
+        link.connect()
+        svc = WorkerService(
+            link, Hub(cfg.data.num_classes, server_cfg, cfg.seed),
+            ServiceConfig(args.state_dir, rounds=cfg.rounds, min_devices=args.min_devices,
+                          round_deadline=args.round_deadline, start_timeout=args.start_timeout,
+                          max_payload=args.max_payload + 4096),
+            cfg.data, test_loader,
+            WorkerConfig(args.share_group, seed=cfg.seed, trace_dir=args.trace_dir),
+            on_round=lambda rec: print(format_row(rec), flush=True))
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: svc.stop())
+        if rank == 0:
+            print(f"{world} hub workers (rank {rank} local {local_rank()}), "
+                  f"{torch.get_num_threads()} threads each, broker {url}", flush=True)
+            print(HEADER, flush=True)
+        return svc.run()
+    finally:
+        link.close()
+        torch.distributed.destroy_process_group()
+
+
+def _spawned(index: int, args: argparse.Namespace, cfg: FederationConfig, url: str,
+             login: tuple, init_method: str, world: int) -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s rank{index} %(name)s: %(message)s")
+    sys.exit(run_worker(args, cfg, url, login, init_method, index, world))
+
+
+def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
+    """``gkt-hub serve --workers K``: the managed (or given) broker, K spawned workers."""
+    import torch.multiprocessing as mp
+
+    from .access import AccessConfig, AccessError, broker_access
+    from .broker import BrokerConfig, ManagedBroker, free_port
+    from .serve import EXIT_BROKER
+
+    state = Path(args.state_dir)
+    state.mkdir(parents=True, exist_ok=True)
+    broker, url = None, args.broker
+    login = _login(args)
+    if url is None:  # the managed broker, with the same access rules as one hub
+        try:
+            access = broker_access(AccessConfig(str(state), args.listen, args.tls,
+                                                args.tls_port, tuple(args.tls_host),
+                                                args.insecure))
+        except AccessError as err:
+            log.error("%s", err)
+            return 2
+        login = (access.username, access.password)
+        broker = ManagedBroker(BrokerConfig(str(state / "broker"), host=args.listen,
+                                            port=args.port,
+                                            max_packet_size=args.max_payload + 4096,
+                                            **access.broker_fields),
+                               supervise=True)
+        try:
+            broker.start()
+        except (FileNotFoundError, RuntimeError) as err:
+            log.error("%s", err)
+            return EXIT_BROKER
+        url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
+    init_method = f"tcp://127.0.0.1:{free_port()}"
+    try:
+        mp.spawn(_spawned, args=(args, cfg, url, login, init_method, args.workers),
+                 nprocs=args.workers, join=True)
+        return 0
+    except mp.ProcessExitedException as err:
+        log.error("%s", err)
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+    finally:
+        if broker:
+            broker.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """torchrun entry: the gkt-hub serve options; --broker is required (no managed one)."""
+    from .cli import build_parser, federation_config
+
+    args = build_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    if args.broker is None:
+        print("server_hub.worker: error: --broker URL is required under torchrun",
+              file=sys.stderr)
+        return 2
+    rank = os.environ.get("RANK", "?")
+    logging.basicConfig(level=logging.INFO,
+                        format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
+    return run_worker(args, federation_config(args), args.broker, _login(args))
+
+
+def _login(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    return args.broker_user, os.environ.get("GKT_BROKER_PASSWORD") if args.broker_user else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

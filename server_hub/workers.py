@@ -1,0 +1,345 @@
+"""One of K hub workers that train one server model together (``gkt-hub serve --workers K``
+or torchrun, see server_hub/worker.py and docs/scaling.md).
+
+Each worker is a ``HubService`` whose MQTT subscription is shared
+(``$share/gkt-hub/gkt/v1/dev/+/up``): the broker hands every device message to one worker,
+which validates, stores, journals (its own journal) and acknowledges it as one hub would.
+Rounds stay consistent through collectives: while collecting, the workers all-gather
+what each holds every ``poll`` seconds and rank 0 decides (deadline, extensions) and
+broadcasts the decision; a device counts when the union of the workers' chunks completes
+its upload. Then all ranks train with DDP (server_hub/ddp_trainer.py), each sends the
+logits of the samples it trained, they evaluate a share of the devices each, and rank 0
+announces rounds and writes the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from edge_runtime import topics, wire
+from edge_runtime.messages import logits_messages
+from edge_runtime.perf import keep_freed_memory, to_channels_last
+from edge_runtime.transport import LinkConfig, MqttLink
+
+from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state
+from .ddp_trainer import Shard, train_server_ddp
+from .distributed import MergedUpload, all_gather, broadcast, merge_uploads, owned_mask
+from .hub import Evaluation
+from .journal import UploadJournal
+from .results import RoundRecord
+from .service import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, HubService, NoDevicesError
+from .trainer import extractor_from_state, server_logits, split_accuracy
+
+log = logging.getLogger("gkt.hub")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    share_group: str = "gkt-hub"  # MQTT v5 shared-subscription group of the workers
+    poll: float = 0.2  # seconds between the workers' round-state exchanges
+    seed: int = 0
+    trace_dir: str | None = None  # write each rank's trained (device, sample id) per epoch
+
+
+def shared_up_filter(group: str) -> str:
+    return f"$share/{group}/{topics.UP_WILDCARD}"
+
+
+def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
+                   extensions_left: bool) -> str:
+    """What a collecting round does next: wait | go | extend | fail (HubService's rules)."""
+    enough = done >= min_devices
+    if enough and all_done:
+        return "go"
+    if not deadline_passed:
+        return "wait"
+    if enough:
+        return "go"
+    if extensions_left:
+        return "extend"
+    return "go" if done else "fail"
+
+
+class WorkerService(HubService):
+    def __init__(self, link: MqttLink, hub, cfg, data_cfg, test_loader, wcfg: WorkerConfig,
+                 on_round=None, on_status=None) -> None:
+        super().__init__(link, hub, cfg, data_cfg, test_loader, on_round, on_status)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.wcfg = wcfg
+        self.journal = UploadJournal(Path(cfg.state_dir) / "uploads" / f"rank-{self.rank}")
+        self.generator = torch.Generator().manual_seed(wcfg.seed * 1009 + self.rank)
+        self.ddp: DistributedDataParallel | None = None
+        self._owned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> ids, H
+
+    # -- start ---------------------------------------------------------------------------
+    def run(self) -> int:
+        start = self._restore()
+        if self.hub.cfg.reuse_memory:
+            keep_freed_memory()
+        if self.hub.cfg.channels_last:  # before wrapping: DDP's buckets follow the layout
+            to_channels_last(self.hub.model)
+        dev = self.hub.device
+        self.ddp = DistributedDataParallel(
+            self.hub.model, device_ids=[dev.index] if dev.type == "cuda" else None,
+            broadcast_buffers=False)  # BN statistics are averaged once per round instead
+        self.link.subscribe(shared_up_filter(self.wcfg.share_group), self._on_up)
+        if self.rank == 0:
+            self._scan_retained_hellos()
+        self.listening.set()
+        try:
+            self._wait_for_devices()
+            for rnd in range(start, self.cfg.rounds):
+                if any(all_gather(self._stop.is_set())):
+                    break
+                self._run_round(rnd)
+        except NoDevicesError as err:
+            log.error("%s", err)
+            return EXIT_NO_DEVICES
+        self.phase = "done"
+        if self.rank == 0:
+            self._announce("stop")
+        return EXIT_OK
+
+    def _restore(self) -> int:
+        """Rank 0 reads the newest checkpoint and broadcasts it (other machines have none)."""
+        state = None
+        if self.rank == 0 and (found := latest_checkpoint(Path(self.cfg.state_dir))):
+            ckpt = load_checkpoint(found)
+            state = (ckpt.round, ckpt.server, ckpt.extractors, load_optimizer_state(found))
+            log.info("resumed from %s (round %d)", found, ckpt.round)
+        state = broadcast(state)
+        if state is None:
+            return 0
+        rnd, server, extractors, opt = state
+        self.hub.model.load_state_dict(server)
+        self.hub.extractors = dict(extractors)
+        if opt is not None:
+            self.hub.optimizer.load_state_dict(opt)
+        return rnd + 1
+
+    def _scan_retained_hellos(self) -> None:
+        """Brokers do not send retained messages to shared subscriptions (MQTT v5, 4.8.2),
+        so devices that said hello before the hub started would go unseen: read the retained
+        hellos once with a plain subscription on a short-lived connection."""
+        c = self.link.cfg
+        scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", c.username, c.password,
+                                   c.ca_file, c.cert_file, c.key_file, session_expiry=0,
+                                   max_packet_size=c.max_packet_size))
+
+        def on_up(topic: str, payload: bytes) -> None:
+            if 0 < len(payload) <= 16384:  # a hello is small; skip decoding live uploads
+                try:
+                    kind = wire.decode_message(payload, max_bytes=16384).kind
+                except wire.WireError:
+                    kind = None  # counted by the worker that receives it
+                if kind == "hello":
+                    self._on_up(topic, payload)
+
+        try:
+            scan.subscribe(topics.UP_WILDCARD, on_up)
+            scan.connect()
+            time.sleep(0.5)  # retained messages follow the SUBACK at once
+        except ConnectionError as err:
+            log.warning("could not read retained hellos: %s", err)
+        finally:
+            scan.close()
+
+    # -- the workers' shared view --------------------------------------------------------
+    def _sync(self) -> tuple[dict[str, MergedUpload], int, bool]:
+        """All-gather what every rank holds; adopt the union of hellos, so a chunk from a
+        device whose hello reached another worker is accepted here."""
+        with self._cond:
+            view = {"known": dict(self.known), "stop": self._stop.is_set(),
+                    "uploads": {d: {**asdict(u), "chunks": sorted(u.chunks)}
+                                for d, u in self.uploads.items()}}
+        views = all_gather(view)
+        with self._cond:
+            for v in views:
+                for d, hello in v["known"].items():
+                    self.known.setdefault(d, hello)
+            self._cond.notify_all()
+        done, got = merge_uploads([v["uploads"] for v in views])
+        return done, got, any(v["stop"] for v in views)
+
+    def _wait_for_devices(self) -> None:
+        t_end = time.monotonic() + self.cfg.start_timeout
+        while True:
+            _, _, stop = self._sync()
+            n = len(self.known)
+            if self.rank == 0:
+                self.on_status(f"waiting for devices: {n}/{self.cfg.min_devices}")
+            late = broadcast(time.monotonic() > t_end)  # rank 0's clock decides
+            if n >= self.cfg.min_devices or stop:
+                return
+            if late:
+                raise NoDevicesError(f"only {n} of {self.cfg.min_devices} devices joined "
+                                     f"within {self.cfg.start_timeout:.0f}s")
+            time.sleep(self.wcfg.poll)
+
+    def _collect(self, rnd: int) -> dict[str, MergedUpload]:
+        with self._cond:
+            self.round, self.phase = rnd, "collect"
+            self.uploads = {}
+            self.hub.start_round()
+        self._replay(rnd)
+        dist.barrier()  # every worker takes round-rnd uploads before a device hears of it
+        deadline = time.time() + self.cfg.round_deadline
+        extensions, last_announce = 0, time.monotonic()
+        if self.rank == 0:
+            self._announce("collect", deadline)
+        while True:
+            done, got, stop = self._sync()
+            decision = "stop" if stop else None
+            if self.rank == 0 and decision is None:
+                if time.monotonic() - last_announce > REANNOUNCE_S:
+                    self._reannounce()
+                    last_announce = time.monotonic()
+                self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
+                               f"{got / 1e6:.1f} MB in")
+                decision = round_decision(len(done), set(done) >= set(self.known),
+                                          self.cfg.min_devices, time.time() >= deadline,
+                                          extensions < self.cfg.max_extensions)
+                if decision == "extend":
+                    extensions += 1
+                    deadline = time.time() + self.cfg.round_deadline
+                    log.warning("round %d: %d of %d required devices uploaded; extending the "
+                                "deadline (%d/%d)", rnd, len(done), self.cfg.min_devices,
+                                extensions, self.cfg.max_extensions)
+                    self._announce("collect", deadline)
+                elif decision == "go" and set(done) < set(self.known):
+                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
+                                len(done), len(self.known))
+            decision = broadcast(decision)
+            if decision == "go":
+                break
+            if decision == "stop":
+                raise NoDevicesError("stopped")
+            if decision == "fail":
+                raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
+            time.sleep(self.wcfg.poll)
+        with self._cond:
+            self.phase = "train"
+        return done
+
+    def _shard(self, done: dict[str, MergedUpload]) -> tuple[Shard, list[int], tuple]:
+        """This rank's samples of the complete uploads, minus any a lower rank also holds."""
+        devices = sorted(done)
+        held = set(self.hub.bank.devices)
+        mine = {d: self.hub.bank.get(d) for d in devices if d in held
+                and getattr(self.uploads.get(d), "upload_id", None) == done[d].upload_id}
+        ids_by_rank = all_gather({d: f.ids.numpy() for d, f in mine.items()})
+        parts = []
+        for i, d in enumerate(devices):
+            if d in mine:
+                keep = torch.from_numpy(owned_mask(ids_by_rank, self.rank, d))
+                f = mine[d]
+                keys = torch.stack([torch.full_like(f.ids[keep], i), f.ids[keep]], 1)
+                parts.append((d, keys, f.features[keep], f.logits[keep], f.labels[keep]))
+        self._owned = {d: (k[:, 1], h) for d, k, h, _, _ in parts}
+        shape = next((tuple(p[2].shape[1:]) for p in parts), None)
+        counts_shapes = all_gather((sum(len(p[1]) for p in parts), shape))
+        shape = next(s for _, s in counts_shapes if s is not None)
+        ncls = self.hub.num_classes
+        shard = Shard(
+            torch.cat([p[1] for p in parts]) if parts else torch.empty(0, 2, dtype=torch.long),
+            torch.cat([p[2] for p in parts]) if parts else torch.empty(0, *shape),
+            torch.cat([p[3] for p in parts]) if parts else torch.empty(0, ncls),
+            torch.cat([p[4] for p in parts]) if parts else torch.empty(0, dtype=torch.long))
+        return shard, [c for c, _ in counts_shapes], shape
+
+    def _gather_extractors(self, devices: list[str]) -> None:
+        """Every rank gets every device's extractor (for its share of the evaluation, and
+        so rank 0's checkpoint has them all)."""
+        mine = {d: self.hub.extractors[d] for d in devices
+                if d in self.hub.extractors and self.uploads.get(d) and self.uploads[d].extractor}
+        for part in all_gather(mine):
+            self.hub.extractors.update(part)
+
+    # -- a round -------------------------------------------------------------------------
+    def _run_round(self, rnd: int) -> None:
+        t0 = time.perf_counter()
+        down0 = self.bytes_down
+        done = self._collect(rnd)
+        devices = sorted(done)
+        t_collect = time.perf_counter()
+        if self.rank == 0:
+            self._announce("train")
+            self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
+        self._gather_extractors(devices)
+        shard, counts, shape = self._shard(done)
+        trace = _Trace(devices) if self.wcfg.trace_dir else None
+        stats = train_server_ddp(self.ddp, self.hub.optimizer, shard, counts, shape,
+                                 self.hub.cfg, self.generator, trace and trace.record)
+        if trace:
+            trace.write(Path(self.wcfg.trace_dir) / f"rank-{self.rank}.jsonl", rnd)
+        t_train = time.perf_counter()
+        self._send_logits(rnd)
+        seconds = time.perf_counter() - t0
+        ev = self._evaluate(devices)
+        down = sum(all_gather(self.bytes_down - down0))
+        log.info("rank %d round %d: collect %.1fs, train %.1fs (%d of %d samples here), "
+                 "logits %.1fs, eval %.1fs", self.rank, rnd, t_collect - t0,
+                 t_train - t_collect, len(shard.labels), stats.samples,
+                 t0 + seconds - t_train, time.perf_counter() - t0 - seconds)
+        if self.rank == 0:
+            accs = [done[d].edge_accuracy for d in devices if done[d].edge_accuracy is not None]
+            rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
+                              round(seconds, 3), float(np.mean(accs)) if accs else None,
+                              stats.loss)
+            self.hub.save(Path(self.cfg.state_dir),
+                          self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
+        self.journal.drop(rnd)
+        if self.rank == 0 and self.on_round:
+            self.on_round(rec)
+
+    def _send_logits(self, rnd: int) -> None:
+        """Logits of the samples this rank trained, from this rank (a device's logits may
+        come from several workers; it applies them by sample id)."""
+        per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
+        logits = {}
+        for d, (ids, feats) in self._owned.items():
+            msgs = logits_messages(d, rnd, ids.numpy(), server_logits(self.hub.model, feats),
+                                   per_chunk)
+            logits[d] = msgs
+        self.last_logits, self.logits_round = logits, rnd
+        for d, msgs in logits.items():
+            for m in msgs:
+                self.link.publish(topics.down(d), m)
+                self.bytes_down += len(m)
+
+    def _evaluate(self, devices: list[str]) -> Evaluation:
+        share = [d for d in devices[self.rank::self.world] if d in self.hub.extractors]
+        mine = {d: split_accuracy(extractor_from_state(self.hub.extractors[d]), self.hub.model,
+                                  self.test_loader) for d in share}
+        merged: dict[str, float] = {}
+        for part in all_gather(mine):
+            merged.update(part)
+        return Evaluation(dict(sorted(merged.items())))
+
+
+class _Trace:
+    """(device, sample id) of every sample this rank trained, per epoch: the audit that each
+    upload is trained on exactly once per epoch."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.devices = devices
+        self.epochs: dict[int, list[list]] = {}
+
+    def record(self, epoch: int, keys: torch.Tensor) -> None:
+        self.epochs.setdefault(epoch, []).extend(
+            [self.devices[int(d)], int(i)] for d, i in keys.tolist())
+
+    def write(self, path: Path, rnd: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for epoch, samples in sorted(self.epochs.items()):
+                f.write(json.dumps({"round": rnd, "epoch": epoch, "samples": samples}) + "\n")
