@@ -44,7 +44,7 @@ def clean_report(meta: dict) -> dict[str, float]:
     for k in DEVICE_METRICS:
         v = raw.get(k)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[k] = float(v)
+            out[k] = v
     return out
 
 

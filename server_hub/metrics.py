@@ -83,6 +83,7 @@ class HubMetrics:
                                        "wall-clock time of a round", buckets=ROUND_BUCKETS,
                                        registry=self.registry)
         self._server = None
+        self.port: int | None = None
 
     def on_accepted(self, service, device, msg, size) -> None:
         pass  # everything per message is read from the fleet snapshot
@@ -93,7 +94,8 @@ class HubMetrics:
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve /metrics in a daemon thread; returns the bound port (port 0 = any free)."""
         self._server, _ = start_http_server(port, host, registry=self.registry)
-        return self._server.server_port
+        self.port = self._server.server_port
+        return self.port
 
     def close(self) -> None:
         if self._server is not None:

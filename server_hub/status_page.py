@@ -39,11 +39,10 @@ def _fmt(v: object, digits: int = 3) -> str:
 
 def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> str:
     """Test accuracy (and the devices' own) per round as an SVG line plot, y from 0 to 1."""
-    left, right, top, bottom = 44, 12, 12, 30
+    left, right, top, bottom = 44, 16, 12, 34
     w, h = width - left - right, height - top - bottom
     n = len(history)
     last = max(n - 1, 1)
-    x0 = history[0]["round"] if history else 0
 
     def xy(i: int, acc: float) -> tuple[str, str]:
         return f"{left + w * i / last:.1f}", f"{top + h * (1 - acc):.1f}"
@@ -55,8 +54,12 @@ def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> st
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + w}" y2="{y:.1f}" '
                      f'stroke="#eee"/><text x="{left - 6}" y="{y + 4:.1f}" font-size="11" '
                      f'text-anchor="end" fill="#666">{1 - k / 5:.1f}</text>')
-    parts.append(f'<text x="{left + w / 2}" y="{height - 6}" font-size="11" '
-                 f'text-anchor="middle" fill="#666">round ({x0} to {x0 + max(n - 1, 0)})</text>')
+    step = max(1, -(-n // 10))  # at most ~10 round labels on the x axis
+    for i in range(0, n, step):
+        parts.append(f'<text x="{xy(i, 0)[0]}" y="{top + h + 14}" font-size="11" '
+                     f'text-anchor="middle" fill="#666">{history[i]["round"]}</text>')
+    parts.append(f'<text x="{left + w / 2}" y="{height - 2}" font-size="11" '
+                 f'text-anchor="middle" fill="#666">round</text>')
     for key, color, label in (("test_accuracy", "#1565c0", "hub test accuracy"),
                               ("edge_accuracy", "#ef6c00", "device classifiers")):
         pts = [(i, r[key]) for i, r in enumerate(history) if r.get(key) is not None]
@@ -65,8 +68,9 @@ def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> st
             path = " ".join(f"{x},{y}" for x, y in coords)
             parts.append(f'<polyline fill="none" stroke="{color}" stroke-width="2" '
                          f'points="{path}"/>')
-            parts += [f'<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>'
-                      for x, y in coords[-50:]]  # dots only where they stay readable
+            if len(coords) <= 50:  # dots only while they stay readable
+                parts += [f'<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>'
+                          for x, y in coords]
         ly = top + 14 + 16 * (key == "edge_accuracy")
         parts.append(f'<rect x="{left + 10}" y="{ly - 9}" width="10" height="10" '
                      f'fill="{color}"/><text x="{left + 26}" y="{ly}" font-size="12">'
@@ -80,7 +84,8 @@ def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> st
 
 def render_html(s: dict) -> str:
     last = s["history"][-1] if s["history"] else {}
-    cards = [("round", f"{s['round']} / {s['rounds']}"), ("phase", s["phase"]),
+    cards = [("rounds done", f"{s['rounds_completed']} / {s['rounds']}"),
+             ("now", f"{s['phase']}, round {s['round']}" if s["round"] >= 0 else s["phase"]),
              ("devices", f"{s['devices_active']} active / {s['devices_known']}"),
              ("test accuracy", _fmt(last.get("test_accuracy"))),
              ("received", _mb(s["bytes_received"])), ("sent", _mb(s["bytes_sent"])),
