@@ -14,6 +14,7 @@ announces rounds and writes the checkpoint.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -88,9 +89,13 @@ class WorkerService(HubService):
         if self.hub.cfg.channels_last:  # before wrapping: DDP's buckets follow the layout
             to_channels_last(self.hub.model)
         dev = self.hub.device
+        # No buffer broadcast before every forward: BN statistics are averaged once per
+        # round instead (torch 2.14 renamed the option).
+        no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in
+                   inspect.signature(DistributedDataParallel).parameters else "broadcast_buffers")
         self.ddp = DistributedDataParallel(
             self.hub.model, device_ids=[dev.index] if dev.type == "cuda" else None,
-            broadcast_buffers=False)  # BN statistics are averaged once per round instead
+            **{no_sync: False})
         self.link.subscribe(shared_up_filter(self.wcfg.share_group), self._on_up)
         if self.rank == 0:
             self._scan_retained_hellos()
@@ -127,9 +132,10 @@ class WorkerService(HubService):
         return rnd + 1
 
     def _scan_retained_hellos(self) -> None:
-        """Brokers do not send retained messages to shared subscriptions (MQTT v5, 4.8.2),
-        so devices that said hello before the hub started would go unseen: read the retained
-        hellos once with a plain subscription on a short-lived connection."""
+        """MQTT v5 (4.8.2) has brokers send no retained messages to a new shared
+        subscription (Mosquitto 2.0 sends them anyway), so with a strict broker devices that
+        said hello before the hub started would go unseen: read the retained hellos once
+        with a plain subscription on a short-lived connection."""
         c = self.link.cfg
         scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", c.username, c.password,
                                    c.ca_file, c.cert_file, c.key_file, session_expiry=0,

@@ -45,13 +45,13 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     # Uneven shards, one of them empty: [29, 0] then [3, 26] samples.
     for case, counts in (("empty", [29, 0]), ("small", [3, 26])):
         model = tiny_model()
-        ddp = DistributedDataParallel(model, broadcast_buffers=False)
+        ddp = DistributedDataParallel(model, forward_sync_buffers=False)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, amsgrad=True)
         seen: dict[int, list] = {}
         shard = make_shard(counts[rank], rank, seed=rank)
         stats = train_server_ddp(ddp, opt, shard, counts, SHAPE, cfg,
                                  torch.Generator().manual_seed(rank),
-                                 lambda e, k: seen.setdefault(e, []).extend(k.tolist()))
+                                 lambda e, k, seen=seen: seen.setdefault(e, []).extend(k.tolist()))
         flat = torch.cat([p.detach().reshape(-1) for p in model.state_dict().values()
                           if p.is_floating_point()])
         result[case] = {"seen": seen, "params": flat.tolist(), "samples": stats.samples,
