@@ -23,6 +23,7 @@ from . import topics, wire
 from .device import EdgeDevice
 from .device_metrics import device_metrics
 from .messages import extractor_message, feature_chunk, parse_logits
+from .throttle import DeviceSpeed, Throttle
 from .train import FeatureBatch
 from .transport import MqttLink, ReliableSender
 
@@ -40,6 +41,8 @@ class AgentConfig:
     upload_deadline: float = 600.0
     logits_timeout: float = 30.0  # ask the hub again after this long without logits
     evaluate_local: bool = True  # report the local classifier's test accuracy
+    mode: str = "sync"  # async: no round announcements; go again as soon as our logits come
+    speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
 
 
 def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
@@ -83,6 +86,7 @@ class EdgeAgent:
         self._announced = threading.Condition()
         self._sender: ReliableSender | None = None
         self._stop = threading.Event()
+        self.throttle = Throttle(cfg.speed, self._stop)
         self._train_seconds: float | None = None  # of the last round, reported to the hub
 
     # -- network thread ------------------------------------------------------------------
@@ -136,6 +140,8 @@ class EdgeAgent:
         self.link.subscribe(topics.down(dev.device_id), self._on_down)
         self.link.subscribe(topics.ROUND_TOPIC, self._on_round)
         self._hello()
+        if self.cfg.mode == "async":
+            return self._run_async()
         seen: tuple | None = None
         while not self._stop.is_set():
             ann = self._wait_announcement(seen)
@@ -149,6 +155,26 @@ class EdgeAgent:
             if state == "collect" and rnd > dev.progress.completed_round:
                 self._round(rnd)
         return 0
+
+    def _run_async(self) -> int:
+        """Asynchronous GKT: train, upload, wait for our own logits, again, until stop."""
+        while not self._stop.is_set():
+            if (self._announcement or {}).get("state") == "stop":
+                log.info("%s: hub finished the federation", self.device.device_id)
+                break
+            self._round(self.device.progress.completed_round + 1)
+        return 0
+
+    def _throttled(self, items: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+        """Stretch producing and sending each message to the simulated device and link."""
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            if item is None:
+                return
+            self.throttle.after(time.perf_counter() - t0)
+            self.throttle.transfer(len(item[1]))
+            yield item
 
     def _hello(self) -> None:
         dev = self.device
@@ -172,7 +198,7 @@ class EdgeAgent:
     def _round(self, rnd: int) -> None:
         dev = self.device
         t0 = time.perf_counter()
-        stats = dev.train()
+        stats = self.throttle.run(dev.train)
         self._train_seconds = time.perf_counter() - t0
         local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
         log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
@@ -216,7 +242,7 @@ class EdgeAgent:
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)
         try:
-            self._sender.send(messages())
+            self._sender.send(self._throttled(messages()))
         finally:
             self._sender = None
 
@@ -230,7 +256,8 @@ class EdgeAgent:
                 msg = self.inbox.get(timeout=0.5)
             except queue.Empty:
                 ann = self._announcement or {}
-                if ann.get("state") == "stop" or int(ann.get("round", rnd)) > rnd:
+                moved_on = self.cfg.mode == "sync" and int(ann.get("round", rnd)) > rnd
+                if ann.get("state") == "stop" or moved_on:
                     log.warning("%s: hub moved past round %d before our logits arrived",
                                 dev.device_id, rnd)
                     return False
@@ -246,6 +273,7 @@ class EdgeAgent:
             if msg.round != rnd:
                 continue
             chunk = parse_logits(msg)
+            self.throttle.transfer(chunk.logits.numel() * 4 + len(chunk.ids) * 8)
             try:
                 dev.receive_logits(chunk.ids, chunk.logits)
             except ValueError as err:

@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="folded | eager | onnxruntime (docs/performance.md)")
     run.add_argument("--no-local-eval", action="store_true",
                      help="do not evaluate the local classifier on the test split")
+    run.add_argument("--mode", choices=("sync", "async"), default="sync",
+                     help="async: go again as soon as this device's logits come (docs/async.md)")
+    run.add_argument("--speed-factor", type=float, default=1.0,
+                     help="simulate a device this many times slower than this machine")
+    run.add_argument("--bandwidth", default="0",
+                     help="simulate a link of this many bytes/s, e.g. 400K, 2M (0 = as is)")
     add_config_args(run, ENV_PREFIX)
     add_log_args(run)
     svc = sub.add_parser("service", help="print a systemd unit that runs `gkt-edge run "
@@ -130,9 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         test_loader = None
         if not args.no_local_eval:
             test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
+        from .throttle import DeviceSpeed, parse_bandwidth
+
         cfg = AgentConfig(args.device_id, codec=args.codec,
                           state_dir=args.state_dir or f"gkt-edge-state/{args.device_id}",
-                          max_payload=args.max_payload)
+                          max_payload=args.max_payload, mode=args.mode,
+                          speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)))
         from .codecs import get_codec
 
         get_codec(cfg.codec)

@@ -11,6 +11,7 @@ from edge_runtime.data import DATASETS, DataConfig
 from edge_runtime.logs import add_log_args, setup_logging
 from edge_runtime.train import EdgeTrainConfig
 
+from .async_cli import add_async_args, mode_options
 from .device_cli import add_access_args, add_device_parser, run_device
 from .federation import ALGORITHMS, FederationConfig
 from .models import SERVER_MODELS
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--no-progress", action="store_true")
     add_access_args(srv)
     add_worker_args(srv)
+    add_async_args(srv)
     srv.set_defaults(devices=1)
     add_training_args(srv)
 
@@ -95,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
+    add_async_args(sim, simulate=True)
     add_training_args(sim)
     add_monitoring_args(srv)
     for p in (srv, sim):
@@ -123,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_device(args)
     try:
         cfg = federation_config(args)
+        devices = args.min_devices if args.command == "serve" else cfg.devices
+        args.mode_options = mode_options(args, devices, cfg.rounds)
     except ValueError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
@@ -137,12 +142,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "simulate":
         from .simulate import simulate_inproc, simulate_mqtt
 
+        opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
-            result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline)
+            result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
+                                   opts)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")
-            result = simulate_inproc(cfg, args.algorithm, show_progress=not args.no_progress)
+            result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts)
         if args.json:
             result.write_json(args.json)
             print(f"wrote {args.json}")

@@ -82,14 +82,18 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
 Progress = Callable[[RoundRecord], None]
 
 
+def make_devices(cfg: FederationConfig, setup: Setup) -> list[EdgeDevice]:
+    return [
+        EdgeDevice(name, setup.train, setup.train_eval, ids, cfg.data.num_classes, cfg.edge,
+                   seed=cfg.seed + i, model_seed=cfg.seed)
+        for i, (name, ids) in enumerate(zip(device_names(cfg.devices), setup.shards))
+    ]
+
+
 def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = None) -> RunResult:
     ncls = cfg.data.num_classes
     names = device_names(cfg.devices)
-    devices = [
-        EdgeDevice(name, setup.train, setup.train_eval, ids, ncls, cfg.edge, seed=cfg.seed + i,
-                   model_seed=cfg.seed)
-        for i, (name, ids) in enumerate(zip(names, setup.shards))
-    ]
+    devices = make_devices(cfg, setup)
     hub = Hub(ncls, cfg.server, seed=cfg.seed)
     test_loader = make_loader(setup.test.dataset, 256, shuffle=False)
     result = RunResult("gkt", cfg.data.dataset, cfg.devices, asdict(cfg))

@@ -45,6 +45,12 @@ class UploadJournal:
             for f in files:
                 yield folder.name, f.read_bytes()
 
+    def rounds(self) -> list[int]:
+        """Round (async: upload) numbers that have something on disk, ascending."""
+        if not self.root.is_dir():
+            return []
+        return sorted(int(d.name.split("-")[1]) for d in self.root.glob("round-*"))
+
     def drop(self, upto: int) -> None:
         """Delete the journal of every round <= ``upto``."""
         if not self.root.is_dir():

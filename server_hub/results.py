@@ -16,6 +16,8 @@ class RoundRecord:
     seconds: float  # wall-clock time of the round
     edge_accuracy: float | None = None  # mean of the devices' own local classifiers (GKT)
     train_loss: float | None = None
+    elapsed: float | None = None  # seconds since the run started (the time axis of plots)
+    updates: int | None = None  # async: device uploads merged into the bank so far
 
 
 @dataclass
@@ -29,6 +31,7 @@ class RunResult:
     transport: str = "inproc"
     codec: str = "fp32 (raw, counted not sent)"
     broker_bytes: dict | None = None  # bytes that actually crossed the broker (MQTT runs)
+    mode: str = "sync"  # sync rounds, or async (a record per evaluation; docs/async.md)
 
     def final(self) -> dict:
         last = self.rounds[-1] if self.rounds else None

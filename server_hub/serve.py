@@ -17,12 +17,13 @@ from edge_runtime.data import DataConfig, load_split, make_loader
 from edge_runtime.transport import LinkConfig, MqttLink
 
 from .access import AccessConfig, AccessError, BrokerAccess, broker_access
+from .async_cli import hub_service
 from .broker import BrokerConfig, ManagedBroker
 from .federation import FederationConfig
 from .hub import Hub
 from .monitoring import MonitoringError, start_monitoring
 from .results import HEADER, RoundRecord, format_row
-from .service import HubService, ServiceConfig
+from .service import ServiceConfig
 
 log = logging.getLogger("gkt.hub")
 EXIT_BROKER = 4
@@ -73,14 +74,16 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
         bar.write(format_row(rec))
         bar.update(1)
 
-    svc = HubService(link, Hub(cfg.data.num_classes, cfg.server, cfg.seed),
-                     ServiceConfig(str(state), rounds=cfg.rounds,
-                                   min_devices=args.min_devices,
-                                   round_deadline=args.round_deadline,
-                                   start_timeout=args.start_timeout,
-                                   max_payload=args.max_payload + 4096),
-                     cfg.data, test_loader, on_round,
-                     on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    svc = hub_service(getattr(args, "mode_options", None), link,
+                      Hub(cfg.data.num_classes, cfg.server, cfg.seed,
+                          feature_dir=state / "features"),
+                      ServiceConfig(str(state), rounds=cfg.rounds,
+                                    min_devices=args.min_devices,
+                                    round_deadline=args.round_deadline,
+                                    start_timeout=args.start_timeout,
+                                    max_payload=args.max_payload + 4096),
+                      cfg.data, test_loader, on_round,
+                      on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop())
     monitor = None

@@ -14,14 +14,18 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.data import DataConfig
+from edge_runtime.throttle import DeviceSpeed
 
+from .async_cli import ModeOptions, hub_service
 from .federation import RUNNERS, FederationConfig, prepare
+from .hetero_federation import run_gkt_async_fleet, run_gkt_sync_fleet
 from .results import HEADER, RoundRecord, RunResult, format_row
 
 log = logging.getLogger(__name__)
 
 
-def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool = True) -> RunResult:
+def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool = True,
+                    opts: ModeOptions | None = None) -> RunResult:
     """All devices and the hub in this process; bytes are what would cross the network."""
     t0 = time.perf_counter()
     setup = prepare(cfg)
@@ -38,7 +42,15 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
         bar.set_postfix(acc=f"{rec.test_accuracy:.3f}")
         bar.update(1)
 
-    result = RUNNERS[algorithm](cfg, setup, on_round)
+    opts = opts or ModeOptions()
+    if algorithm == "gkt" and opts.mode == "async":
+        bar.reset(total=None)
+        fleet = opts.fleet or [DeviceSpeed()] * cfg.devices
+        result = run_gkt_async_fleet(cfg, setup, fleet, opts.acfg, on_round)
+    elif algorithm == "gkt" and opts.fleet:  # devices in parallel threads, as in async
+        result = run_gkt_sync_fleet(cfg, setup, opts.fleet, on_round)
+    else:
+        result = RUNNERS[algorithm](cfg, setup, on_round)
     bar.close()
     final = result.final()
     print(f"final test accuracy {final['test_accuracy']:.4f} after {cfg.rounds} rounds; "
@@ -47,9 +59,11 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 
 
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
-                   state_dir: Path, max_payload: int) -> list[str]:
+                   state_dir: Path, max_payload: int, mode: str = "sync",
+                   speed: DeviceSpeed | None = None) -> list[str]:
     """The `gkt-edge run` command line of one simulated device."""
     d = cfg.data
+    speed = speed or DeviceSpeed()
     return [sys.executable, "-m", "edge_runtime.cli", "run", "--hub", url, "--device-id", name,
             "--state-dir", str(state_dir), "--codec", codec, "--dataset", d.dataset,
             "--data-root", d.root, "--image-size", str(d.image_size),
@@ -60,19 +74,24 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload),
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
-            "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices))]
+            "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
+            "--mode", mode, "--speed-factor", str(speed.compute),
+            "--bandwidth", str(speed.bandwidth)]
 
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
-                  show_progress: bool = True, round_deadline: float = 300.0) -> RunResult:
+                  show_progress: bool = True, round_deadline: float = 300.0,
+                  opts: ModeOptions | None = None) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT."""
     from edge_runtime.data import load_split, make_loader
     from edge_runtime.transport import LinkConfig, MqttLink
 
     from .broker import BrokerConfig, ManagedBroker, free_port, read_sys_counters
     from .hub import Hub
-    from .service import HubService, ServiceConfig
+    from .service import ServiceConfig
 
+    opts = opts or ModeOptions()
+    fleet = opts.fleet or [DeviceSpeed()] * cfg.devices
     t0 = time.perf_counter()
     # Same layout as the in-process runner: checkpoints/, devices/<id>/, plus broker/, logs/.
     work = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
@@ -91,18 +110,24 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     for i, name in enumerate(names):
         logf = open(work / "logs" / f"{name}.log", "wb")
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
-                             max_payload)
+                             max_payload, opts.mode, fleet[i])
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
     test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
     link = MqttLink(LinkConfig(broker.url, client_id="gkt-hub", max_packet_size=2 * max_payload))
     link.connect()
-    bar = tqdm(total=cfg.rounds, desc="gkt/mqtt", unit="round", disable=not show_progress,
-               leave=False)
+    bar = tqdm(total=cfg.rounds if opts.mode == "sync" else None, desc=f"gkt/mqtt/{opts.mode}",
+               unit="round", disable=not show_progress, leave=False)
     bar.write(HEADER)
-    result = RunResult("gkt", cfg.data.dataset, cfg.devices, asdict(cfg), transport="mqtt")
+    config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
+              "async": asdict(opts.acfg) if opts.acfg else None}
+    result = RunResult("gkt", cfg.data.dataset, cfg.devices, config, transport="mqtt",
+                       mode=opts.mode)
+    t_run = time.perf_counter()
 
     def on_round(rec: RoundRecord) -> None:
+        if rec.elapsed is None:  # the sync service times rounds, not the run
+            rec.elapsed = round(time.perf_counter() - t_run, 3)
         result.rounds.append(rec)
         bar.write(format_row(rec))
         bar.update(1)
@@ -110,7 +135,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     svc_cfg = ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
                             round_deadline=round_deadline, start_timeout=120,
                             max_payload=2 * max_payload)
-    service = HubService(link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
+    service = hub_service(opts, link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
                          cfg.data, test_loader, on_round,
                          on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     sys_counters: dict[str, int] = {}

@@ -1,0 +1,156 @@
+"""`gkt-hub serve --mode async`: asynchronous GKT over MQTT around the transport-free AsyncHub.
+
+No rounds: the network thread validates, acknowledges and journals uploads exactly as the
+synchronous service does (the same code, inherited), and merges a device's upload into the
+bank the moment it is complete. The main thread trains the server continuously, sends each
+device its logits once its features have been trained on (staleness.py), evaluates every
+N merges or T seconds and checkpoints. Nothing ever waits for a particular device.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime import topics, wire
+from edge_runtime.messages import logits_messages
+
+from .async_hub import AsyncHub
+from .results import RoundRecord
+from .service import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, HubService, NoDevicesError, Upload
+from .staleness import AsyncConfig, finished, should_evaluate
+
+log = logging.getLogger("gkt.hub")
+UPLOAD_KINDS = ("features", "extractor", "upload_done")
+
+
+class AsyncHubService(HubService):
+    def __init__(self, link, hub, cfg, acfg: AsyncConfig, data_cfg, test_loader,
+                 on_round=None, on_status=None) -> None:
+        super().__init__(link, hub, cfg, data_cfg, test_loader, on_round, on_status)
+        self.acfg = acfg
+        self.ahub = AsyncHub(hub, acfg)
+        self.phase = "async"
+        self.merged: dict[str, int] = {}  # device -> its newest merged update
+        self.upload_update: dict[str, int] = {}  # device -> update of its open upload
+        self.sent: dict[str, tuple[int, list[bytes]]] = {}  # newest logits, for re-requests
+        self.bytes_merged = 0
+
+    # -- network thread ------------------------------------------------------------------
+    def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
+                replay: bool = False) -> None:
+        if msg.kind not in UPLOAD_KINDS:  # hello, logits requests and junk: as in sync
+            super()._handle(device, msg, msg_bytes, replay)
+            return
+        with self._cond:
+            if replay:
+                self.known.setdefault(device, {})
+            if device not in self.known:
+                raise wire.WireError("unknown_device", f"{device} sent {msg.kind} before hello")
+            newest = max(self.merged.get(device, -1), self.upload_update.get(device, -1) - 1)
+            if msg.round <= newest:
+                # A resend of something merged or superseded: ack so it stops, use nothing.
+                self.rejected["stale_update"] += 1
+                self._ack(device, msg.msg_id)
+                return
+            self.upload_update[device] = msg.round
+            if self._store(device, msg, len(msg_bytes), replay) and not replay:
+                self.journal.record(msg.round, device, msg_bytes)
+            if self.uploads[device].complete:
+                self._merge(device, msg.round, self.uploads.pop(device))
+            self._cond.notify_all()
+        if not replay:
+            self._ack(device, msg.msg_id)
+
+    def _merge(self, device: str, update: int, up: Upload) -> None:
+        """The upload is complete: it replaces the device's older features in the bank."""
+        self.ahub.merge(device, self.hub.bank.get(device), self.hub.extractors[device], update,
+                        up.edge_accuracy)
+        self.hub.bank.clear(device)
+        old = self.merged.get(device)
+        self.merged[device] = update
+        self.bytes_merged += up.bytes
+        if old is not None:  # on disk we keep each device's newest complete upload only
+            self.journal.drop_device(old, device)
+        log.info("merged %s's update %d (hub version %d)", device, update, self.ahub.version)
+
+    def _resend_logits(self, device: str, rnd: int) -> None:
+        update, msgs = self.sent.get(device, (-1, []))
+        if update != rnd or not msgs:  # not trained on yet: they will come
+            log.debug("%s asked for update %d logits; none to send yet", device, rnd)
+            return
+        log.info("resending %d logits chunks to %s", len(msgs), device)
+        for m in msgs:
+            self.link.publish(topics.down(device), m, wait=False)
+
+    # -- main thread ---------------------------------------------------------------------
+    def _send_logits(self, device: str) -> None:
+        update, ids, z = self.ahub.take_logits(device)
+        per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
+        msgs = logits_messages(device, update, ids.numpy(), z, per_chunk)
+        self.sent[device] = (update, msgs)
+        for m in msgs:
+            self.link.publish(topics.down(device), m, wait=False)
+            self.bytes_down += len(m)
+
+    def run(self) -> int:
+        self.round = self._restore()  # async: the number of evaluations so far
+        self.link.subscribe(topics.UP_WILDCARD, self._on_up)
+        self.listening.set()
+        for update in self.journal.rounds():  # uploads accepted before a crash
+            self._replay(update)
+        try:
+            self._wait_for_devices()
+        except NoDevicesError as err:
+            log.error("%s", err)
+            return EXIT_NO_DEVICES
+        self._announce("async")
+        t_start = time.monotonic()
+        last = {"t": t_start, "v": 0, "up": self.bytes_merged, "down": self.bytes_down}
+        announced = t_start
+        losses: list[float] = []
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if finished(self.acfg, self.ahub.version, now - t_start):
+                break
+            if now - announced > REANNOUNCE_S:
+                self._reannounce()
+                announced = now
+            loss = self.ahub.train_steps(1)
+            if loss is None:  # nothing merged yet
+                with self._cond:
+                    self._cond.wait(timeout=0.5)
+                continue
+            losses.append(loss)
+            for d in self.ahub.due():
+                self._send_logits(d)
+            if should_evaluate(self.acfg, self.ahub.version, last["v"], now, last["t"]):
+                self._evaluate(t_start, last, losses)
+            self.on_status(f"async: version {self.ahub.version}, {self.ahub.steps} steps, "
+                           f"{len(self.merged)}/{len(self.known)} devices")
+        if self.ahub.version:
+            self._evaluate(t_start, last, losses)
+        self.phase = "done"
+        self._announce("stop")
+        return EXIT_OK
+
+    def _evaluate(self, t_start: float, last: dict, losses: list[float]) -> None:
+        now = time.monotonic()
+        ev = self.ahub.evaluate(self.test_loader)
+        rec = RoundRecord(self.round, ev.mean, self.bytes_merged - last["up"],
+                          self.bytes_down - last["down"], round(now - last["t"], 3),
+                          self.ahub.edge_accuracy(), float(np.mean(losses)) if losses else None,
+                          round(now - t_start, 3), self.ahub.version)
+        log.info("async evaluation %d: accuracy %.4f at %.1fs, version %d, %d steps", self.round,
+                 ev.mean, now - t_start, self.ahub.version, self.ahub.steps)
+        self.hub.save(Path(self.cfg.state_dir),
+                      self.hub.checkpoint_meta(self.round, self.data_cfg, ev.mean))
+        last.update(t=time.monotonic(), v=self.ahub.version, up=self.bytes_merged,
+                    down=self.bytes_down)
+        losses.clear()
+        self.round += 1
+        if self.on_round:
+            self.on_round(rec)
