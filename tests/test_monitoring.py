@@ -32,7 +32,7 @@ from server_hub.federation import FederationConfig, prepare
 from server_hub.monitoring import start_monitoring
 
 pytestmark = pytest.mark.mqtt
-ROUNDS = 4
+ROUNDS = 3
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
