@@ -8,6 +8,7 @@ Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 
@@ -170,8 +171,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_BROKER
     agent = EdgeAgent(link, device, cfg, test_loader)
+
+    def on_signal(signum: int, _frame) -> None:
+        logging.getLogger("gkt.edge").info("%s: %s, stopping (progress is saved after each "
+                                           "round)", args.device_id,
+                                           signal.Signals(signum).name)
+        agent.stop()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: agent.stop())
+        signal.signal(sig, on_signal)
     try:
         return agent.run()
     finally:
