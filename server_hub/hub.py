@@ -35,7 +35,9 @@ class Evaluation:
 
 
 class Hub:
-    def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0) -> None:
+    def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0,
+                 feature_dir: str | Path | None = None) -> None:
+        """``feature_dir``: spill received feature maps there (bounded hub memory)."""
         torch.manual_seed(seed)
         self.cfg = cfg
         self.num_classes = num_classes
@@ -45,7 +47,7 @@ class Hub:
             self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, amsgrad=True
         )
         self.generator = torch.Generator().manual_seed(seed)
-        self.bank = FeatureBank()
+        self.bank = FeatureBank(feature_dir)
         self.extractors: dict[str, dict[str, torch.Tensor]] = {}
 
     def receive_features(self, device: str, chunk: DeviceFeatures) -> None:

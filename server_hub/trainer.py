@@ -46,10 +46,30 @@ class ServerStats:
     epochs: int
 
 
+class Rows:
+    """Several devices' feature tensors (memory-mapped ones included) indexed as one, a
+    batch at a time: concatenating them would copy every device's features into RAM."""
+
+    def __init__(self, parts: list[torch.Tensor]) -> None:
+        self.parts = parts
+        self.starts = torch.tensor([0] + [len(p) for p in parts]).cumsum(0)
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, idx: torch.Tensor) -> torch.Tensor:
+        part = torch.searchsorted(self.starts[1:], idx, right=True)
+        out = torch.empty((len(idx), *self.parts[0].shape[1:]), dtype=torch.float32)
+        for k in part.unique().tolist():
+            sel = part == k
+            out[sel] = self.parts[k][idx[sel] - self.starts[k]].float()
+        return out
+
+
 def _gather(bank: FeatureBank, devices: list[str]):
     parts = [bank.get(d) for d in devices]
     return (
-        torch.cat([p.features for p in parts]).float(),
+        Rows([p.features for p in parts]),
         torch.cat([p.logits for p in parts]).float(),
         torch.cat([p.labels for p in parts]),
     )
