@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="the device's TOML config (made absolute in the unit)")
     svc.add_argument("--user", default=None, help="run as this user (User=)")
     svc.add_argument("--restart-sec", type=float, default=10.0)
+    svc.add_argument("--working-directory", default=None,
+                     help="WorkingDirectory= (relative paths in the config start there)")
     svc.add_argument("--executable", default=None,
                      help="path of gkt-edge (default: the one of this installation)")
     return p
@@ -91,6 +93,7 @@ def print_service(args: argparse.Namespace) -> int:
     exe = args.executable or console_script("gkt-edge")
     print(render_unit(UnitConfig("GKT edge device (gkt-edge run)",
                                  [exe, "run", "--config", str(path)], user=args.user,
+                                 working_directory=args.working_directory,
                                  restart_sec=args.restart_sec)), end="")
     return EXIT_OK
 

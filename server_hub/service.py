@@ -245,8 +245,12 @@ class HubService:
                     break
                 self._run_round(rnd)
         except NoDevicesError as err:
-            log.error("%s", err)
-            return EXIT_NO_DEVICES
+            if not self._stop.is_set():
+                log.error("%s", err)
+                return EXIT_NO_DEVICES
+        if self._stop.is_set():  # SIGTERM: not the end of the federation, so no "stop"
+            log.info("stopped; a restart resumes after the last checkpoint")
+            return EXIT_OK
         self.phase = "done"
         self._announce("stop")
         return EXIT_OK

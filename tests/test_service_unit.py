@@ -22,6 +22,7 @@ import pytest
 from test_mqtt_federation import make_hub, run_threads
 
 from edge_runtime import cli as edge_cli
+from edge_runtime import wire
 
 
 def unit_for(config: Path, capsys, *extra: str) -> str:
@@ -124,6 +125,8 @@ def test_killed_device_service_restarts_resumes_and_stops_on_sigterm(broker, tmp
     results = run_threads(("hub", service.run), ("supervisor", sup.run), ("operator", operator),
                           timeout=300)
     assert results["operator"][0] == 0 and results["operator"][1] >= 1
+    assert results["hub"] == 0  # a stopped hub exits 0 and does not end the federation
+    assert wire.decode_message(service._announcement, max_bytes=1 << 20).meta["state"] != "stop"
     # SIGKILL counts as a failure: restarted once; SIGTERM exits 0: not restarted.
     assert results["supervisor"] == [-signal.SIGKILL, 0]
     assert [r.round for r in records][:2] == [0, 1]
