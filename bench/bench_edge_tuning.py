@@ -2,11 +2,13 @@
 
 ResNet-8 training steps (``train_edge`` on one batch) and feature extraction (one batch of
 ``extract_features``) under: the code before the speed work; channels-last; glibc keeping
-freed memory; the GlobalAvgPool; one thread per core; 1 inter-op thread; torch.compile (its compile
-time too, and the steps it needs to pay off); batch sizes; onnxruntime extraction (and the
-export it needs every round). Every process-wide setting gets its own worker process
-(bench/cpu_worker.py); the workers are asked in turn, variant by variant, round by round,
-so load from other processes hits all alike. Medians over all timed calls; "cpu" is the
+freed memory; the GlobalAvgPool; one thread per core; 1 inter-op thread; bf16 autocast;
+torch.compile (its compile time too, and the steps it needs to pay off); batch sizes;
+onnxruntime extraction (and the export it needs every round); and one epoch of the
+augmented CIFAR-10 loader, torchvision's per-image DataLoader against in-memory batches.
+Every process-wide setting gets its own worker process (bench/cpu_worker.py); the workers
+are asked in turn, variant by variant, round by round, so load from other processes hits
+all alike. Medians over all timed calls; "cpu" is the
 worker's CPU time (user + system), steadier than wall time on a shared machine.
 
 Usage: python bench/bench_edge_tuning.py [--rounds 5] [--calls 2] [--threads 1]
@@ -22,7 +24,7 @@ import statistics
 import time
 from pathlib import Path
 
-from cpu_worker import BASELINE, TUNED, Worker, machine_info
+from cpu_worker import BASELINE, TUNED, TUNED_BF16, Worker, machine_info
 
 ADAPTIVE_CL = {"channels_last": True, "pool": "adaptive"}
 ADAPTIVE_NCHW = {"channels_last": False, "pool": "adaptive"}
@@ -37,12 +39,18 @@ TRAIN = {
     "kept freed memory only (NCHW)": ("tuned", ADAPTIVE_NCHW),
     "after, torch's default threads (one per core)": ("cores", TUNED),
     "after, 1 inter-op thread": ("interop1", TUNED),
+    "after + bf16 autocast (precision=bf16)": ("tuned", TUNED_BF16),
 }
-EXTRACT = {
-    "before: eager NCHW, default allocator": ("base", "eager"),
-    "eager NCHW, kept freed memory": ("tuned", "eager"),
-    "after: BN folded + channels_last (default)": ("tuned", "folded"),
-    "onnxruntime session run": ("tuned", "onnxruntime"),
+EXTRACT = {  # name -> (worker, backend, precision)
+    "before: eager NCHW, default allocator": ("base", "eager", "fp32"),
+    "eager NCHW, kept freed memory": ("tuned", "eager", "fp32"),
+    "after: BN folded + channels_last (default)": ("tuned", "folded", "fp32"),
+    "BN folded + channels_last + bf16 autocast": ("tuned", "folded", "bf16"),
+    "onnxruntime session run": ("tuned", "onnxruntime", "fp32"),
+}
+LOAD = {
+    "before: DataLoader, PIL crop/flip per image": "torchvision",
+    "after: uint8 in memory, torch crop/flip per batch (default)": "batched",
 }
 
 
@@ -60,6 +68,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--batches", default="16,32,64,128", help="batch sizes to compare")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile")
+    p.add_argument("--load-samples", type=int, default=640,
+                   help="images per timed loader epoch")
     p.add_argument("--shard", type=int, default=6250,
                    help="samples per device for the per-round figures (CIFAR-10 / 8)")
     p.add_argument("--json", default="bench/results/edge_tuning.json")
@@ -77,8 +87,12 @@ def main() -> None:
     plan += [("batch", f"after, batch {b}", "tuned",
               {"op": "train", "model": "resnet8", "batch": b, **TUNED})
              for b in (int(x) for x in args.batches.split(",")) if b != args.batch]
-    plan += [("extract", name, w, {"op": "extract", "batch": args.batch, "mode": mode})
-             for name, (w, mode) in EXTRACT.items()]
+    plan += [("extract", name, w, {"op": "extract", "batch": args.batch, "mode": mode,
+                                   "precision": precision})
+             for name, (w, mode, precision) in EXTRACT.items()]
+    plan += [("load", name, "tuned", {"op": "load", "batch": args.batch, "mode": mode,
+                                      "samples": args.load_samples})
+             for name, mode in LOAD.items()]
     plan.append(("export", "onnxruntime export + session (once per round)", "tuned",
                  {"op": "ort_export", "batch": args.batch}))
     results = {name: {"wall": [], "cpu": [], "setup_s": 0.0} for _, name, _, _ in plan}
@@ -99,15 +113,16 @@ def main() -> None:
     rows = []
     for kind, name, w, req in plan:
         acc, batch = results[name], req["batch"]
+        per_call = req.get("samples", batch)  # a loader call is an epoch of `samples`
         rows.append({"kind": kind, "variant": name, "threads": threads[w], "batch": batch,
                      "ms_median": med(acc["wall"]) * 1e3, "cpu_ms_median": med(acc["cpu"]) * 1e3,
-                     "us_per_sample": med(acc["wall"]) * 1e6 / batch,
-                     "cpu_us_per_sample": med(acc["cpu"]) * 1e6 / batch,
+                     "us_per_sample": med(acc["wall"]) * 1e6 / per_call,
+                     "cpu_us_per_sample": med(acc["cpu"]) * 1e6 / per_call,
                      "setup_s": acc["setup_s"]})
     by = {r["variant"]: r for r in rows}
     # speed-ups against: the old code (training, extraction); the default at --batch (batches)
     refs = {"train": next(iter(TRAIN)), "extract": next(iter(EXTRACT)),
-            "batch": "+ GlobalAvgPool = after (library default)"}
+            "batch": "+ GlobalAvgPool = after (library default)", "load": next(iter(LOAD))}
     for r in rows:
         if r["kind"] in refs:
             base = by[refs[r["kind"]]]
@@ -132,14 +147,18 @@ def main() -> None:
         "extract_epoch_s_folded": steps * fold["ms_median"] / 1e3,
         "extract_epoch_s_onnxruntime": (steps * ort["ms_median"] + export["ms_median"]) / 1e3,
         "onnxruntime_break_even_batches": export["ms_median"] / gain_ms if gain_ms > 0 else None}
+    old_load, new_load = (by[name] for name in LOAD)
+    round_figures |= {  # the loader's share of an epoch (load + train steps), before and after
+        "load_ms_per_batch_before": old_load["us_per_sample"] * args.batch / 1e3,
+        "load_ms_per_batch_after": new_load["us_per_sample"] * args.batch / 1e3}
 
     print(f"\nResNet-8, {info['cpu']} ({info['cores']} cores), torch {info['torch']}; load average "
           f"{info['load_average']} at start, {os.getloadavg()[0]:.1f} at end: a shared machine, "
           f"numbers are noisy")
-    print(f"{'kind':8} {'variant':50} {'thr':>3} {'batch':>5} {'ms':>8} {'cpu ms':>8} "
+    print(f"{'kind':8} {'variant':58} {'thr':>3} {'batch':>5} {'ms':>8} {'cpu ms':>8} "
           f"{'us/img':>7} {'x':>5} {'cpu x':>5} {'setup s':>7}")
     for r in rows:
-        print(f"{r['kind']:8} {r['variant']:50} {r['threads']:>3} {r['batch']:>5} "
+        print(f"{r['kind']:8} {r['variant']:58} {r['threads']:>3} {r['batch']:>5} "
               f"{r['ms_median']:>8.1f} {r['cpu_ms_median']:>8.1f} {r['us_per_sample']:>7.0f} "
               f"{r.get('speedup', float('nan')):>5.2f} {r.get('cpu_speedup', float('nan')):>5.2f} "
               f"{r['setup_s']:>7.2f}")

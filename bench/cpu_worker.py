@@ -62,6 +62,7 @@ def cpu_seconds() -> float:
 
 BASELINE = {"channels_last": False, "pool": "adaptive"}
 TUNED = {"channels_last": True, "pool": "sum"}
+TUNED_BF16 = TUNED | {"precision": "bf16"}  # opt-in: bf16 autocast (EdgeTrainConfig)
 
 
 class Worker:
@@ -150,7 +151,7 @@ class Runner:
         op = r["op"]
         key = json.dumps(r | {"calls": 0}, sort_keys=True)
         builders = {"train": _train, "extract": _extract, "ort_export": _ort_export,
-                    "matmul": _matmul,
+                    "matmul": _matmul, "load": _load,
                     "hub_train": _hub_train, "hub_logits": _hub_logits}
         return self.timed(key, lambda: builders[op](r), r.get("calls", 1))
 
@@ -166,7 +167,7 @@ def _batch(r: dict):
 
 def _train(r: dict) -> Callable[[], None]:
     """One train_edge call on one batch. Request fields: model, batch, size, channels_last,
-    pool ("adaptive": the old edge pool | "sum": the current one), compile."""
+    pool ("adaptive": the old edge pool | "sum": the current one), precision, compile."""
     import torch
 
     from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
@@ -175,7 +176,7 @@ def _train(r: dict) -> Callable[[], None]:
     model = _edge_model(r["model"], r.get("pool", "sum"))
     opt = make_optimizer(model, 1e-3, 1e-4)
     cfg = EdgeTrainConfig(batch_size=r["batch"], channels_last=r["channels_last"],
-                          reuse_memory=TUNED_ALLOCATOR)
+                          reuse_memory=TUNED_ALLOCATOR, precision=r.get("precision", "fp32"))
     batch = [_batch(r)]
     if r.get("compile"):
         if r["channels_last"]:  # the compiled wrapper shares the parameters: convert first
@@ -201,7 +202,40 @@ def _extract(r: dict) -> Callable[[], None]:
 
         sess, x = ort_session(model, batch[0][0]), batch[0][0].numpy()
         return lambda: sess.run(None, {"x": x})
-    return lambda: [b.features for b in extract_features(model, batch, r["mode"])]
+    precision = r.get("precision", "fp32")
+    return lambda: [b.features for b in extract_features(model, batch, r["mode"], precision)]
+
+
+def _load(r: dict) -> Callable[[], None]:
+    """One epoch of a device's augmented CIFAR-10 training loader over ``samples`` images
+    (random files in the real format). mode: "torchvision" (DataLoader, PIL transforms per
+    image: the code before) | "batched" (the library's: uint8 in memory, torch per batch)."""
+    import shutil
+    import tempfile
+
+    import numpy as np
+    import torchvision
+    from bench_device_memory import write_fake_cifar10
+    from torch.utils.data import DataLoader
+    from torchvision import transforms
+
+    from edge_runtime.data import NORMALIZATION, DataConfig, WithIds, load_split, make_loader
+
+    root = Path(tempfile.mkdtemp(prefix="gkt-bench-cifar-"))
+    write_fake_cifar10(root, r["samples"], 10)
+    torchvision.datasets.cifar.check_integrity = lambda *a, **k: True  # our files, not md5's
+    ids, batch = np.arange(r["samples"]), r["batch"]
+    if r["mode"] == "torchvision":
+        tf = transforms.Compose([transforms.RandomCrop(32, padding=4),
+                                 transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+                                 transforms.Normalize(*NORMALIZATION["cifar10"])])
+        ds = torchvision.datasets.CIFAR10(str(root), train=True, transform=tf)
+        loader = DataLoader(WithIds(ds, ids), batch_size=batch, shuffle=True)
+    else:
+        split = load_split(DataConfig("cifar10", str(root)), train=True)
+        loader = make_loader(WithIds(split.dataset, ids), batch, shuffle=True)
+    shutil.rmtree(root)  # both datasets hold the images in memory by now
+    return lambda: [b[0] for b in loader]
 
 
 def _ort_export(r: dict) -> Callable[[], None]:

@@ -8,6 +8,7 @@ them by batch position under a reshuffling loader).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from .batches import BatchLoader, U8Images
 
 NORMALIZATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -29,7 +32,7 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "cinic10": 10}
 @dataclass(frozen=True)
 class DataConfig:
     dataset: str = "digits"
-    root: str = "data"  # local root for torchvision datasets; digits ship with scikit-learn
+    root: str = "data"  # local root for torchvision datasets; digits ship with the package
     image_size: int = 0  # 0 = the dataset's native size (32; digits: 8)
     augment: bool = True
 
@@ -77,6 +80,10 @@ class TensorImages(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self.images[i], int(self.labels[i])
 
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[idx], self.labels[idx].long()
+
 
 class WithIds(Dataset):
     """A subset of a split yielding (x, y, sample_id); ids are indices into the full split."""
@@ -93,17 +100,39 @@ class WithIds(Dataset):
         x, y = self.base[sid]
         return x, y, sid
 
+    def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = torch.from_numpy(self.ids)[idx]
+        return (*self.base.batch(ids, generator), ids)
+
 
 DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0  # fixed so sample ids are stable whatever the experiment seed
 
 
-def _digits(train: bool, size: int) -> Split:
+# scikit-learn's 1,797 8x8 digits (values 0..16), shipped as package data so that a device
+# needs no scikit-learn (~210 MB of RSS on a Pi); tests check the file against sklearn.
+DIGITS_FILE = Path(__file__).with_name("digits.npz")
+
+
+def write_digits_file(path: Path = DIGITS_FILE) -> None:
+    """(Re)generate the shipped digits file from scikit-learn, its source."""
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0  # values 0..16
-    labels = np.asarray(bunch.target, dtype=np.int64)
+    np.savez_compressed(path, images=bunch.images.astype(np.uint8),
+                        target=bunch.target.astype(np.uint8))
+
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits as (images uint8 [1797, 8, 8], labels int64 [1797])."""
+    with np.load(DIGITS_FILE) as f:
+        return f["images"], f["target"].astype(np.int64)
+
+
+def _digits(train: bool, size: int) -> Split:
+    raw, labels = digits_arrays()
+    images = torch.tensor(raw, dtype=torch.float32) / 16.0  # values 0..16
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
     n_test = int(round(len(labels) * DIGITS_TEST_FRACTION))
     keep = order[n_test:] if train else order[:n_test]
@@ -117,10 +146,36 @@ def _digits(train: bool, size: int) -> Split:
     return Split(images, labels[keep], NORMALIZATION["digits"])
 
 
+def _cifar(dataset: str, root: str, train: bool, transform=None) -> Dataset:
+    from torchvision import datasets
+
+    cls = datasets.CIFAR10 if dataset == "cifar10" else datasets.CIFAR100
+    try:
+        return cls(root, train=train, transform=transform, download=False)
+    except RuntimeError as err:
+        raise FileNotFoundError(
+            f"{dataset} not found under {root}: {err}. Download it once with "
+            f"torchvision.datasets.{cls.__name__}({root!r}, download=True)"
+        ) from err
+
+
+@functools.lru_cache(maxsize=4)
+def _cifar_arrays(dataset: str, root: str, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    """CIFAR's uint8 images and labels, read once per process: a device's augmented and
+    plain views of its training split share them (150 MB for CIFAR-10's)."""
+    ds = _cifar(dataset, root, train)
+    return ds.data, np.asarray(ds.targets, dtype=np.int64)
+
+
 def _torchvision(cfg: DataConfig, train: bool) -> Split:
     from torchvision import datasets, transforms
 
     mean, std = NORMALIZATION[cfg.dataset]
+    root = Path(cfg.root).expanduser()
+    if cfg.dataset != "cinic10" and cfg.size == 32:  # in memory: batched, no PIL
+        data, targets = _cifar_arrays(cfg.dataset, str(root), train)
+        return Split(U8Images(data, targets, (mean, std), augment=train and cfg.augment),
+                     targets, (mean, std))
     steps: list = []
     if train and cfg.augment:
         steps += [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
@@ -128,21 +183,13 @@ def _torchvision(cfg: DataConfig, train: bool) -> Split:
         steps.append(transforms.Resize(cfg.size))
     steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
     tf = transforms.Compose(steps)
-    root = Path(cfg.root).expanduser()
     if cfg.dataset == "cinic10":
         folder = root / ("train" if train else "test")
         if not folder.is_dir():
             raise FileNotFoundError(f"CINIC-10 not found: expected image folders under {folder}")
         ds = datasets.ImageFolder(str(folder), transform=tf)
     else:
-        cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
-        try:
-            ds = cls(str(root), train=train, transform=tf, download=False)
-        except RuntimeError as err:
-            raise FileNotFoundError(
-                f"{cfg.dataset} not found under {root}: {err}. Download it once with "
-                f"torchvision.datasets.{cls.__name__}({str(root)!r}, download=True)"
-            ) from err
+        ds = _cifar(cfg.dataset, str(root), train, tf)
     return Split(ds, np.asarray(ds.targets, dtype=np.int64), (mean, std))
 
 
@@ -152,6 +199,10 @@ def load_split(cfg: DataConfig, train: bool) -> Split:
     return _torchvision(cfg, train)
 
 
-def make_loader(ds: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def make_loader(ds: Dataset, batch_size: int, shuffle: bool,
+                seed: int = 0) -> DataLoader | BatchLoader:
+    """Batches of ``ds``; straight from memory when it can (``BatchLoader``, same order)."""
+    if hasattr(ds, "batch") and (not isinstance(ds, WithIds) or hasattr(ds.base, "batch")):
+        return BatchLoader(ds, batch_size, shuffle, seed)
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=0)

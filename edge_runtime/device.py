@@ -78,7 +78,8 @@ class EdgeDevice:
         return stats
 
     def features(self) -> Iterator[FeatureBatch]:
-        return extract_features(self.model, self._extract, self.cfg.extract_backend)
+        return extract_features(self.model, self._extract, self.cfg.extract_backend,
+                                self.cfg.precision)
 
     def extractor_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.extractor.state_dict().items()}

@@ -11,7 +11,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distill import LogitBank, kd_loss
-from .perf import channels_last_input, inference_copy, keep_freed_memory, to_channels_last
+from .perf import (
+    autocast,
+    channels_last_input,
+    inference_copy,
+    keep_freed_memory,
+    resolve_precision,
+    to_channels_last,
+)
 
 EXTRACT_BACKENDS = ("folded", "eager", "onnxruntime")
 
@@ -29,8 +36,12 @@ class EdgeTrainConfig:
     channels_last: bool = True
     reuse_memory: bool = True
     extract_backend: str = "folded"  # see extract_features
+    # fp32 | bf16 | auto (bf16 where the CPU runs it natively): autocast for training and
+    # torch extraction; opt-in since it changes results at bf16 rounding
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        resolve_precision(self.precision)  # refuses unknown names now, not mid-round
         if self.extract_backend not in EXTRACT_BACKENDS:
             raise ValueError(f"unknown extraction backend {self.extract_backend!r}; "
                              f"choose from {list(EXTRACT_BACKENDS)}")
@@ -66,7 +77,9 @@ def train_edge(
         for x, y, ids in loader:
             if cfg.channels_last:
                 x = channels_last_input(x)
-            logits, _ = model(x)
+            with autocast(cfg.precision):
+                logits, _ = model(x)
+            logits = logits.float()  # losses in fp32 whatever the forward's precision
             loss = F.cross_entropy(logits, y)
             if teacher is not None and len(teacher) and cfg.alpha > 0:
                 z_s, mask = teacher.lookup(ids)
@@ -92,13 +105,15 @@ class FeatureBatch:
     labels: torch.Tensor  # int64 [k]
 
 
-def extract_features(model: nn.Module, loader: DataLoader,
-                     backend: str = "folded") -> Iterator[FeatureBatch]:
+def extract_features(model: nn.Module, loader: DataLoader, backend: str = "folded",
+                     precision: str = "fp32") -> Iterator[FeatureBatch]:
     """Eval-mode pass over the (non-augmented) local set, one batch at a time.
 
     backend: "folded" runs a copy with batch norm folded into the convolutions, in
     channels-last; "eager" runs ``model`` as it is; "onnxruntime" exports it first
-    (``ort_extract``). Outputs agree up to float rounding (~1e-6); H is NCHW-contiguous.
+    (``ort_extract``). Outputs agree up to float rounding (~1e-6); H is NCHW-contiguous,
+    float32. ``precision`` "bf16" autocasts the torch backends (H then carries bf16
+    rounding, ~4e-3 relative: finer than the q8 codec's steps).
     """
     if backend not in EXTRACT_BACKENDS:
         raise ValueError(f"unknown extraction backend {backend!r}; choose from "
@@ -109,15 +124,16 @@ def extract_features(model: nn.Module, loader: DataLoader,
 
         return ort_extract_features(model, loader)
     return _torch_features(inference_copy(model) if backend == "folded" else model, loader,
-                           channels_last=backend == "folded")
+                           channels_last=backend == "folded", precision=precision)
 
 
 @torch.inference_mode()
-def _torch_features(run: nn.Module, loader: DataLoader,
-                    channels_last: bool) -> Iterator[FeatureBatch]:
+def _torch_features(run: nn.Module, loader: DataLoader, channels_last: bool,
+                    precision: str) -> Iterator[FeatureBatch]:
     for x, y, ids in loader:
-        logits, h = run(channels_last_input(x) if channels_last else x)
-        yield FeatureBatch(ids.long(), h.contiguous(), logits, y.long())
+        with autocast(precision):
+            logits, h = run(channels_last_input(x) if channels_last else x)
+        yield FeatureBatch(ids.long(), h.float().contiguous(), logits.float(), y.long())
 
 
 EVAL_CHUNK = 64  # samples per forward pass in evaluation, whatever the loader's batch
