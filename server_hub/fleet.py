@@ -1,9 +1,10 @@
 """What the fleet is doing, as one JSON-able snapshot for metrics, the status page and
 `gkt-hub status`.
 
-``FleetObserver`` is attached to a ``HubService`` (``service.observers``) and hears about
-every accepted message and every finished round; everything else (round, phase, uploads,
-rejections, bytes) is read from the service when a snapshot is taken. Device-reported
+``FleetObserver`` is attached to a ``HubService`` (``service.observers``, any subclass) and
+hears about every accepted message, and about every finished round through the service's
+``on_round`` callback; everything else (round, phase, uploads, rejections, bytes) is read
+from the service when a snapshot is taken. Device-reported
 figures arrive in the ``device_metrics`` of their hello and upload_done messages, are
 untrusted input, and are kept only if they are known names with finite numbers.
 """
@@ -33,6 +34,7 @@ class DeviceView:
     messages: int = 0
     bytes_up: int = 0
     codec: str | None = None
+    last_upload: str = ""  # upload_id of its last upload_done (duplicates are acked again)
     reported: dict[str, float] = field(default_factory=dict)
 
 
@@ -58,7 +60,7 @@ class FleetObserver:
         self.started = clock()
         self._lock = threading.Lock()
 
-    # -- called by HubService (network thread / main thread) ----------------------------
+    # -- called by the service (network thread / main thread) ---------------------------
     def on_accepted(self, service, device: str, msg: wire.Message, size: int) -> None:
         now = self.clock()
         with self._lock:
@@ -70,17 +72,20 @@ class FleetObserver:
             if msg.kind != "hello":
                 view.bytes_up += size
                 view.last_round = max(view.last_round, msg.round)
+            upload = msg.meta.get("upload_id") if msg.kind == "upload_done" else None
+            if isinstance(upload, str) and upload != view.last_upload:
+                view.last_upload = upload
+                n = msg.meta.get("num_samples")
+                self.samples_received += n if isinstance(n, int) else 0
             if msg.kind in ("hello", "upload_done"):
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
                     view.codec = msg.meta["codec"][:16]
 
-    def on_round_done(self, service, rec: RoundRecord, devices: list[str]) -> None:
-        samples = sum(service.hub.bank.num_samples(d) for d in devices)
+    def on_round(self, rec: RoundRecord) -> None:
         with self._lock:
-            self.samples_received += samples
             self.rounds_completed += 1
-            self.history.append({**asdict(rec), "devices": len(devices), "samples": samples})
+            self.history.append(asdict(rec))
             del self.history[:-MAX_HISTORY]
 
     # -- readers (HTTP threads) ----------------------------------------------------------

@@ -44,7 +44,7 @@ class FleetCollector(Collector):
                                   value=s["bytes_received"])
         yield CounterMetricFamily("gkt_hub_sent_bytes", "MQTT payload bytes sent",
                                   value=s["bytes_sent"])
-        yield CounterMetricFamily("gkt_hub_samples_received", "feature samples trained on",
+        yield CounterMetricFamily("gkt_hub_samples_received", "samples in completed uploads",
                                   value=s["samples_received"])
         rejected = CounterMetricFamily("gkt_hub_rejected_messages", "messages rejected",
                                        labels=["reason"])
@@ -74,7 +74,7 @@ class FleetCollector(Collector):
 
 
 class HubMetrics:
-    """A registry for one hub; attach as a service observer, serve with ``serve``."""
+    """A registry for one hub; call ``on_round`` after each round, serve with ``serve``."""
 
     def __init__(self, service, fleet: FleetObserver) -> None:
         self.registry = CollectorRegistry()
@@ -85,10 +85,7 @@ class HubMetrics:
         self._server = None
         self.port: int | None = None
 
-    def on_accepted(self, service, device, msg, size) -> None:
-        pass  # everything per message is read from the fleet snapshot
-
-    def on_round_done(self, service, rec: RoundRecord, devices: list[str]) -> None:
+    def on_round(self, rec: RoundRecord) -> None:
         self.round_seconds.observe(rec.seconds)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:

@@ -49,12 +49,13 @@ def start_monitoring(args: argparse.Namespace, service) -> Monitoring:
     """Attach the observers to ``service`` and start the servers asked for."""
     mon = Monitoring(FleetObserver())
     service.observers.append(mon.fleet)
+    listeners = [mon.fleet.on_round]
     try:
         if args.metrics_port is not None:
             from .metrics import HubMetrics  # prometheus_client: the [hub] extra
 
             metrics = HubMetrics(service, mon.fleet)
-            service.observers.append(metrics)
+            listeners.append(metrics.on_round)
             port = metrics.serve(args.metrics_port, args.metrics_host)
             mon.servers.append(metrics)
             log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
@@ -68,6 +69,15 @@ def start_monitoring(args: argparse.Namespace, service) -> Monitoring:
     except OSError as err:
         mon.close()
         raise MonitoringError(f"cannot serve metrics or the status page: {err}") from err
+    chained = service.on_round  # every service kind (sync, async, workers) reports rounds here
+
+    def on_round(rec) -> None:
+        for listener in listeners:
+            listener(rec)
+        if chained:
+            chained(rec)
+
+    service.on_round = on_round
     return mon
 
 

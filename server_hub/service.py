@@ -91,7 +91,7 @@ class HubService:
         self.listening = threading.Event()  # set once uploads are subscribed to
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self.observers: list = []  # on_accepted / on_round_done (server_hub.fleet, .metrics)
+        self.observers: list = []  # on_accepted(service, device, msg, size): server_hub.fleet
 
     # -- network thread ------------------------------------------------------------------
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
@@ -362,6 +362,5 @@ class HubService:
         self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
                                                                            ev.mean))
         self.journal.drop(rnd)
-        self._notify("on_round_done", rec, devices)
         if self.on_round:
             self.on_round(rec)

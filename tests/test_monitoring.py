@@ -56,16 +56,16 @@ def fed(tmp_path_factory):
     broker = start_broker(bdir / "state")
     setup = prepare(FederationConfig(data=DataConfig("digits"), devices=2))
     service, records = make_hub(broker, tmp, rounds=ROUNDS, min_devices=2)
-    mon = start_monitoring(argparse.Namespace(metrics_port=0, metrics_host="127.0.0.1",
-                                              status_port=0, status_host="127.0.0.1"), service)
-    metrics, status = mon.servers
     scrapes = []
 
     def on_round(rec):  # on the hub's main thread, between rounds: a scrape mid-run
         records.append(rec)
         scrapes.append(scrape(metrics.port))
 
-    service.on_round = on_round
+    service.on_round = on_round  # as serve passes it; monitoring chains its own before it
+    mon = start_monitoring(argparse.Namespace(metrics_port=0, metrics_host="127.0.0.1",
+                                              status_port=0, status_host="127.0.0.1"), service)
+    metrics, status = mon.servers
     hub = threading.Thread(target=service.run)
     hub.start()
     assert service.listening.wait(60)
