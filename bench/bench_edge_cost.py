@@ -4,7 +4,9 @@ the speed work, in one run.
 For each model: parameters, forward multiply-adds per image (torch FlopCounterMode / 2),
 and the time of one training step (``train_edge`` on one batch: forward, CE, backward,
 Adam/amsgrad) "before" (NCHW, the old pooling, glibc's default allocator) and "after" (the
-library's defaults: channels-last, GlobalAvgPool, kept heap memory; docs/performance.md).
+library's defaults: channels-last, GlobalAvgPool, kept heap memory; docs/performance.md),
+and "after+bf16" (the opt-in ``precision="bf16"``: autocast to bfloat16, in the same worker
+as "after"). Every model gets every setting: the FedAvg baselines are as tuned as the edge.
 Achieved GFLOP/s counts a training step as 3 forward passes at 2 flops per multiply-add,
 and is set against a 2048^3 fp32 matmul's GFLOP/s in the same process.
 
@@ -27,7 +29,7 @@ import time
 from pathlib import Path
 
 import torch
-from cpu_worker import BASELINE, TUNED, Worker, machine_info
+from cpu_worker import BASELINE, TUNED, TUNED_BF16, Worker, machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
 from edge_runtime.models import EdgeResNet8, count_parameters
@@ -66,7 +68,8 @@ def main() -> None:
     for threads in (int(t) for t in args.threads.split(",")):
         workers[("before", threads)] = Worker(threads, tuned_allocator=False)
         workers[("after", threads)] = Worker(threads)
-    settings = {"before": BASELINE, "after": TUNED}
+        workers[("after+bf16", threads)] = workers[("after", threads)]  # same process settings
+    settings = {"before": BASELINE, "after": TUNED, "after+bf16": TUNED_BF16}
     times: dict[tuple, dict[str, list[float]]] = {}
     t_start = time.perf_counter()
     for rnd in range(args.rounds):
@@ -85,7 +88,7 @@ def main() -> None:
         print(f"round {rnd + 1}/{args.rounds} done ({time.perf_counter() - t_start:.0f} s)",
               flush=True)
     thread_counts = {k: w.info["threads"] for k, w in workers.items()}
-    for w in workers.values():
+    for w in set(workers.values()):
         w.close()
 
     rows, summary = [], []
@@ -120,10 +123,10 @@ def main() -> None:
     print(f"\nbatch {args.batch}, {args.size}x{args.size}, {info['cpu']} ({info['cores']} cores), "
           f"torch {torch.__version__}; load average {info['load_average']} at start, "
           f"{os.getloadavg()[0]:.1f} at end: a shared machine, numbers are noisy")
-    print(f"{'setting':7} {'thr':>3} {'model':20} {'MMACs':>7} {'step ms':>8} {'cpu ms':>7} "
+    print(f"{'setting':10} {'thr':>3} {'model':20} {'MMACs':>7} {'step ms':>8} {'cpu ms':>7} "
           f"{'GFLOP/s':>8} {'% mm':>5} {'MACs x':>7} {'time x':>7} {'cpu x':>6}")
     for r in rows:
-        print(f"{r['setting']:7} {r['threads']:>3} {r['model']:20} "
+        print(f"{r['setting']:10} {r['threads']:>3} {r['model']:20} "
               f"{r['forward_macs_per_image'] / 1e6:>7.2f} {r['step_ms_median']:>8.1f} "
               f"{r['step_cpu_ms_median']:>7.1f} {r['achieved_gflops']:>8.1f} "
               f"{100 * r['fraction_of_matmul']:>5.1f} {r['macs_ratio']:>7.2f} "

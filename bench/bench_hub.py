@@ -3,7 +3,8 @@
 before and after the speed work, in one run.
 
 "before": NCHW and glibc's default allocator, as the code was; "after": the library's
-defaults (channels-last batches and model, kept heap memory; docs/performance.md). The
+defaults (channels-last batches and model, kept heap memory; docs/performance.md);
+"after+bf16": also bf16 autocast (ServerTrainConfig.cpu_precision, server_logits precision). The
 features are random post-ReLU 16x32x32 maps (throughput does not depend on their values).
 Each setting runs in its own worker process (bench/cpu_worker.py), asked in turn, round by
 round; medians over rounds. With CUDA the trainer also uses bf16 autocast; this benchmark
@@ -39,8 +40,10 @@ def main() -> None:
     info = machine_info()
     workers = {"before": Worker(args.threads, tuned_allocator=False),
                "after": Worker(args.threads)}
+    workers["after+bf16"] = workers["after"]  # the same process settings
     settings = {"before": {"channels_last": BASELINE["channels_last"]},
-                "after": {"channels_last": TUNED["channels_last"]}}
+                "after": {"channels_last": TUNED["channels_last"]},
+                "after+bf16": {"channels_last": TUNED["channels_last"], "precision": "bf16"}}
     jobs = {"train": {"op": "hub_train", "batch": args.batch},
             "logits": {"op": "hub_logits", "batch": args.logits_batch}}
     acc: dict[tuple, dict[str, list[float]]] = {}
@@ -55,7 +58,7 @@ def main() -> None:
                     a["cpu"] += r["cpu"]
         print(f"round {rnd + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", flush=True)
     threads = workers["after"].info["threads"]
-    for w in workers.values():
+    for w in set(workers.values()):
         w.close()
 
     rows = []
@@ -73,10 +76,10 @@ def main() -> None:
     print(f"\n{info['cpu']} ({info['cores']} cores, {threads} threads), torch {info['torch']}; "
           f"load average {info['load_average']} at start, {os.getloadavg()[0]:.1f} at end: "
           f"a shared machine, numbers are noisy")
-    print(f"{'model':10} {'job':7} {'setting':7} {'batch':>5} {'samples/s':>10} {'per cpu-s':>10} "
+    print(f"{'model':10} {'job':7} {'setting':10} {'batch':>5} {'samples/s':>10} {'per cpu-s':>10} "
           f"{'x':>5} {'cpu x':>6}")
     for r in rows:
-        print(f"{r['model']:10} {r['job']:7} {r['setting']:7} {r['batch']:>5} "
+        print(f"{r['model']:10} {r['job']:7} {r['setting']:10} {r['batch']:>5} "
               f"{r['samples_per_s']:>10.1f} {r['cpu_samples_per_s']:>10.1f} {r['speedup']:>5.2f} "
               f"{r['cpu_speedup']:>6.2f}")
     out = {**info, "load_average_end": round(os.getloadavg()[0], 2), "samples": args.samples,

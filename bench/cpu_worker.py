@@ -283,7 +283,8 @@ def _hub_train(r: dict) -> Callable[[], None]:
     model = build_server(r.get("model", "resnet55"), 10)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=1e-4, amsgrad=True)
     cfg = ServerTrainConfig(epochs=1, batch_size=r["batch"], device="cpu",
-                            channels_last=r["channels_last"], reuse_memory=TUNED_ALLOCATOR)
+                            channels_last=r["channels_last"], reuse_memory=TUNED_ALLOCATOR,
+                            cpu_precision=r.get("precision", "fp32"))
     bank, gen = _bank(r), torch.Generator().manual_seed(0)
     return lambda: train_server(model, opt, bank, ["d0"], cfg, gen)
 
@@ -299,7 +300,8 @@ def _hub_logits(r: dict) -> Callable[[], None]:
     if r["channels_last"]:
         model.to(memory_format=torch.channels_last)  # as train_server leaves it
     feats = _bank(r).get("d0").features
-    return lambda: server_logits(model, feats, r["batch"], channels_last=r["channels_last"])
+    return lambda: server_logits(model, feats, r["batch"], channels_last=r["channels_last"],
+                                 precision=r.get("precision", "fp32"))
 
 
 def serve() -> None:

@@ -9,9 +9,42 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.models.resnet import Bottleneck, conv1x1
 
 FEATURE_CHANNELS = 16  # channels of H, the feature map a device sends to the hub
+
+
+def conv1x1(inplanes: int, planes: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(inplanes, planes, kernel_size=1, stride=stride, bias=False)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ``models.resnet.Bottleneck`` (groups 1, base width 64), its module
+    names and state-dict keys included. Written out here because importing torchvision
+    costs a device ~160 MB of RSS with the CUDA wheel (docs/performance.md); tests check
+    it against torchvision's."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1,
+                 downsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = conv1x1(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = conv1x1(planes, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        out += identity
+        return self.relu(out)
 
 
 def bottleneck_stage(inplanes: int, planes: int, blocks: int, stride: int = 1) -> nn.Sequential:

@@ -22,7 +22,6 @@ import platform
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # glibc's mallopt parameters (malloc.h) and the largest mmap threshold it accepts on
 # 64-bit systems (HEAP_MAX_SIZE / 2); blocks above it are always mmap'ed.
@@ -95,9 +94,10 @@ def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
     (same outputs up to float rounding, ~1e-6); ``model`` itself is left untouched.
 
     Folds Conv2d -> BatchNorm2d pairs that are adjacent in an ``nn.Sequential`` and the
-    convN/bnN pairs of torchvision's ResNet blocks, which covers every model here; any other
-    batch norm stays, in eval mode. Not torch.fx: its tracing patches ``nn.Module.__call__``
-    for the whole process, which broke devices training in other threads.
+    convN/bnN pairs of ResNet blocks (ours and torchvision's), which covers every model
+    here; any other batch norm stays, in eval mode. Not torch.fx: its tracing patches
+    ``nn.Module.__call__`` for the whole process, which broke devices training in other
+    threads.
     """
     folded = copy.deepcopy(model).eval()
     for module in list(folded.modules()):
@@ -105,9 +105,9 @@ def inference_copy(model: nn.Module, channels_last: bool = True) -> nn.Module:
             names = list(module._modules)
             for first, second in zip(names, names[1:]):
                 _fold(module, first, second)
-        elif isinstance(module, (BasicBlock, Bottleneck)):
+        else:  # ResNet blocks (ours, torchvision's BasicBlock/Bottleneck): convN -> bnN
             for i in (1, 2, 3):
-                if hasattr(module, f"conv{i}"):
+                if hasattr(module, f"conv{i}") and hasattr(module, f"bn{i}"):
                     _fold(module, f"conv{i}", f"bn{i}")
     return to_channels_last(folded) if channels_last else folded
 

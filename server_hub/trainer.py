@@ -11,7 +11,13 @@ from torch.utils.data import DataLoader
 
 from edge_runtime.distill import kd_loss
 from edge_runtime.models import FeatureExtractor
-from edge_runtime.perf import channels_last_input, keep_freed_memory, to_channels_last
+from edge_runtime.perf import (
+    autocast,
+    channels_last_input,
+    keep_freed_memory,
+    resolve_precision,
+    to_channels_last,
+)
 
 from .feature_bank import FeatureBank
 from .models import FullResNet
@@ -30,6 +36,12 @@ class ServerTrainConfig:
     # speed (docs/performance.md): NHWC model and batches; on glibc, keep freed memory
     channels_last: bool = True
     reuse_memory: bool = True
+    # autocast on a CPU hub: fp32 | bf16 | auto (bf16 where the CPU runs it natively);
+    # a CUDA hub always trains under bf16 autocast
+    cpu_precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        resolve_precision(self.cpu_precision)  # refuses unknown names at configuration
 
 
 def pick_device(name: str) -> torch.device:
@@ -91,7 +103,9 @@ def train_server(
         to_channels_last(model)
     h, z_c, y = _gather(bank, devices)
     n = len(y)
-    amp = dev.type == "cuda"
+    amp = dev.type == "cuda" or resolve_precision(cfg.cpu_precision) == "bf16"
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels
     model.train()
     total = correct = seen = 0
     for _ in range(cfg.epochs):
@@ -117,18 +131,20 @@ def train_server(
 
 @torch.inference_mode()
 def server_logits(model: nn.Module, features: torch.Tensor, batch_size: int = 256,
-                  channels_last: bool = True) -> torch.Tensor:
+                  channels_last: bool = True, precision: str = "fp32") -> torch.Tensor:
     """Eval-mode logits for features, in the features' order (so ids stay paired).
 
     ``channels_last`` converts the batches only: converting the model's parameters here,
     under inference mode, would turn them into inference tensors that cannot train.
+    ``precision`` "bf16" (or "auto") autocasts the forward pass; logits come back fp32.
     """
     dev = next(model.parameters()).device
     model.eval()
     outs = []
     for i in range(0, len(features), batch_size):
         x = features[i : i + batch_size].float().to(dev)
-        outs.append(model(channels_last_input(x) if channels_last else x).float().cpu())
+        with autocast(precision, dev.type):
+            outs.append(model(channels_last_input(x) if channels_last else x).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 

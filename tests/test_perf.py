@@ -197,3 +197,31 @@ def test_folding_for_extraction_is_safe_while_another_device_trains():
         stop.set()
         worker.join()
     assert errors == []
+
+
+def test_our_bottleneck_is_torchvisions():
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    from edge_runtime.models import Bottleneck, bottleneck_stage
+
+    torch.manual_seed(0)
+    ours = bottleneck_stage(16, 8, blocks=2, stride=2)
+    theirs = nn.Sequential(TvBottleneck(16, 8, 2, ours[0].downsample), TvBottleneck(32, 8))
+    theirs.load_state_dict(ours.state_dict())  # strict: the same keys and shapes
+    assert isinstance(ours[1], Bottleneck) and Bottleneck.expansion == TvBottleneck.expansion
+    x = torch.randn(2, 16, 8, 8)
+    assert torch.allclose(ours(x), theirs(x), atol=1e-6)
+
+
+def test_a_digits_device_imports_neither_torchvision_nor_sklearn():
+    """Each costs a device RSS (~160 MB / ~210 MB); the digits ship with the package."""
+    code = """
+import sys
+from edge_runtime import agent, cli, device, train
+from edge_runtime.data import DataConfig, load_split
+load_split(DataConfig("digits", image_size=32), True)
+print(sorted({m.split(".")[0] for m in sys.modules} & {"torchvision", "sklearn", "scipy"}))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
