@@ -46,7 +46,7 @@ FEATURE_CHANNELS = 16  # channels of H; equals edge_runtime.models.FEATURE_CHANN
 MAX_FEATURE_SIZE = 512  # largest S of a [k, 16, S, S] feature chunk
 MAX_CLASSES = 100_000
 MAX_ACK_IDS = 512  # 512 ids of 64 characters fit the header limit
-ROUND_STATES = ("collect", "train", "done", "stop")
+ROUND_STATES = ("collect", "train", "done", "stop", "async")  # async: no rounds (docs/async.md)
 KINDS = ("hello", "features", "upload_done", "extractor", "ack", "logits", "logits_request",
          "round")
 REASONS = ("bad_magic", "bad_version", "bad_header", "unknown_kind", "schema", "checksum",
