@@ -1,18 +1,21 @@
 """Peak RSS of a device process doing what `gkt-edge run` does in a round, before and after
 the speed work, against a 1 GB Raspberry Pi 4.
 
-A child process per setting (run in turn) loads CIFAR-10 the way the CLI does (the training
-split twice: augmented and plain; the test split for the local evaluation), builds an
+A child process per setting (run in turn) loads CIFAR-10 (or the digits, at 32x32) the way
+the CLI does (the training split twice: augmented and plain, which share one copy of the
+images; the test split for the local evaluation), builds an
 ``EdgeDevice`` on one shard, trains one local epoch, extracts and encodes its features
 into upload chunks (codec q8), and evaluates the local classifier on the test split. After
 each phase it reads VmRSS and VmHWM (the peak) from /proc/self/status; the peak is reset
 between phases (/proc/self/clear_refs) where the kernel allows it, so each phase's own
 peak shows. CIFAR-10 here is random images in the real file format (the machine is
 offline); only sizes matter. Bare `import torch` (and torchvision) is measured the same way:
-this machine's torch is the CUDA wheel, whose import costs more than a Pi's CPU build.
+this machine's torch is the CUDA wheel, whose import costs more than a Pi's CPU build, so
+the figure to set against a Pi is the peak above the bare `import torch`. The device imports
+torchvision (lazily) only to read CIFAR; that cost shows in the data phase.
 
 Usage: python bench/bench_device_memory.py [--batch 64] [--train-images 50000]
-       [--shards 8] [--threads 0] [--json PATH]
+       [--shards 8] [--threads 0] [--datasets cifar10,digits] [--json PATH]
 """
 
 from __future__ import annotations
@@ -87,7 +90,6 @@ def child(args: argparse.Namespace) -> None:
         return
     t = time.perf_counter()
     import torch
-    import torchvision.datasets.cifar
 
     from edge_runtime.agent import rebatch
     from edge_runtime.data import DataConfig, load_split, make_loader
@@ -95,19 +97,23 @@ def child(args: argparse.Namespace) -> None:
     from edge_runtime.messages import feature_chunk
     from edge_runtime.partition import partition
     from edge_runtime.train import EdgeTrainConfig
-    mark("imports (torch, torchvision, edge_runtime, paho)", t)
+    mark("imports (torch, edge_runtime, paho)", t)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    # our files, so the md5 sums of the real archive cannot match
-    torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
     t = time.perf_counter()
-    data = DataConfig("cifar10", args.root)
-    plain = DataConfig("cifar10", args.root, augment=False)
+    if args.dataset == "cifar10":
+        import torchvision.datasets.cifar
+
+        # our files, so the md5 sums of the real archive cannot match
+        torchvision.datasets.cifar.check_integrity = lambda *a, **k: True
+    size = 32  # the digits upsampled to CIFAR's size, so the model's work is the same
+    data = DataConfig(args.dataset, args.root, size)
+    plain = DataConfig(args.dataset, args.root, size, augment=False)
     train, train_eval = load_split(data, True), load_split(plain, True)  # as gkt-edge does
     test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
     ids = partition(train.targets, args.shards, "iid", 0)[0]
-    mark("CIFAR-10 loaded (train x2, test)", t)
+    mark(f"{args.dataset} loaded (train x2, test)", t)
 
     before = args.setting == "before"
     cfg = EdgeTrainConfig(batch_size=args.batch, channels_last=not before,
@@ -128,12 +134,13 @@ def child(args: argparse.Namespace) -> None:
     device.local_accuracy(test_loader)
     mark("local evaluation (test split, batch 256)", t)
     print(json.dumps({"phases": phases, "peak_resettable": resettable, "upload_bytes": nbytes,
-                      "threads": torch.get_num_threads()}))
+                      "samples": stats.samples, "threads": torch.get_num_threads()}))
 
 
 def run_child(args: argparse.Namespace, extra: list[str]) -> dict:
     cmd = [sys.executable, __file__, "--child", "--root", args.root, "--batch", str(args.batch),
-           "--shards", str(args.shards), "--threads", str(args.threads), *extra]
+           "--shards", str(args.shards), "--threads", str(args.threads),
+           "--dataset", args.dataset, *extra]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=3600)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -146,6 +153,9 @@ def main() -> None:
     p.add_argument("--test-images", type=int, default=10_000)
     p.add_argument("--shards", type=int, default=8, help="devices; this one trains 1 shard")
     p.add_argument("--threads", type=int, default=0, help="0 = torch's default, as gkt-edge")
+    p.add_argument("--datasets", default="cifar10,digits",
+                   help="comma list of cifar10, digits (all 1,438 train images, no torchvision)")
+    p.add_argument("--dataset", default="cifar10", help=argparse.SUPPRESS)
     p.add_argument("--json", default="bench/results/device_memory.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -160,38 +170,46 @@ def main() -> None:
     from cpu_worker import machine_info
 
     info = machine_info()
+    runs = {}
     with tempfile.TemporaryDirectory() as root:
         args.root = root
         write_fake_cifar10(Path(root), args.train_images, args.test_images)
         imports = {m: run_child(args, ["--imports-only", m])["phases"][-1]["VmHWM"]
                    for m in ("torch", "torch,torchvision")}
-        runs = {s: run_child(args, ["--setting", s]) for s in ("before", "after")}
+        for dataset in args.datasets.split(","):
+            # the digits are small: one device holds all 1,438 training images
+            sub = argparse.Namespace(**{**vars(args), "dataset": dataset,
+                                        "shards": args.shards if dataset == "cifar10" else 1})
+            for setting in ("before", "after"):
+                runs[f"{dataset}/{setting}"] = run_child(sub, ["--setting", setting])
     rows = []
-    for setting, r in runs.items():
+    for key, r in runs.items():
+        dataset, setting = key.split("/")
         peak = 0.0
         for ph in r["phases"]:
             peak = max(peak, ph["VmHWM"])
-            rows.append({"setting": setting, "phase": ph["phase"], "rss_mb": ph["VmRSS"],
-                         "phase_peak_mb": ph["VmHWM"], "seconds": ph["seconds"]})
+            rows.append({"dataset": dataset, "setting": setting, "phase": ph["phase"],
+                         "rss_mb": ph["VmRSS"], "phase_peak_mb": ph["VmHWM"],
+                         "seconds": ph["seconds"]})
         r["peak_mb"] = peak
-    summary = {s: {"peak_rss_mb": r["peak_mb"],
-                   "peak_above_imports_mb": r["peak_mb"] - imports["torch,torchvision"],
-                   "threads": r["threads"]} for s, r in runs.items()}
+    summary = {k: {"peak_rss_mb": r["peak_mb"],
+                   "peak_above_torch_import_mb": r["peak_mb"] - imports["torch"],
+                   "samples": r["samples"], "threads": r["threads"]} for k, r in runs.items()}
 
-    print(f"\nCIFAR-10 ({args.train_images} train images, random), 1 of {args.shards} shards, "
-          f"batch {args.batch}; {info['cpu']}, torch {info['torch']}")
+    print(f"\nCIFAR-10: {args.train_images} random train images, 1 of {args.shards} shards; "
+          f"digits: all; batch {args.batch}; {info['cpu']}, torch {info['torch']}")
     print(f"bare imports: torch {imports['torch']:.0f} MB, torch + torchvision "
           f"{imports['torch,torchvision']:.0f} MB (peak RSS)")
-    print(f"{'setting':7} {'phase':52} {'RSS MB':>7} {'peak MB':>8} {'s':>6}")
+    print(f"{'dataset':8} {'setting':7} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6}")
     for r in rows:
-        print(f"{r['setting']:7} {r['phase']:52} {r['rss_mb']:>7.0f} {r['phase_peak_mb']:>8.0f} "
-              f"{r['seconds']:>6.1f}")
-    for s, v in summary.items():
-        print(f"{s}: peak RSS {v['peak_rss_mb']:.0f} MB, {v['peak_above_imports_mb']:.0f} MB above "
-              f"the bare torch + torchvision import")
+        print(f"{r['dataset']:8} {r['setting']:7} {r['phase']:48} {r['rss_mb']:>7.0f} "
+              f"{r['phase_peak_mb']:>8.0f} {r['seconds']:>6.1f}")
+    for k, v in summary.items():
+        print(f"{k}: peak RSS {v['peak_rss_mb']:.0f} MB, {v['peak_above_torch_import_mb']:.0f} MB "
+              f"above the bare torch import")
     out = {**info, "load_average_end": round(os.getloadavg()[0], 2), "batch": args.batch,
            "train_images": args.train_images, "shards": args.shards,
-           "peak_resettable": runs["after"]["peak_resettable"],
+           "peak_resettable": next(iter(runs.values()))["peak_resettable"],
            "import_peak_rss_mb": imports, "pi4_1gb_mb": PI4_1GB_MB, "summary": summary,
            "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

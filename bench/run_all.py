@@ -27,18 +27,21 @@ from cpu_worker import machine_info
 
 BENCH = Path(__file__).resolve().parent
 
-# Smaller settings for a laptop (the whole suite in roughly 10-20 minutes on 2 cores).
+# Smaller settings for a laptop (the whole suite in about 10 minutes on 2 idle cores).
 # Scripts not listed run with their defaults in both modes.
 QUICK_ARGS: dict[str, list[str]] = {
     "edge_cost": ["--rounds", "2", "--steps", "1"],
     "edge_tuning": ["--rounds", "2", "--calls", "1", "--no-compile", "--batches", "32,64"],
-    "device_memory": ["--train-images", "10000", "--test-images", "2000"],
+    "device_memory": ["--train-images", "10000", "--test-images", "2000", "--datasets", "digits"],
     "hub": ["--samples", "128", "--rounds", "1"],
     "codecs": ["--sizes", "32", "--samples", "128", "--repeats", "2"],
     "transport": ["--messages", "20", "--trips", "20", "--repeats", "2"],
     "federation": ["--rounds", "2", "--codecs", "fp32,q8"],
     "onnx": ["--runs", "6", "--sizes", "32"],
     "profile": ["--reps", "1", "--steps", "5", "--memory-batches", "16,64"],
+    "load": ["--devices", "8", "--collect-samples", "32"],
+    "workers": ["--epochs", "1", "--launches", "1"],
+    "async": ["--rounds", "4", "--plot", "bench/results/async-vs-sync.png"],
 }
 # Thread counts in the full run: the device default (one per core) and one thread, which
 # holds steady when other processes share the cores.
@@ -131,18 +134,21 @@ def headlines(records: dict[str, dict]) -> list[str]:
     dm = records.get("device_memory", {}).get("result")
     if dm:
         imp = dm["import_peak_rss_mb"]
+        out.append(f"- Device round (train one epoch, extract + encode, evaluate) at batch "
+                   f"{dm['batch']}; bare `import torch` {imp['torch']:.0f} MB with this CUDA "
+                   f"wheel (torch + torchvision {imp['torch,torchvision']:.0f} MB); a 1 GB "
+                   f"Raspberry Pi 4 has {dm['pi4_1gb_mb']} MB in all:")
         for s, v in dm["summary"].items():
-            out.append(f"- Device round at batch {dm['batch']} ({s}): peak RSS "
-                       f"{v['peak_rss_mb']:.0f} MB, of which {v['peak_above_imports_mb']:.0f} MB "
-                       f"above the bare torch + torchvision import ({imp['torch,torchvision']:.0f}"
-                       f" MB here; `import torch` alone {imp['torch']:.0f} MB with this CUDA "
-                       f"wheel). A 1 GB Raspberry Pi 4 has {dm['pi4_1gb_mb']} MB in all.")
+            out.append(f"  - {s} ({v.get('samples', '?')} samples): peak RSS "
+                       f"{v['peak_rss_mb']:.0f} MB, {v['peak_above_torch_import_mb']:.0f} MB "
+                       "above the bare torch import")
     hub = records.get("hub", {}).get("result")
     if hub:
         for r in hub["rows"]:
-            if r["setting"] == "after":
-                out.append(f"- Hub {r['model']} {r['job']} on CPU ({r['threads']} threads, batch "
-                           f"{r['batch']}): {r['samples_per_s']:.0f} samples/s "
+            if r["setting"] != "before":
+                out.append(f"- Hub {r['model']} {r['job']} on CPU, {r['setting']} "
+                           f"({r['threads']} threads, batch {r['batch']}): "
+                           f"{r['samples_per_s']:.0f} samples/s "
                            f"({r['speedup']:.1f}x before)")
     return out
 

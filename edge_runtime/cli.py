@@ -56,6 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch CPU threads (0 = torch's default: one per core)")
     run.add_argument("--extract-backend", default="folded",
                      help="folded | eager | onnxruntime (docs/performance.md)")
+    run.add_argument("--precision", default="fp32",
+                     help="fp32 | bf16 | auto: bf16 autocast, ~1.4x faster training and less "
+                          "memory on CPUs with native bf16 (docs/performance.md)")
     run.add_argument("--no-local-eval", action="store_true",
                      help="do not evaluate the local classifier on the test split")
     run.add_argument("--mode", choices=("sync", "async"), default="sync",
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         get_codec(cfg.codec)
         edge_cfg = EdgeTrainConfig(args.epochs, args.batch_size, args.lr,
                                    temperature=args.temperature, alpha=args.alpha,
-                                   extract_backend=args.extract_backend)
+                                   extract_backend=args.extract_backend,
+                                   precision=args.precision)
     except (ValueError, FileNotFoundError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
