@@ -26,7 +26,7 @@ log = logging.getLogger("gkt.hub")
 
 def add_worker_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("several hub workers (docs/scaling.md)")
-    g.add_argument("--workers", type=int, default=1,
+    g.add_argument("--workers", type=_positive, default=1,
                    help="hub processes on this machine training one server model with DDP "
                         "(1 = a single process, no torch.distributed)")
     g.add_argument("--share-group", default="gkt-hub",
@@ -37,6 +37,13 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                                          "needs a login (password: $GKT_BROKER_PASSWORD)")
     g.add_argument("--trace-dir", help="write the (device, sample id) each worker trained, "
                                        "per epoch, as JSON lines here (an audit)")
+
+
+def _positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
 
 
 def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
@@ -66,7 +73,11 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
         server_cfg = replace(server_cfg, device=f"cuda:{lr}")
     rank, world = init_group(backend_for(device), init_method, rank, world)
     plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
-    test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    try:
+        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    except FileNotFoundError as err:  # every worker evaluates a share of the devices
+        log.error("rank %d: %s", rank, err)
+        return 2
     link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{rank}", username=login[0],
                                password=login[1], max_packet_size=args.max_payload + 4096))
     try:
@@ -88,7 +99,8 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
         return svc.run()
     finally:
         link.close()
-        torch.distributed.destroy_process_group()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def _spawned(index: int, args: argparse.Namespace, cfg: FederationConfig, url: str,
@@ -132,8 +144,18 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
         url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
     init_method = f"tcp://127.0.0.1:{free_port()}"
     try:
-        mp.spawn(_spawned, args=(args, cfg, url, login, init_method, args.workers),
-                 nprocs=args.workers, join=True)
+        ctx = mp.start_processes(_spawned, nprocs=args.workers, join=False,
+                                 args=(args, cfg, url, login, init_method, args.workers))
+
+        def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    os.kill(proc.pid, sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, forward)
+        while not ctx.join():
+            pass
         return 0
     except mp.ProcessExitedException as err:
         log.error("%s", err)

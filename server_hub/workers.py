@@ -180,11 +180,12 @@ class WorkerService(HubService):
         t_end = time.monotonic() + self.cfg.start_timeout
         while True:
             _, _, stop = self._sync()
-            n = len(self.known)
+            n = len(self.known)  # may differ across ranks by now: rank 0's view decides
             if self.rank == 0:
                 self.on_status(f"waiting for devices: {n}/{self.cfg.min_devices}")
-            late = broadcast(time.monotonic() > t_end)  # rank 0's clock decides
-            if n >= self.cfg.min_devices or stop:
+            ready, late = broadcast((n >= self.cfg.min_devices or stop,
+                                     time.monotonic() > t_end))
+            if ready:
                 return
             if late:
                 raise NoDevicesError(f"only {n} of {self.cfg.min_devices} devices joined "
