@@ -100,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_async_args(sim, simulate=True)
     add_training_args(sim)
     add_monitoring_args(srv)
+    add_monitoring_args(sim)
     for p in (srv, sim):
         add_config_args(p, ENV_PREFIX)
         add_log_args(p)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts)
+                                   opts, monitor_args=args)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")

@@ -100,7 +100,7 @@ class FleetObserver:
             if up is not None:
                 return "uploading"
         if phase == "train" and up is not None and up.complete:
-            return "in training"
+            return "uploaded"  # the hub trains on it now
         if now - view.last_seen > 2 * service.cfg.round_deadline:
             return "silent"
         return "training" if phase == "collect" else "waiting"

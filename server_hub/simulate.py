@@ -81,8 +81,9 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
-                  opts: ModeOptions | None = None) -> RunResult:
-    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT."""
+                  opts: ModeOptions | None = None, monitor_args=None) -> RunResult:
+    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
+    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring)."""
     from edge_runtime.data import load_split, make_loader
     from edge_runtime.transport import LinkConfig, MqttLink
 
@@ -139,11 +140,18 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                          cfg.data, test_loader, on_round,
                          on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     sys_counters: dict[str, int] = {}
+    monitor = None
     try:
+        if monitor_args is not None:
+            from .monitoring import start_monitoring
+
+            monitor = start_monitoring(monitor_args, service)
         rc = service.run()
         sys_counters = read_sys_counters(broker.url)
     finally:
         bar.close()
+        if monitor:
+            monitor.close()
         codes = []
         for p, logf in procs:
             try:
