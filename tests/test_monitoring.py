@@ -54,7 +54,8 @@ def fed(tmp_path_factory):
     bdir = Path(tempfile.mkdtemp(prefix="gkt-test-broker-"))
     bdir.chmod(0o755)  # the broker's own user must enter it
     broker = start_broker(bdir / "state")
-    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=2))
+    # 2 devices with a quarter of digits each: the hub's CPU training stays short
+    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=4))
     service, records = make_hub(broker, tmp, rounds=ROUNDS, min_devices=2)
     scrapes = []
 
