@@ -131,7 +131,7 @@ class AsyncHubService(HubService):
                 self._evaluate(t_start, last, losses)
             self.on_status(f"async: version {self.ahub.version}, {self.ahub.steps} steps, "
                            f"{len(self.merged)}/{len(self.known)} devices")
-        if self.ahub.version:
+        if self.ahub.version != last["v"]:  # what was merged since the last evaluation
             self._evaluate(t_start, last, losses)
         self.phase = "done"
         self._announce("stop")

@@ -221,7 +221,8 @@ def run_gkt_async_fleet(cfg: FederationConfig, setup: Setup, fleet: list[DeviceS
                            last["t"]):
             snapshot()
     stop.set()
-    snapshot()
+    if not snaps or ahub.version != last["v"]:
+        snapshot()
     for t in threads:
         t.join(60)
     return _finish(_result(cfg, fleet, "async", {"async": asdict(acfg)}), snaps, cfg, setup,
