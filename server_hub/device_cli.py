@@ -25,6 +25,8 @@ def add_device_parser(sub: argparse._SubParsersAction) -> None:
                      help="the hub's address as devices reach it (default: this host's name)")
     add.add_argument("--port", type=int, default=None,
                      help="broker port devices use (default 8883 with TLS, else 1883)")
+    add.add_argument("--tls", action="store_true",
+                     help="make the broker's CA and certificate (for --host) now if missing")
     add.add_argument("--json", action="store_true", help="print a JSON object instead")
     rev = verbs.add_parser("revoke", help="remove a device's password and topics")
     rev.add_argument("device_id")
@@ -68,6 +70,10 @@ def run_device(args: argparse.Namespace) -> int:
 
 def _add(args: argparse.Namespace) -> int:
     e = add_device(args.state_dir, args.device_id)
+    if args.tls:
+        from .tls import ensure_tls
+
+        ensure_tls(args.state_dir, [args.host])
     ca = SecurityPaths.of(args.state_dir).root / "ca.pem"
     tls = ca.is_file()
     port = args.port or (8883 if tls else 1883)
@@ -89,8 +95,8 @@ def _add(args: argparse.Namespace) -> int:
     if tls:
         print(f"  CA file:  {ca}   (copy it to the device)")
     else:
-        print("  no TLS yet: start the hub with `gkt-hub serve --tls` and enrol again, or the "
-              "password crosses the network in clear")
+        print("  no TLS: the password crosses the network in clear; enrol again with --tls "
+              "and start the hub with `gkt-hub serve --tls`")
     print("on the device:")
     print(f"  (umask 077; printf '%s\\n' {shlex.quote(e.password)} > {secret})")
     print(f"  {shlex.join(cmd)}")

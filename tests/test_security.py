@@ -148,11 +148,11 @@ def test_open_broker_on_the_network_is_refused_unless_insecure(tmp_path, caplog)
 
 
 def test_device_cli_prints_a_working_edge_command(broker_dir, capsys):
-    ensure_tls(broker_dir)
     assert hub_cli.main(["device", "add", "pi-1", "--state-dir", str(broker_dir),
-                         "--host", "hub.lan", "--json"]) == 0
+                         "--host", "hub.lan", "--tls", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["url"] == "mqtts://hub.lan:8883" and info["username"] == "pi-1"
+    assert "hub.lan" in certificate_names(ensure_tls(broker_dir).cert)
     secret = broker_dir / "pi-1.secret"
     secret.write_text(info["password"] + "\n")
     argv = info["command"].split()[1:]
