@@ -57,7 +57,8 @@ def coerce(action: argparse.Action, value: object, where: str) -> object:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
         return value
-    if action.nargs not in (None, "?", 0):  # a list option: check every element
+    if isinstance(action, argparse._AppendAction) or action.nargs not in (None, "?", 0):
+        # a list option (repeatable or nargs): a TOML array, every element checked
         if not isinstance(value, list):
             value = str(value).split() if isinstance(value, str) else [value]
         one = argparse.Action(action.option_strings, action.dest, type=action.type,
@@ -159,6 +160,8 @@ def to_toml(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
             lines.append(f"{key} = {json.dumps(value)}")
         elif isinstance(value, (int, float)):  # repr: 0.001, inf, nan are TOML too
             lines.append(f"{key} = {value!r}")
+        elif isinstance(value, (list, tuple)):  # of strings and numbers: JSON is TOML here
+            lines.append(f"{key} = {json.dumps(list(value))}")
         else:  # a JSON string is a valid TOML basic string
             lines.append(f"{key} = {json.dumps(str(value))}")
     return "\n".join(lines) + "\n"

@@ -31,8 +31,8 @@ def tiny_parser() -> argparse.ArgumentParser:
     return p
 
 
-def write(tmp_path, text: str):
-    path = tmp_path / "c.toml"
+def write(tmp_path, text: str, name: str = "c.toml"):
+    path = tmp_path / name
     path.write_text(text)
     return str(path)
 
@@ -121,6 +121,24 @@ def test_hub_print_config(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GKT_HUB_ROUNDS", "-")
     assert hub_cli.main(["serve", "--config", cfg]) == 2
     assert "GKT_HUB_ROUNDS" in capsys.readouterr().err
+
+
+def test_repeatable_options_take_a_toml_array(tmp_path, capsys):
+    p = argparse.ArgumentParser(prog="t")
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run")
+    run.add_argument("--tls-host", action="append", default=[])
+    run.add_argument("--size", type=int, nargs="+", default=[1])
+    add_config_args(run, "T_")
+    cfg = write(tmp_path, 'tls-host = ["hub.local", "10.0.0.2"]\nsize = [3, 4]\n')
+    a = parse_args(p, ["run", "--config", cfg], "T_", {})
+    assert a.tls_host == ["hub.local", "10.0.0.2"] and a.size == [3, 4]
+    with pytest.raises(ConfigError, match="'size' must be an integer"):
+        parse_args(p, ["run", "--config", write(tmp_path, "size = [3, 'x']\n", "bad.toml")],
+                   "T_", {})
+    with pytest.raises(SystemExit):
+        parse_args(p, ["run", "--config", cfg, "--print-config"], "T_", {})
+    assert tomllib.loads(capsys.readouterr().out)["tls-host"] == ["hub.local", "10.0.0.2"]
 
 
 def test_secrets_are_not_printed():
