@@ -49,7 +49,8 @@ class UploadJournal:
         """Round (async: upload) numbers that have something on disk, ascending."""
         if not self.root.is_dir():
             return []
-        return sorted(int(d.name.split("-")[1]) for d in self.root.glob("round-*"))
+        return sorted(int(d.name.split("-")[1]) for d in self.root.glob("round-*")
+                      if next(d.glob("*/*.msg"), None) is not None)
 
     def drop(self, upto: int) -> None:
         """Delete the journal of every round <= ``upto``."""
