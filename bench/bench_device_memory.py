@@ -117,7 +117,8 @@ def child(args: argparse.Namespace) -> None:
 
     before = args.setting == "before"
     cfg = EdgeTrainConfig(batch_size=args.batch, channels_last=not before,
-                          reuse_memory=not before, extract_backend="eager" if before else "folded")
+                          reuse_memory=not before, extract_backend="eager" if before else "folded",
+                          precision="bf16" if args.setting == "after+bf16" else "fp32")
     t = time.perf_counter()
     device = EdgeDevice("dev0", train, train_eval, ids, 10, cfg)
     if before:
@@ -180,11 +181,11 @@ def main() -> None:
             # the digits are small: one device holds all 1,438 training images
             sub = argparse.Namespace(**{**vars(args), "dataset": dataset,
                                         "shards": args.shards if dataset == "cifar10" else 1})
-            for setting in ("before", "after"):
+            for setting in ("before", "after", "after+bf16"):
                 runs[f"{dataset}/{setting}"] = run_child(sub, ["--setting", setting])
     rows = []
     for key, r in runs.items():
-        dataset, setting = key.split("/")
+        dataset, setting = key.split("/", 1)
         peak = 0.0
         for ph in r["phases"]:
             peak = max(peak, ph["VmHWM"])
@@ -200,9 +201,9 @@ def main() -> None:
           f"digits: all; batch {args.batch}; {info['cpu']}, torch {info['torch']}")
     print(f"bare imports: torch {imports['torch']:.0f} MB, torch + torchvision "
           f"{imports['torch,torchvision']:.0f} MB (peak RSS)")
-    print(f"{'dataset':8} {'setting':7} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6}")
+    print(f"{'dataset':8} {'setting':10} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6}")
     for r in rows:
-        print(f"{r['dataset']:8} {r['setting']:7} {r['phase']:48} {r['rss_mb']:>7.0f} "
+        print(f"{r['dataset']:8} {r['setting']:10} {r['phase']:48} {r['rss_mb']:>7.0f} "
               f"{r['phase_peak_mb']:>8.0f} {r['seconds']:>6.1f}")
     for k, v in summary.items():
         print(f"{k}: peak RSS {v['peak_rss_mb']:.0f} MB, {v['peak_above_torch_import_mb']:.0f} MB "

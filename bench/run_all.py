@@ -34,7 +34,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "edge_tuning": ["--rounds", "2", "--calls", "1", "--no-compile", "--batches", "32,64"],
     "device_memory": ["--train-images", "10000", "--test-images", "2000", "--datasets", "digits"],
     "hub": ["--samples", "128", "--rounds", "1"],
-    "codecs": ["--sizes", "32", "--samples", "128", "--repeats", "2"],
+    "codecs": ["--sizes", "32", "--samples", "128", "--repeats", "2", "--steps", "10"],
     "transport": ["--messages", "20", "--trips", "20", "--repeats", "2"],
     "federation": ["--rounds", "2", "--codecs", "fp32,q8"],
     "onnx": ["--runs", "6", "--sizes", "32"],
