@@ -38,12 +38,13 @@ def small(setup):
 
 
 def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
-              trace: Path | None = None) -> tuple[subprocess.Popen, Path]:
+              trace: Path | None = None, seed: int = 0) -> tuple[subprocess.Popen, Path]:
     cmd = [sys.executable, "-m", "server_hub.cli", "serve", "--broker", url,
            "--state-dir", str(state), "--workers", str(workers), "--worker-threads", "1",
            "--dataset", "digits", "--rounds", str(rounds), "--min-devices", "2",
            "--server-epochs", str(epochs), "--batch-size", "32", "--device", "cpu",
-           "--start-timeout", "120", "--round-deadline", "120", "--no-progress"]
+           "--start-timeout", "120", "--round-deadline", "120", "--no-progress",
+           "--seed", str(seed)]
     if trace:
         cmd += ["--trace-dir", str(trace)]
     state.mkdir(parents=True, exist_ok=True)
@@ -79,15 +80,16 @@ def run_devices(url: str, tmp: Path, setup, tag: str) -> list[EdgeAgent]:
 
 
 def federate(url: str, tmp: Path, setup, workers: int, rounds: int, epochs: int = 2,
-             trace: Path | None = None) -> dict:
-    proc, log = start_hub(url, tmp / f"hub{workers}", workers, rounds, epochs, trace)
+             trace: Path | None = None, seed: int = 0) -> dict:
+    name = f"w{workers}s{seed}"
+    proc, log = start_hub(url, tmp / name, workers, rounds, epochs, trace, seed)
     try:
-        agents = run_devices(url, tmp, setup, f"w{workers}")
+        agents = run_devices(url, tmp, setup, name)
         assert proc.wait(120) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    meta = json.loads((tmp / f"hub{workers}" / "checkpoints" / f"round-{rounds - 1:04d}" /
+    meta = json.loads((tmp / name / "checkpoints" / f"round-{rounds - 1:04d}" /
                        "meta.json").read_text())
     for a in agents:  # a logit for every sample, whichever worker held its features
         assert a.device.progress.completed_round == rounds - 1
@@ -122,9 +124,16 @@ def test_two_workers_train_every_upload_exactly_once_per_epoch(broker, tmp_path,
 
 @pytest.mark.slow
 def test_two_workers_reach_the_accuracy_of_one(broker_factory, tmp_path, setup):
-    # A broker each: the first run's retained "stop" must not reach the second's devices.
-    one = federate(broker_factory("one").url, tmp_path, setup, workers=1, rounds=6)
-    two = federate(broker_factory("two").url, tmp_path, setup, workers=2, rounds=6)
-    print(f"test accuracy after 6 rounds: 1 worker {one['test_accuracy']:.4f}, "
-          f"2 workers {two['test_accuracy']:.4f}")
-    assert abs(one["test_accuracy"] - two["test_accuracy"]) < 0.08
+    """Full digits split, 6 rounds, hub seeds 0 and 1 (the spread between seeds is the
+    noise the 1-vs-2 worker difference is measured against)."""
+    acc = {}
+    for workers in (1, 2):
+        for seed in (0, 1):
+            # A broker each: a run's retained "stop" must not reach the next one's devices.
+            url = broker_factory(f"w{workers}s{seed}").url
+            acc[workers, seed] = federate(url, tmp_path, setup, workers, rounds=6,
+                                          seed=seed)["test_accuracy"]
+    print("test accuracy after 6 rounds:", {f"{w} workers, seed {s}": round(a, 4)
+                                            for (w, s), a in acc.items()})
+    one, two = (sum(acc[w, s] for s in (0, 1)) / 2 for w in (1, 2))
+    assert abs(one - two) < 0.05
