@@ -46,10 +46,7 @@ class AsyncHubService(HubService):
             super()._handle(device, msg, msg_bytes, replay)
             return
         with self._cond:
-            if replay:
-                self.known.setdefault(device, {})
-            if device not in self.known:
-                raise wire.WireError("unknown_device", f"{device} sent {msg.kind} before hello")
+            self._require_known(device, msg.kind, replay)
             newest = max(self.merged.get(device, -1), self.upload_update.get(device, -1) - 1)
             if msg.round <= newest:
                 # A resend of something merged or superseded: ack so it stops, use nothing.

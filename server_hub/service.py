@@ -132,10 +132,7 @@ class HubService:
         if msg.kind not in ("features", "extractor", "upload_done"):
             raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent to the hub")
         with self._cond:
-            if replay:  # it was accepted before the crash, so the device was known
-                self.known.setdefault(device, {})
-            if device not in self.known:
-                raise wire.WireError("unknown_device", f"{device} sent {msg.kind} before hello")
+            self._require_known(device, msg.kind, replay)
             if msg.round != self.round or self.phase != "collect":
                 if msg.round > self.round:
                     raise wire.WireError("future_round", f"round {msg.round} not open yet "
@@ -149,6 +146,12 @@ class HubService:
             self._cond.notify_all()
         if not replay:
             self._ack(device, msg.msg_id)
+
+    def _require_known(self, device: str, kind: str, replay: bool) -> None:
+        if replay:  # it was accepted before the crash, so the device was known
+            self.known.setdefault(device, {})
+        if device not in self.known:
+            raise wire.WireError("unknown_device", f"{device} sent {kind} before hello")
 
     def _store(self, device: str, msg: wire.Message, size: int, replay: bool) -> bool:
         """Apply an upload message; False if it was a duplicate (nothing new to journal)."""

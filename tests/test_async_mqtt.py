@@ -3,6 +3,9 @@ vanishes blocks nobody; and the in-process async runner improves accuracy."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 import time
 
@@ -108,3 +111,21 @@ def test_device_threads_stop_when_the_async_run_ends(setup):
     run_gkt_async_fleet(cfg, small, [DeviceSpeed()] * 3, AsyncConfig(max_updates=3))
     left = {t.name for t in threading.enumerate() if t.is_alive()} - before
     assert not [n for n in left if n.startswith("device-")]
+
+
+@pytest.mark.slow  # broker + hub + three gkt-edge processes: ~70 s on 2 loaded cores
+@pytest.mark.mqtt
+def test_cli_simulate_async_over_mqtt_with_a_slow_device(tmp_path):
+    out = tmp_path / "run.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "server_hub.cli", "simulate", "--mode", "async", "--devices", "3",
+         "--rounds", "2", "--device-speeds", "1,1,3", "--bandwidths", "2M", "--eval-every", "2",
+         "--server-epochs", "1", "--state-dir", str(tmp_path / "state"), "--no-progress",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["mode"] == "async" and data["transport"] == "mqtt"
+    assert data["broker_bytes"]["device_exit_codes"] == [0, 0, 0]
+    assert data["rounds"][-1]["updates"] >= 6 and data["final"]["test_accuracy"] > 0.3
+    assert [s["compute"] for s in data["config"]["fleet"]] == [1.0, 1.0, 3.0]
