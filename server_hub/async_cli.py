@@ -53,6 +53,8 @@ def mode_options(args: argparse.Namespace, devices: int, rounds: int) -> ModeOpt
         fleet = build_fleet(devices, args.device_speeds, args.device_profiles, args.bandwidths)
     if args.mode == "sync":
         return ModeOptions("sync", None, fleet)
+    if getattr(args, "workers", 1) > 1:
+        raise ValueError("--mode async runs one hub process; --workers is for sync rounds")
     acfg = AsyncConfig(decay=args.staleness_decay, max_staleness=args.max_staleness,
                        logits_after=args.logits_after, eval_every=args.eval_every,
                        eval_seconds=args.eval_seconds,

@@ -158,3 +158,15 @@ def test_a_vanished_device_blocks_nobody_and_ages_out():
     ah.train_steps(1)
     assert ah.weights()["ghost"] == 0.0 and ah.bank_samples == 16  # past max_staleness
     assert "ghost" in ah.due()  # still owed logits from its only upload; nobody waits on it
+
+
+def test_cli_names_bad_async_and_fleet_options(capsys, tmp_path):
+    from server_hub.cli import main
+
+    assert main(["simulate", "--devices", "4", "--device-speeds", "1,5"]) == 2
+    assert "--device-speeds: 2 values for 4 devices" in capsys.readouterr().err
+    assert main(["simulate", "--mode", "async", "--staleness-decay", "1.5"]) == 2
+    assert "staleness decay" in capsys.readouterr().err
+    assert main(["serve", "--mode", "async", "--workers", "2", "--state-dir",
+                 str(tmp_path)]) == 2
+    assert "--workers" in capsys.readouterr().err
