@@ -44,6 +44,8 @@ class AsyncHubService(HubService):
                 replay: bool = False) -> None:
         if msg.kind not in UPLOAD_KINDS:  # hello, logits requests and junk: as in sync
             super()._handle(device, msg, msg_bytes, replay)
+            if msg.kind == "hello":
+                self._restarted(device, msg.meta.get("completed_round"))
             return
         with self._cond:
             self._require_known(device, msg.kind, replay)
@@ -61,6 +63,15 @@ class AsyncHubService(HubService):
             self._cond.notify_all()
         if not replay:
             self._ack(device, msg.msg_id)
+
+    def _restarted(self, device: str, completed: object) -> None:
+        """A device that lost its state counts its uploads from 0 again: accept them."""
+        with self._cond:
+            if isinstance(completed, int) and completed < self.merged.get(device, -1):
+                log.info("%s restarted from update %d; accepting its uploads again", device,
+                         completed + 1)
+                self.journal.drop_device(self.merged.pop(device), device)
+                self.upload_update.pop(device, None)
 
     def _merge(self, device: str, update: int, up: Upload) -> None:
         """The upload is complete: it replaces the device's older features in the bank."""

@@ -88,6 +88,11 @@ def test_merge_on_complete_upload_stale_resends_and_hostile_input(tmp_path):
     send(svc, "d", upload("d", 1, seed=1))
     assert svc.ahub.version == 2 and svc.merged == {"d": 1}
     assert svc.journal.rounds() == [1]  # only the newest complete upload stays on disk
+    wiped = wire.encode_message("hello", "d", 0, {}, msg_id="h2",
+                                meta={"num_samples": 6, "num_classes": 10, "codec": "fp32",
+                                      "completed_round": -1})
+    send(svc, "d", [wiped] + upload("d", 0, seed=5))  # lost its state: counts from 0 again
+    assert svc.ahub.version == 3 and svc.merged == {"d": 0} and svc.journal.rounds() == [0]
 
 
 def test_a_restarted_async_hub_replays_the_newest_uploads(tmp_path):
