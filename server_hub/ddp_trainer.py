@@ -18,8 +18,10 @@ optimizer steps, so Adam's moments (and then the weights) would drift apart acro
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -124,3 +126,22 @@ def average_batchnorm_stats(model: nn.Module) -> None:
     for b in model.buffers():  # num_batches_tracked: the same step count on every rank
         if not b.is_floating_point():
             dist.broadcast(b, 0)
+
+
+class SampleTrace:
+    """(device, sample id) of every sample this rank trained, per epoch: the audit that each
+    upload is trained on exactly once per epoch."""
+
+    def __init__(self, devices: list[str]) -> None:
+        self.devices = devices
+        self.epochs: dict[int, list[list]] = {}
+
+    def record(self, epoch: int, keys: torch.Tensor) -> None:
+        self.epochs.setdefault(epoch, []).extend(
+            [self.devices[int(d)], int(i)] for d, i in keys.tolist())
+
+    def write(self, path: Path, rnd: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            for epoch, samples in sorted(self.epochs.items()):
+                f.write(json.dumps({"round": rnd, "epoch": epoch, "samples": samples}) + "\n")

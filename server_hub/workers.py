@@ -15,7 +15,6 @@ announces rounds and writes the checkpoint.
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass
@@ -32,8 +31,15 @@ from edge_runtime.perf import keep_freed_memory, to_channels_last
 from edge_runtime.transport import LinkConfig, MqttLink
 
 from .checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state
-from .ddp_trainer import Shard, train_server_ddp
-from .distributed import MergedUpload, all_gather, broadcast, merge_uploads, owned_mask
+from .ddp_trainer import SampleTrace, Shard, train_server_ddp
+from .distributed import (
+    MergedUpload,
+    all_gather,
+    broadcast,
+    merge_uploads,
+    owned_mask,
+    round_decision,
+)
 from .hub import Evaluation
 from .journal import UploadJournal
 from .results import RoundRecord
@@ -53,21 +59,6 @@ class WorkerConfig:
 
 def shared_up_filter(group: str) -> str:
     return f"$share/{group}/{topics.UP_WILDCARD}"
-
-
-def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
-                   extensions_left: bool) -> str:
-    """What a collecting round does next: wait | go | extend | fail (HubService's rules)."""
-    enough = done >= min_devices
-    if enough and all_done:
-        return "go"
-    if not deadline_passed:
-        return "wait"
-    if enough:
-        return "go"
-    if extensions_left:
-        return "extend"
-    return "go" if done else "fail"
 
 
 class WorkerService(HubService):
@@ -283,7 +274,7 @@ class WorkerService(HubService):
             self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
         self._gather_extractors(devices)
         shard, counts, shape = self._shard(done)
-        trace = _Trace(devices) if self.wcfg.trace_dir else None
+        trace = SampleTrace(devices) if self.wcfg.trace_dir else None
         stats = train_server_ddp(self.ddp, self.hub.optimizer, shard, counts, shape,
                                  self.hub.cfg, self.generator, trace and trace.record)
         if trace:
@@ -331,22 +322,3 @@ class WorkerService(HubService):
         for part in all_gather(mine):
             merged.update(part)
         return Evaluation(dict(sorted(merged.items())))
-
-
-class _Trace:
-    """(device, sample id) of every sample this rank trained, per epoch: the audit that each
-    upload is trained on exactly once per epoch."""
-
-    def __init__(self, devices: list[str]) -> None:
-        self.devices = devices
-        self.epochs: dict[int, list[list]] = {}
-
-    def record(self, epoch: int, keys: torch.Tensor) -> None:
-        self.epochs.setdefault(epoch, []).extend(
-            [self.devices[int(d)], int(i)] for d, i in keys.tolist())
-
-    def write(self, path: Path, rnd: int) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            for epoch, samples in sorted(self.epochs.items()):
-                f.write(json.dumps({"round": rnd, "epoch": epoch, "samples": samples}) + "\n")
