@@ -98,8 +98,9 @@ class EdgeDevice:
         tmp = state_dir / "edge.safetensors.tmp"
         save_file(tensors, str(tmp))
         tmp.replace(state_dir / "edge.safetensors")
-        torch.save(self.optimizer.state_dict(), state_dir / "optimizer.pt")
-        (state_dir / "progress.json").write_text(json.dumps(asdict(self.progress), indent=1))
+        _replace(state_dir / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+        progress = json.dumps(asdict(self.progress), indent=1)
+        _replace(state_dir / "progress.json", lambda p: p.write_text(progress))  # last: the mark
 
     def load(self, state_dir: Path) -> bool:
         """Restore from ``state_dir``; False if there is nothing saved there yet."""
@@ -115,6 +116,14 @@ class EdgeDevice:
         progress = json.loads((state_dir / "progress.json").read_text())
         self.progress = DeviceProgress(**progress)
         return True
+
+
+def _replace(path: Path, write) -> None:
+    """Write a temporary file, then rename it over ``path``: a device killed mid-save
+    leaves the old file or the new one, never half of one that it could not resume from."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
 
 
 def load_edge_model_state(state_dir: Path) -> dict[str, torch.Tensor]:

@@ -1,0 +1,41 @@
+"""A device killed while saving its state can still resume (what systemd restarts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_runtime import device as device_mod
+from edge_runtime.data import DataConfig
+from edge_runtime.device import EdgeDevice
+from edge_runtime.train import EdgeTrainConfig
+from server_hub.federation import FederationConfig, prepare
+
+
+def make_device(setup) -> EdgeDevice:
+    return EdgeDevice("d0", setup.train, setup.train_eval, setup.shards[0], 10,
+                      EdgeTrainConfig(batch_size=32))
+
+
+def test_a_save_cut_short_leaves_the_previous_state_loadable(tmp_path, monkeypatch):
+    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=8))
+    dev = make_device(setup)
+    dev.progress.completed_round = 0
+    dev.save(tmp_path)
+    dev.progress.completed_round = 1
+
+    def killed_mid_write(obj, path):  # half a file on disk, then the process is gone
+        with open(path, "wb") as f:
+            f.write(b"PK\x03\x04 half an optimizer")
+        raise SystemExit("SIGKILL")
+
+    monkeypatch.setattr(device_mod.torch, "save", killed_mid_write)
+    with pytest.raises(SystemExit):
+        dev.save(tmp_path)
+    monkeypatch.undo()
+    again = make_device(setup)
+    assert again.load(tmp_path)  # not a crash loop on a torn optimizer.pt or progress.json
+    assert again.progress.completed_round == 0
+    for k, v in torch.load(tmp_path / "optimizer.pt", weights_only=True)["param_groups"][0].items():
+        if k != "params":
+            assert v == again.optimizer.state_dict()["param_groups"][0][k]
