@@ -38,13 +38,15 @@ class AsyncHubService(HubService):
         self.upload_update: dict[str, int] = {}  # device -> update of its open upload
         self.sent: dict[str, tuple[int, list[bytes]]] = {}  # newest logits, for re-requests
         self.bytes_merged = 0
+        self.hellos: dict[str, str] = {}  # device -> msg_id of the last hello acted on
 
     # -- network thread ------------------------------------------------------------------
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
                 replay: bool = False) -> None:
         if msg.kind not in UPLOAD_KINDS:  # hello, logits requests and junk: as in sync
             super()._handle(device, msg, msg_bytes, replay)
-            if msg.kind == "hello":
+            if msg.kind == "hello" and self.hellos.get(device) != msg.msg_id:
+                self.hellos[device] = msg.msg_id  # a broker re-delivers retained hellos
                 self._restarted(device, msg.meta.get("completed_round"))
             return
         with self._cond:

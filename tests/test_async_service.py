@@ -43,7 +43,8 @@ def service(tmp_path) -> tuple[AsyncHubService, FakeLink]:
 
 def hello(device: str) -> bytes:
     return wire.encode_message("hello", device, 0, {}, msg_id="h",
-                               meta={"num_samples": 6, "num_classes": 10, "codec": "fp32"})
+                               meta={"num_samples": 6, "num_classes": 10, "codec": "fp32",
+                                     "completed_round": -1})
 
 
 def upload(device: str, update: int, seed: int = 0) -> list[bytes]:
@@ -91,6 +92,8 @@ def test_merge_on_complete_upload_stale_resends_and_hostile_input(tmp_path):
     wiped = wire.encode_message("hello", "d", 0, {}, msg_id="h2",
                                 meta={"num_samples": 6, "num_classes": 10, "codec": "fp32",
                                       "completed_round": -1})
+    send(svc, "d", [hello("d")])  # its first hello again (a retained re-delivery): no effect
+    assert svc.merged == {"d": 1}
     send(svc, "d", [wiped] + upload("d", 0, seed=5))  # lost its state: counts from 0 again
     assert svc.ahub.version == 3 and svc.merged == {"d": 0} and svc.journal.rounds() == [0]
 
