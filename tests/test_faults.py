@@ -85,7 +85,7 @@ def hub_cmd(url: str, state, rounds: int) -> list[str]:
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-@pytest.mark.slow  # starts two hub processes (torch import each): ~30 s on 2 busy cores
+@pytest.mark.slow  # two hub processes (a torch import each): 17-40 s on 2 shared cores
 def test_hub_killed_mid_round_resumes_without_losing_uploads(broker, tmp_path, setup):
     state = tmp_path / "hub"
     log1 = open(tmp_path / "hub1.log", "w")
