@@ -104,7 +104,8 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                                         max_packet_size=2 * max_payload), supervise=True)
     broker.start()
     names = [f"dev{i}" for i in range(cfg.devices)]
-    print(f"gkt over MQTT ({broker.url}, codec {codec}) on {cfg.data.dataset} "
+    print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
+          f"codec {codec}) on {cfg.data.dataset} "
           f"({cfg.data.size}x{cfg.data.size}), {cfg.devices} device processes, partition "
           f"{cfg.partition}, {cfg.rounds} rounds, seed {cfg.seed}; state and logs in {work}")
     procs = []
