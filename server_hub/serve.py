@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -34,7 +35,9 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     state.mkdir(parents=True, exist_ok=True)
     broker = None
     url = args.broker
-    access = BrokerAccess()
+    user = getattr(args, "broker_user", None)  # a joined --broker that needs a login
+    access = BrokerAccess(username=user, password=os.environ.get("GKT_BROKER_PASSWORD")
+                          if user else None)
     if url is None:
         try:
             access = broker_access(AccessConfig(str(state), args.listen, args.tls, args.tls_port,

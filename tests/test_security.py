@@ -166,3 +166,13 @@ def test_device_cli_prints_a_working_edge_command(broker_dir, capsys):
     assert hub_cli.main(["device", "revoke", "pi-1", "--state-dir", str(broker_dir)]) == 0
     assert hub_cli.main(["device", "revoke", "pi-1", "--state-dir", str(broker_dir)]) == 1
     assert SecurityPaths.of(broker_dir).enabled and hub_credentials(broker_dir)[0] == HUB_USER
+
+
+def test_serve_joins_a_broker_that_needs_a_login(broker_dir, broker_factory, monkeypatch):
+    add_device(broker_dir, "devS")
+    broker, access = secure_broker(broker_factory, broker_dir)
+    argv = ["serve", "--broker", broker.url, "--state-dir", str(broker_dir / "hub"),
+            "--rounds", "1", "--start-timeout", "1", "--no-progress"]
+    assert hub_cli.main(argv) == 4  # no login: the broker refuses the hub
+    monkeypatch.setenv("GKT_BROKER_PASSWORD", access.password)
+    assert hub_cli.main([*argv, "--broker-user", HUB_USER]) == 3  # in; no device joined
