@@ -97,7 +97,7 @@ def test_device_a_cannot_publish_as_b_nor_read_b_logits(broker_dir, broker_facto
 
 
 def test_revoked_device_is_disconnected_and_cannot_connect(broker_dir, broker_factory):
-    e = add_device(broker_dir, "devR")
+    e, keep = add_device(broker_dir, "devR"), add_device(broker_dir, "devK")
     broker, _ = secure_broker(broker_factory, broker_dir)
     link = MqttLink(LinkConfig(broker.url, "r", username="devR", password=e.password))
     link.connect(timeout=5)
@@ -109,7 +109,11 @@ def test_revoked_device_is_disconnected_and_cannot_connect(broker_dir, broker_fa
     again = MqttLink(LinkConfig(broker.url, "r2", username="devR", password=e.password))
     with pytest.raises(ConnectionError, match="0x8[67]"):
         again.connect(timeout=5)
-    assert [d["status"] for d in list_devices(broker_dir)] == ["revoked"]
+    kept = MqttLink(LinkConfig(broker.url, "k", username="devK", password=keep.password))
+    kept.connect(timeout=5)  # the reloaded broker still knows everyone else
+    kept.close()
+    assert [(d["device"], d["status"]) for d in list_devices(broker_dir)] == [
+        ("devK", "enrolled"), ("devR", "revoked")]
     assert not revoke_device(broker_dir, "devR")
 
 
