@@ -123,6 +123,7 @@ def test_two_workers_train_every_upload_exactly_once_per_epoch(broker, tmp_path,
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # four federations; ~10 min on a busy 2-core machine
 def test_two_workers_reach_the_accuracy_of_one(broker_factory, tmp_path, setup):
     """Full digits split, 6 rounds, hub seeds 0 and 1 (the spread between seeds is the
     noise the 1-vs-2 worker difference is measured against)."""
