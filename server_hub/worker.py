@@ -33,8 +33,9 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
                    help="MQTT v5 shared-subscription group the workers split uploads in")
     g.add_argument("--worker-threads", type=int, default=0,
                    help="torch CPU threads per worker (0 = cores / workers on this machine)")
-    g.add_argument("--broker-user", help="MQTT user name of the workers on a --broker that "
-                                         "needs a login (password: $GKT_BROKER_PASSWORD)")
+    g.add_argument("--broker-user", help="MQTT user name of the hub (every worker) on a "
+                                         "--broker that needs a login (password: "
+                                         "$GKT_BROKER_PASSWORD)")
     g.add_argument("--trace-dir", help="write the (device, sample id) each worker trained, "
                                        "per epoch, as JSON lines here (an audit)")
 
