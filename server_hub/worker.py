@@ -119,6 +119,10 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
     from .broker import BrokerConfig, ManagedBroker, free_port
     from .serve import EXIT_BROKER
 
+    for opt in ("metrics_port", "status_port"):
+        if getattr(args, opt, None):
+            log.warning("--%s is not served by hub workers yet; ignored",
+                        opt.replace("_", "-"))
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     broker, url = None, args.broker
