@@ -36,7 +36,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "hub": ["--samples", "128", "--rounds", "1"],
     "codecs": ["--sizes", "32", "--samples", "128", "--repeats", "2", "--steps", "10"],
     "transport": ["--messages", "20", "--trips", "20", "--repeats", "2"],
-    "federation": ["--rounds", "2", "--codecs", "fp32,q8"],
+    "federation": ["--rounds", "1", "--codecs", "q8", "--devices", "2"],
     "onnx": ["--runs", "6", "--sizes", "32"],
     "profile": ["--reps", "1", "--steps", "5", "--memory-batches", "16,64"],
     "load": ["--devices", "8", "--collect-samples", "32"],
