@@ -13,11 +13,13 @@ from edge_runtime.logs import setup_logging
 
 @pytest.fixture
 def restore_root():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    root, gkt = logging.getLogger(), logging.getLogger("gkt")
+    handlers, level, gkt_level = list(root.handlers), root.level, gkt.level
+    gkt.setLevel(logging.NOTSET)  # `gkt-export --quiet` run in-process by other tests sets it
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    gkt.setLevel(gkt_level)
 
 
 def test_json_lines(restore_root):
