@@ -22,10 +22,11 @@ import torch
 from . import topics, wire
 from .device import EdgeDevice
 from .device_metrics import device_metrics
+from .exit_codes import EXIT_AUTH
 from .messages import extractor_message, feature_chunk, parse_logits
 from .throttle import DeviceSpeed, Throttle
 from .train import FeatureBatch
-from .transport import MqttLink, ReliableSender
+from .transport import MqttLink, ReliableSender, SendCancelled
 
 log = logging.getLogger("gkt.edge")
 
@@ -88,6 +89,8 @@ class EdgeAgent:
         self._stop = threading.Event()
         self.throttle = Throttle(cfg.speed, self._stop)
         self._train_seconds: float | None = None  # of the last round, reported to the hub
+        self.auth_refused: str | None = None  # why the broker refused us, if it did
+        link.on_auth_refused = self._on_auth_refused
 
     # -- network thread ------------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -126,13 +129,27 @@ class EdgeAgent:
         log.warning("rejected message on %s: %s", topic, why)
 
     # -- main thread ---------------------------------------------------------------------
+    def _on_auth_refused(self, why: str) -> None:
+        log.error("%s: the broker refused our credentials (%s): revoked, or a wrong "
+                  "password; stopping (exit %d)", self.device.device_id, why, EXIT_AUTH)
+        self.auth_refused = why
+        self.stop()
+
     def stop(self) -> None:
         self._stop.set()
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
         with self._announced:
             self._announced.notify_all()
 
     def run(self) -> int:
-        """Serve rounds until the hub says stop (0) or stop() is called (0)."""
+        """Serve rounds until the hub says stop or stop() is called (0), or the broker
+        refuses our credentials (EXIT_AUTH)."""
+        rc = self._serve()
+        return EXIT_AUTH if self.auth_refused else rc
+
+    def _serve(self) -> int:
         dev = self.device
         if dev.load(self.state_dir):
             log.info("%s: resumed from %s (last completed round %d)", dev.device_id,
@@ -203,7 +220,10 @@ class EdgeAgent:
         local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
         log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
                  rnd, stats.loss, stats.distilled, time.perf_counter() - t0)
-        self._upload(rnd, local_acc)
+        try:
+            self._upload(rnd, local_acc)
+        except SendCancelled:
+            return  # stopping; this round is redone after a restart
         if self._await_logits(rnd):
             dev.progress.completed_round = rnd
             dev.save(self.state_dir)
@@ -241,6 +261,8 @@ class EdgeAgent:
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)
+        if self._stop.is_set():  # stop() came while we trained, before this sender existed
+            self._sender.cancel()
         try:
             self._sender.send(self._throttled(messages()))
         finally:

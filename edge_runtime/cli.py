@@ -13,9 +13,9 @@ import signal
 import sys
 
 from .config_file import ConfigError, add_config_args, parse_args, read_file, subparser
+from .exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_OK, EXIT_USAGE
 from .logs import add_log_args, setup_logging
 
-EXIT_OK, EXIT_USAGE, EXIT_BROKER = 0, 2, 4
 ENV_PREFIX = "GKT_EDGE_"
 
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     from .partition import partition
     from .topics import validate_device_id
     from .train import EdgeTrainConfig
-    from .transport import LinkConfig, MqttLink
+    from .transport import AuthRefusedError, LinkConfig, MqttLink
 
     try:
         validate_device_id(args.device_id)
@@ -174,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         link.connect()
+    except AuthRefusedError as err:
+        print(f"gkt-edge: error: {err}; check --username/--password, or re-enrol the device "
+              "(gkt-hub device add)", file=sys.stderr)
+        return EXIT_AUTH
     except ConnectionError as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_BROKER

@@ -2,7 +2,8 @@
 
 The exit codes decide what systemd does (``Restart=on-failure``): 0 (the federation is
 over, or a clean SIGTERM stop) ends the service; 2 (bad arguments or config) is listed in
-``RestartPreventExitStatus`` because restarting cannot fix a typo; everything else (4 =
+``RestartPreventExitStatus`` because restarting cannot fix a typo, and so is 5 (the broker
+refused the device's credentials: revoked); everything else (4 =
 broker unreachable, a crash, SIGKILL, the OOM killer) restarts it after ``RestartSec``.
 """
 
@@ -14,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-EXIT_USAGE = 2
+from .exit_codes import NO_RESTART
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def render_unit(cfg: UnitConfig) -> str:
     lines += [
         "Restart=on-failure",
         f"RestartSec={cfg.restart_sec:g}",
-        f"RestartPreventExitStatus={EXIT_USAGE}",
+        f"RestartPreventExitStatus={' '.join(map(str, NO_RESTART))}",
         "KillSignal=SIGTERM",
         f"TimeoutStopSec={cfg.stop_timeout:g}",
         "",

@@ -34,6 +34,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 Handler = Callable[[str, bytes], None]
 
+# CONNACK reasons that retrying cannot fix: wrong or revoked credentials, a banned client.
+AUTH_REFUSED = {0x86: "bad user name or password", 0x87: "not authorized", 0x8A: "banned",
+                0x8C: "bad authentication method"}
 DEFAULT_MAX_PACKET_SIZE = 512 * 1024  # the managed broker's default too (server_hub.broker)
 
 
@@ -97,6 +100,14 @@ def _nodelay(client: mqtt.Client, userdata: object, sock: socket.socket) -> None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
+class AuthRefusedError(ConnectionError):
+    """The broker refused our credentials (wrong, or the device was revoked)."""
+
+
+class SendCancelled(Exception):
+    """ReliableSender.send() was cancelled (the owner is stopping)."""
+
+
 class MqttLink:
     """One MQTT v5 connection with a persistent session and automatic reconnects.
 
@@ -129,6 +140,10 @@ class MqttLink:
         self._ever_connected = False
         self._closing = False
         self._refused: str | None = None
+        self._refused_auth = False
+        # Called (network thread) when the broker refuses our credentials, e.g. on a
+        # reconnect after `gkt-hub device revoke`: paho would otherwise retry forever.
+        self.on_auth_refused: Callable[[str], None] | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5)
         if cfg.tcp_nodelay:
@@ -174,8 +189,8 @@ class MqttLink:
             raise ConnectionError(f"no CONNACK from MQTT broker at {where} within {timeout:g}s")
         if self._refused:
             self.close()
-            raise ConnectionError(f"MQTT broker at {where} refused the connection: "
-                                  f"{self._refused}")
+            err = AuthRefusedError if self._refused_auth else ConnectionError
+            raise err(f"MQTT broker at {where} refused the connection: {self._refused}")
 
     def close(self) -> None:
         """Disconnect and stop the network thread. Messages published with wait=False
@@ -270,9 +285,12 @@ class MqttLink:
         self._net_thread = threading.current_thread()
         if reason_code.is_failure:
             self._refused = f"{reason_code} (reason code {reason_code.value:#04x})"
+            self._refused_auth = reason_code.value in AUTH_REFUSED
             self.log.error("MQTT broker %s:%d refused the connection: %s", self.host,
                            self.port, self._refused)
             self._answered.set()
+            if self._refused_auth and self.on_auth_refused:
+                self.on_auth_refused(self._refused)
             return
         limit = getattr(properties, "MaximumPacketSize", None)
         if limit and limit < self.max_packet_size:
@@ -395,10 +413,17 @@ class ReliableSender:
         self.stats = SendStats()
         self._pending: dict[str, _Pending] = {}
         self._cond = threading.Condition()
+        self._cancelled = False
 
     @property
     def outstanding(self) -> int:
         return len(self._pending)
+
+    def cancel(self) -> None:
+        """Make a running send() raise SendCancelled (from any thread)."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()
 
     def ack(self, msg_id: str) -> None:
         with self._cond:
@@ -441,6 +466,9 @@ class ReliableSender:
         with self._cond:
             while True:
                 now = time.monotonic()
+                if self._cancelled:
+                    raise SendCancelled(f"sending to {self.topic} cancelled "
+                                        f"({self.stats.acked} of {self.stats.messages} acked)")
                 if exhausted and not self._pending:
                     return False, []
                 if now > t_end:

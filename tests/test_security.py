@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 
 import pytest
 
 from edge_runtime import cli as edge_cli
 from edge_runtime import topics
-from edge_runtime.transport import LinkConfig, MqttLink
+from edge_runtime.service_unit import UnitConfig, render_unit
+from edge_runtime.transport import AuthRefusedError, LinkConfig, MqttLink
 from server_hub import cli as hub_cli
 from server_hub.access import AccessConfig, AccessError, broker_access
 from server_hub.broker import free_port
@@ -100,14 +103,18 @@ def test_revoked_device_is_disconnected_and_cannot_connect(broker_dir, broker_fa
     e, keep = add_device(broker_dir, "devR"), add_device(broker_dir, "devK")
     broker, _ = secure_broker(broker_factory, broker_dir)
     link = MqttLink(LinkConfig(broker.url, "r", username="devR", password=e.password))
+    refused: list[str] = []
+    link.on_auth_refused = refused.append  # what makes gkt-edge stop with exit 5
     link.connect(timeout=5)
     try:
         assert revoke_device(broker_dir, "devR")  # SIGHUPs the running broker
         assert wait_for(lambda: not link.connected, 5)
+        assert wait_for(lambda: bool(refused), 5), "the reconnect was not refused"
+        assert "0x8" in refused[0]
     finally:
         link.close()
     again = MqttLink(LinkConfig(broker.url, "r2", username="devR", password=e.password))
-    with pytest.raises(ConnectionError, match="0x8[67]"):
+    with pytest.raises(AuthRefusedError, match="0x8[67]"):
         again.connect(timeout=5)
     kept = MqttLink(LinkConfig(broker.url, "k", username="devK", password=keep.password))
     kept.connect(timeout=5)  # the reloaded broker still knows everyone else
@@ -180,3 +187,17 @@ def test_serve_joins_a_broker_that_needs_a_login(broker_dir, broker_factory, mon
     assert hub_cli.main(argv) == 4  # no login: the broker refuses the hub
     monkeypatch.setenv("GKT_BROKER_PASSWORD", access.password)
     assert hub_cli.main([*argv, "--broker-user", HUB_USER]) == 3  # in; no device joined
+
+
+def test_edge_with_refused_credentials_exits_5_and_the_unit_does_not_restart_it(
+        broker_dir, broker_factory, tmp_path):
+    add_device(broker_dir, "devW")
+    broker, _ = secure_broker(broker_factory, broker_dir)
+    cmd = [sys.executable, "-m", "edge_runtime.cli", "run", "--hub", broker.url,
+           "--device-id", "devW", "--username", "devW", "--password", "wrong",
+           "--state-dir", str(tmp_path / "devW"), "--dataset", "digits", "--threads", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 5, out.stderr
+    assert "refused the connection" in out.stderr and "gkt-hub device add" in out.stderr
+    unit = render_unit(UnitConfig("gkt-edge devW", exec_start=cmd))
+    assert "RestartPreventExitStatus=2 5" in unit

@@ -1,0 +1,7 @@
+"""`gkt-edge` exit codes; systemd's unit decides from them whether a restart can help."""
+
+EXIT_OK = 0  # the hub ended the federation, or a clean SIGTERM/SIGINT stop
+EXIT_USAGE = 2  # bad arguments or config: a restart cannot fix a typo
+EXIT_BROKER = 4  # broker unreachable: worth retrying
+EXIT_AUTH = 5  # the broker refused our credentials (revoked, wrong): re-enrol, then start
+NO_RESTART = (EXIT_USAGE, EXIT_AUTH)
