@@ -41,7 +41,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "profile": ["--reps", "1", "--steps", "5", "--memory-batches", "16,64"],
     "load": ["--devices", "8", "--collect-samples", "32"],
     "workers": ["--epochs", "1", "--launches", "1"],
-    "async": ["--rounds", "4", "--plot", "bench/results/async-vs-sync.png"],
+    "async": ["--rounds", "4", "--plot", "bench/results/quick/async-vs-sync.png"],
 }
 # Thread counts in the full run: the device default (one per core) and one thread, which
 # holds steady when other processes share the cores.
@@ -187,7 +187,9 @@ def main() -> int:
     p.add_argument("--only", help="comma list of names (bench_NAME.py)")
     p.add_argument("--skip", default="", help="comma list of names to leave out")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per benchmark")
-    p.add_argument("--results", default=str(BENCH / "results"))
+    p.add_argument("--results", help="folder for the JSON (default bench/results, or "
+                   "bench/results/quick with --quick, so a quick run never overwrites the "
+                   "full runs' figures that the docs quote)")
     p.add_argument("--markdown", default=str(BENCH / "RESULTS.md"))
     args = p.parse_args()
     scripts = discover()
@@ -196,7 +198,7 @@ def main() -> int:
     if unknown:
         p.error(f"no bench/bench_<name>.py for {unknown}; have {list(scripts)}")
     names = [n for n in names if n not in args.skip.split(",")]
-    results = Path(args.results)
+    results = Path(args.results or BENCH / "results" / ("quick" if args.quick else ""))
     info = machine_info()
     started = dt.datetime.now().isoformat(timespec="seconds")
     records = {}
