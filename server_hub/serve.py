@@ -30,30 +30,45 @@ log = logging.getLogger("gkt.hub")
 EXIT_BROKER = 4
 
 
+class BrokerSetupError(RuntimeError):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def open_broker(args: argparse.Namespace,
+                state: Path) -> tuple[ManagedBroker | None, str, BrokerAccess]:
+    """(managed broker or None, URL for the hub, hub login): the broker at --broker (login
+    --broker-user, password from $GKT_BROKER_PASSWORD), or a started Mosquitto with the
+    state dir's access rules. BrokerSetupError carries the exit code."""
+    if args.broker is not None:
+        user = getattr(args, "broker_user", None)
+        return None, args.broker, BrokerAccess(
+            username=user, password=os.environ.get("GKT_BROKER_PASSWORD") if user else None)
+    try:
+        access = broker_access(AccessConfig(str(state), args.listen, args.tls, args.tls_port,
+                                            tuple(args.tls_host), args.insecure))
+    except AccessError as err:
+        raise BrokerSetupError(str(err), 2) from None
+    bcfg = BrokerConfig(str(state / "broker"), host=args.listen, port=args.port,
+                        max_packet_size=args.max_payload + 4096, **access.broker_fields)
+    broker = ManagedBroker(bcfg, supervise=True)
+    try:
+        broker.start()
+    except (FileNotFoundError, RuntimeError) as err:
+        raise BrokerSetupError(str(err), EXIT_BROKER) from None
+    url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
+    return broker, url, access
+
+
 def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    broker = None
-    url = args.broker
-    user = getattr(args, "broker_user", None)  # a joined --broker that needs a login
-    access = BrokerAccess(username=user, password=os.environ.get("GKT_BROKER_PASSWORD")
-                          if user else None)
-    if url is None:
-        try:
-            access = broker_access(AccessConfig(str(state), args.listen, args.tls, args.tls_port,
-                                                tuple(args.tls_host), args.insecure))
-        except AccessError as err:
-            log.error("%s", err)
-            return 2
-        bcfg = BrokerConfig(str(state / "broker"), host=args.listen, port=args.port,
-                            max_packet_size=args.max_payload + 4096, **access.broker_fields)
-        broker = ManagedBroker(bcfg, supervise=True)
-        try:
-            broker.start()
-        except (FileNotFoundError, RuntimeError) as err:
-            log.error("%s", err)
-            return EXIT_BROKER
-        url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
+    try:
+        broker, url, access = open_broker(args, state)
+    except BrokerSetupError as err:
+        log.error("%s", err)
+        return err.exit_code
     plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
     try:
         test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)

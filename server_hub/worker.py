@@ -115,9 +115,8 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
     """``gkt-hub serve --workers K``: the managed (or given) broker, K spawned workers."""
     import torch.multiprocessing as mp
 
-    from .access import AccessConfig, AccessError, broker_access
-    from .broker import BrokerConfig, ManagedBroker, free_port
-    from .serve import EXIT_BROKER
+    from .broker import free_port
+    from .serve import BrokerSetupError, open_broker
 
     for opt in ("metrics_port", "status_port"):
         if getattr(args, opt, None):
@@ -125,28 +124,12 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
                         opt.replace("_", "-"))
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
-    broker, url = None, args.broker
-    login = _login(args)
-    if url is None:  # the managed broker, with the same access rules as one hub
-        try:
-            access = broker_access(AccessConfig(str(state), args.listen, args.tls,
-                                                args.tls_port, tuple(args.tls_host),
-                                                args.insecure))
-        except AccessError as err:
-            log.error("%s", err)
-            return 2
-        login = (access.username, access.password)
-        broker = ManagedBroker(BrokerConfig(str(state / "broker"), host=args.listen,
-                                            port=args.port,
-                                            max_packet_size=args.max_payload + 4096,
-                                            **access.broker_fields),
-                               supervise=True)
-        try:
-            broker.start()
-        except (FileNotFoundError, RuntimeError) as err:
-            log.error("%s", err)
-            return EXIT_BROKER
-        url = f"mqtt://127.0.0.1:{args.port}" if args.listen == "0.0.0.0" else broker.url
+    try:  # the managed broker has the same access rules as one hub
+        broker, url, access = open_broker(args, state)
+    except BrokerSetupError as err:
+        log.error("%s", err)
+        return err.exit_code
+    login = (access.username, access.password)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     try:
         ctx = mp.start_processes(_spawned, nprocs=args.workers, join=False,

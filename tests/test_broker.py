@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from edge_runtime.transport import LinkConfig, MqttLink
 from server_hub import broker as broker_mod
@@ -26,15 +27,6 @@ from server_hub.broker import (
 
 def lines(cfg: BrokerConfig) -> list[str]:
     return render_config(cfg).splitlines()
-
-
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def give_to_broker_user(path: Path) -> None:

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from polling import wait_for
 from test_mqtt_federation import make_hub, run_threads
 
 from edge_runtime import topics
@@ -43,22 +44,13 @@ def agent(broker, tmp_path, setup, i, max_payload=16 * 1024):
     return EdgeAgent(link, dev, cfg)
 
 
-def wait_until(pred, timeout=120.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_broker_killed_during_uploads(broker, tmp_path, setup):
     service, records = make_hub(broker, tmp_path, rounds=1, min_devices=2)
     agents = [agent(broker, tmp_path, setup, i) for i in range(2)]
     killer_saw = {}
 
     def killer():
-        ok = wait_until(lambda: any(len(u.chunks) >= 3 for u in service.uploads.values()))
+        ok = wait_for(lambda: any(len(u.chunks) >= 3 for u in service.uploads.values()), 120)
         killer_saw["chunks"] = sum(len(u.chunks) for u in service.uploads.values())
         broker.broker.kill()  # kill -9: its in-memory queues are gone
         time.sleep(1.0)
@@ -97,7 +89,7 @@ def test_hub_killed_mid_round_resumes_without_losing_uploads(broker, tmp_path, s
         t.start()
     # Kill it (kill -9) once round 1 has accepted, journaled and acknowledged some uploads.
     journal = state / "uploads" / "round-0001"
-    assert wait_until(lambda: journal.is_dir() and len(list(journal.rglob("*.msg"))) >= 2,
+    assert wait_for(lambda: journal.is_dir() and len(list(journal.rglob("*.msg"))) >= 2,
                       timeout=180), (tmp_path / "hub1.log").read_text()[-2000:]
     hub.kill()
     hub.wait()
@@ -143,12 +135,12 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     steady_thread = threading.Thread(target=steady.run)
     hub_thread.start()
     steady_thread.start()
-    assert wait_until(lambda: service.round == 1 and len(getattr(
+    assert wait_for(lambda: service.round == 1 and len(getattr(
         service.uploads.get("dev1"), "chunks", ())) >= 2, 240)
     victim.kill()  # kill -9 in the middle of its round 1 upload
     victim.wait()
     t_kill = time.monotonic()
-    assert wait_until(lambda: len(records) >= 2, 240)  # round 1 went on without it
+    assert wait_for(lambda: len(records) >= 2, 240)  # round 1 went on without it
     waited = time.monotonic() - t_kill
     assert "round 1 deadline: going on with 1 of 2 devices" in caplog.text
     assert records[1].round == 1 and waited < 20.0 + 30  # the deadline, not forever

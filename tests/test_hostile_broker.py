@@ -5,12 +5,12 @@ out-of-order chunks are stored once, and the round still completes."""
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
 import torch
 import zstandard as zstd
+from polling import wait_for
 from test_mqtt_federation import make_hub
 from test_wire import edit_spec, frame, replace_blob, split
 
@@ -68,15 +68,6 @@ def hostile(rnd: int, old_round: list[bytes], max_payload: int) -> list[tuple[by
     ]
 
 
-def wait_until(pred, timeout=60.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return False
-
-
 def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path):
     service, records = make_hub(broker, tmp_path, rounds=2, min_devices=1)
     max_payload = service.cfg.max_payload
@@ -89,11 +80,11 @@ def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path)
         hello = wire.encode_message("hello", DEV, 0, {}, msg_id="hello", meta={
             "num_samples": 6, "num_classes": 10, "codec": "q8"})
         link.publish(topics.up(DEV), hello, retain=True)
-        assert wait_until(lambda: service.round == 0 and service.phase == "collect")
+        assert wait_for(lambda: service.round == 0 and service.phase == "collect", 60)
         round0 = upload(0, "r0-a")
         for m in round0:
             link.publish(topics.up(DEV), m)
-        assert wait_until(lambda: service.round == 1 and service.phase == "collect")
+        assert wait_for(lambda: service.round == 1 and service.phase == "collect", 60)
         before = {k: v.clone() for k, v in service.hub.model.state_dict().items()}
         cases = hostile(1, round0, max_payload)
         for payload, _ in cases:
@@ -101,7 +92,7 @@ def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path)
         expected: dict[str, int] = {}
         for _, why in cases:
             expected[why] = expected.get(why, 0) + 1
-        assert wait_until(lambda: dict(service.rejected) == expected, 20), service.rejected
+        assert wait_for(lambda: dict(service.rejected) == expected, 20), service.rejected
         for k, v in service.hub.model.state_dict().items():
             assert torch.equal(v, before[k]), k
         assert service.hub.bank.devices == []  # nothing of round 1 was stored

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from polling import wait_for
 
 from edge_runtime import cli as edge_cli
 from edge_runtime import topics
@@ -30,15 +31,6 @@ from server_hub.enrol import (
 from server_hub.tls import certificate_names, ensure_tls
 
 pytestmark = pytest.mark.mqtt
-
-
-def wait_for(pred, timeout=5.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
 
 
 def secure_broker(broker_factory, state, tls=False):

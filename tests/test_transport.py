@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from polling import wait_for
 
 from edge_runtime import transport
 from edge_runtime.transport import (
@@ -25,15 +26,6 @@ from edge_runtime.transport import (
     publish_packet_size,
 )
 from server_hub.broker import free_port
-
-
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    t_end = time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 class Inbox:
