@@ -91,6 +91,7 @@ class HubService:
         self.listening = threading.Event()  # set once uploads are subscribed to
         self._cond = threading.Condition()
         self._stop = threading.Event()
+        self.started = time.perf_counter()  # records' elapsed: the time axis of plots
         self.observers: list = []  # on_accepted(service, device, msg, size): server_hub.fleet
 
     # -- network thread ------------------------------------------------------------------
@@ -361,7 +362,8 @@ class HubService:
         accs = [self.uploads[d].edge_accuracy for d in devices]
         accs = [a for a in accs if a is not None]
         rec = RoundRecord(rnd, ev.mean, uploaded, self.bytes_down - down0, round(seconds, 3),
-                          float(np.mean(accs)) if accs else None, stats.loss)
+                          float(np.mean(accs)) if accs else None, stats.loss,
+                          elapsed=round(time.perf_counter() - self.started, 3))
         self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
                                                                            ev.mean))
         self.journal.drop(rnd)

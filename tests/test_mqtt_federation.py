@@ -76,6 +76,7 @@ def test_two_devices_two_rounds_over_mqtt(broker, tmp_path, setup):
                                                      enumerate(agents)])
     assert results == {"hub": 0, "a0": 0, "a1": 0}
     assert [r.round for r in records] == [0, 1]
+    assert 0 < records[0].elapsed < records[1].elapsed  # the time axis of plots
     assert records[-1].test_accuracy > 0.4
     n = sum(len(s) for s in setup.shards)
     assert records[0].upload_bytes < n * 16 * 8 * 8 * 4 / 3  # q8 + zstd, not raw fp32
