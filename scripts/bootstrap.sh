@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up on a fresh Debian/Ubuntu machine: Mosquitto, a venv, torch, this package.
+# Idempotent set-up on a fresh Debian/Ubuntu machine: Mosquitto, a venv, torch, this package
+# (with --test also what only the tests need).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,9 +10,9 @@ if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
     $SUDO apt-get update -q
     $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q mosquitto mosquitto-clients
 fi
-# The status-page test renders in a real headless browser; the unit test runs
-# systemd-analyze verify (the systemd package; it need not be the running init).
-if ! command -v chromium >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1; then
+# --test (scripts/test.sh): the status-page test renders in a real headless browser; the
+# unit test runs systemd-analyze verify (the systemd package; it need not be the running init).
+if [ "${1:-}" = "--test" ] && { ! command -v chromium >/dev/null 2>&1 || ! command -v systemd-analyze >/dev/null 2>&1; }; then
     echo "== installing Chromium and systemd-analyze (apt)"
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     $SUDO apt-get update -q
