@@ -141,7 +141,7 @@ def test_status_json_and_the_status_command(fed, capsys):
 def chromium(*args: str, tmp: Path) -> subprocess.CompletedProcess:
     exe = shutil.which("chromium")
     if exe is None:
-        pytest.fail("chromium is not installed (scripts/bootstrap.sh installs it)", False)
+        pytest.fail("chromium is not installed (scripts/bootstrap.sh --test installs it)", False)
     return subprocess.run(
         [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync",

@@ -48,7 +48,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     assert unit["WantedBy"] == "multi-user.target" and unit["User"] == "root"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.fail("systemd-analyze is missing (scripts/bootstrap.sh installs systemd)", False)
+        pytest.fail("systemd-analyze is missing (scripts/bootstrap.sh --test installs systemd)", False)
     path = tmp_path / "gkt-edge.service"
     path.write_text(text)
     ok = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
