@@ -30,7 +30,7 @@ BENCH = Path(__file__).resolve().parent
 # Smaller settings for a laptop (the whole suite in about 10 minutes on 2 idle cores).
 # Scripts not listed run with their defaults in both modes.
 QUICK_ARGS: dict[str, list[str]] = {
-    "edge_cost": ["--rounds", "2", "--steps", "1"],
+    "edge_cost": ["--rounds", "5", "--steps", "2"],  # fewer gave ratios off by 2x
     "edge_tuning": ["--rounds", "2", "--calls", "1", "--no-compile", "--batches", "32,64"],
     "device_memory": ["--train-images", "10000", "--test-images", "2000", "--datasets", "digits"],
     "hub": ["--samples", "128", "--rounds", "1"],
@@ -154,7 +154,8 @@ def headlines(records: dict[str, dict]) -> list[str]:
 
 
 def write_markdown(path: Path, info: dict, records: dict[str, dict], quick: bool,
-                   started: str, load_end: float) -> None:
+                   started: str, load_end: float, summary: Path) -> None:
+    raw = os.path.relpath(summary, path.parent)
     lines = ["# Benchmark results", "",
              f"Written by `python bench/run_all.py{' --quick' if quick else ''}` on {started}. "
              "Each section names the command that produced it and when (a run with --only "
@@ -164,7 +165,7 @@ def write_markdown(path: Path, info: dict, records: dict[str, dict], quick: bool
              f"the start, {load_end:.1f} at the end: this machine is shared with other work, so "
              "the numbers are noisy; compare ratios within one benchmark (its variants were "
              "interleaved), not absolute times across runs. Raw data: "
-             "[results/summary.json](results/summary.json); settings and what did not help: "
+             f"[{raw}]({raw}); settings and what did not help: "
              "[docs/performance.md](../docs/performance.md).", ""]
     heads = headlines(records)
     if heads:
@@ -218,7 +219,8 @@ def main() -> int:
     summary = {"started": started, "quick": args.quick, "machine": info,
                "load_average_end": round(load_end, 2), "benchmarks": records}
     summary_path.write_text(json.dumps(summary, indent=1))
-    write_markdown(Path(args.markdown), info, records, args.quick, started, load_end)
+    write_markdown(Path(args.markdown), info, records, args.quick, started, load_end,
+                   summary_path)
     print(f"wrote {results / 'summary.json'} and {args.markdown}")
     return 0 if all(r["ok"] for r in records.values()) else 1
 
