@@ -55,9 +55,11 @@ def test_run_one_records_results_and_failures(tmp_path):
     md = tmp_path / "RESULTS.md"
     info = {"cpu": "cpu", "cores": 2, "memory_gb": 1.0, "machine": "x", "python": "3",
             "torch": "t", "load_average": 0.5}
-    run_all.write_markdown(md, info, {"good": ok, "bad": failed}, True, "now", 1.0)
+    run_all.write_markdown(md, info, {"good": ok, "bad": failed}, True, "now", 1.0,
+                           tmp_path / "quick" / "summary.json")
     text = md.read_text()
     assert "| x |" in text and "**failed**" in text and "cpu, 2 cores" in text
+    assert "[quick/summary.json](quick/summary.json)" in text
     json.dumps({"good": ok, "bad": failed})  # summary.json must be plain JSON
 
 
