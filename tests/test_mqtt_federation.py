@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -162,17 +163,51 @@ def test_hostile_input_is_rejected_and_the_hub_keeps_serving(broker, tmp_path, s
 def test_a_silent_device_does_not_block_the_round(broker, tmp_path, setup):
     """A device that says hello and then vanishes: the round goes on at the deadline."""
     service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=3.0)
-    ghost = MqttLink(LinkConfig(broker.url, f"ghost-{tmp_path.name}"))
-    ghost.connect()
-    hello = wire.encode_message("hello", "ghost", 0, {}, msg_id="h",
-                                meta={"num_samples": 5, "num_classes": 10, "codec": "q8"})
-    ghost.publish(topics.up("ghost"), hello, retain=True)  # as a real device does
+    ghost = say_hello(broker, tmp_path)
     agent = make_agent(broker, tmp_path, setup, 0)
     t0 = time.monotonic()
     results = run_threads(("hub", service.run), ("a0", agent.run), timeout=60)
     assert results == {"hub": 0, "a0": 0}
     assert len(records) == 1 and "ghost" in service.known
     assert time.monotonic() - t0 < 40
+    ghost.close()
+
+
+def say_hello(broker, tmp_path, name="ghost") -> MqttLink:
+    """A device that says hello (retained, as a real one does) and then stays silent."""
+    link = MqttLink(LinkConfig(broker.url, f"{name}-{tmp_path.name}"))
+    link.connect()
+    hello = wire.encode_message("hello", name, 0, {}, msg_id="h",
+                                meta={"num_samples": 5, "num_classes": 10, "codec": "q8"})
+    link.publish(topics.up(name), hello, retain=True)
+    return link
+
+
+def test_too_few_devices_extend_the_deadline_a_bounded_number_of_times(broker, tmp_path,
+                                                                        setup, caplog):
+    """min_devices=2 with one silent device: the deadline is extended max_extensions
+    times, then the round goes on with the one device that uploaded."""
+    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=2, deadline=2.0)
+    service.cfg = replace(service.cfg, max_extensions=1)
+    ghost = say_hello(broker, tmp_path)
+    agent = make_agent(broker, tmp_path, setup, 0)
+    t0 = time.monotonic()
+    results = run_threads(("hub", service.run), ("a0", agent.run), timeout=90)
+    assert results == {"hub": 0, "a0": 0}
+    assert "extending the deadline (1/1)" in caplog.text
+    assert "round 0: going on with 1 devices (< min 2)" in caplog.text
+    assert len(records) == 1 and agent.device.progress.completed_round == 0
+    assert 4.0 <= time.monotonic() - t0 < 60  # two deadlines, not forever
+    ghost.close()
+
+
+def test_nobody_uploading_ends_the_hub_with_exit_3(broker, tmp_path):
+    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=1.0)
+    service.cfg = replace(service.cfg, max_extensions=1)
+    ghost = say_hello(broker, tmp_path)
+    results = run_threads(("hub", service.run), timeout=60)
+    assert results == {"hub": 3} and records == []
+    assert service.rejected == {}  # nothing was wrong with what came in; nothing came
     ghost.close()
 
 
