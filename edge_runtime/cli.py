@@ -13,8 +13,9 @@ import signal
 import sys
 
 from .config_file import ConfigError, add_config_args, parse_args, read_file, subparser
-from .exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_OK, EXIT_USAGE
+from .exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
 from .logs import add_log_args, setup_logging
+from .service_unit import add_service_parser
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -69,36 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulate a link of this many bytes/s, e.g. 400K, 2M (0 = as is)")
     add_config_args(run, ENV_PREFIX)
     add_log_args(run)
-    svc = sub.add_parser("service", help="print a systemd unit that runs `gkt-edge run "
-                                         "--config FILE` and restarts it on failure")
-    svc.add_argument("--config", dest="unit_config", required=True, metavar="FILE",
-                     help="the device's TOML config (made absolute in the unit)")
-    svc.add_argument("--user", default=None, help="run as this user (User=)")
-    svc.add_argument("--restart-sec", type=float, default=10.0)
-    svc.add_argument("--working-directory", default=None,
-                     help="WorkingDirectory= (relative paths in the config start there)")
-    svc.add_argument("--executable", default=None,
-                     help="path of gkt-edge (default: the one of this installation)")
+    add_service_parser(sub, "gkt-edge", "run")
     return p
 
 
 def print_service(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from .service_unit import print_unit
 
-    from .service_unit import UnitConfig, console_script, render_unit
-
-    path = Path(args.unit_config).resolve()
-    try:
-        read_file(subparser(build_parser(), ["run"]), str(path))  # fail now, not at boot
-    except ConfigError as err:
-        print(f"gkt-edge: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    exe = args.executable or console_script("gkt-edge")
-    print(render_unit(UnitConfig("GKT edge device (gkt-edge run)",
-                                 [exe, "run", "--config", str(path)], user=args.user,
-                                 working_directory=args.working_directory,
-                                 restart_sec=args.restart_sec)), end="")
-    return EXIT_OK
+    run = subparser(build_parser(), ["run"])
+    return print_unit(args, "gkt-edge", "run", "GKT edge device (gkt-edge run)",
+                      lambda path: read_file(run, path), NO_RESTART, stop_timeout=90.0)
 
 
 def login_fields(args: argparse.Namespace) -> dict:

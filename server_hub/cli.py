@@ -6,9 +6,10 @@ import argparse
 import logging
 import sys
 
-from edge_runtime.config_file import ConfigError, add_config_args, parse_args
+from edge_runtime.config_file import ConfigError, add_config_args, parse_args, read_file, subparser
 from edge_runtime.data import DATASETS, DataConfig
 from edge_runtime.logs import add_log_args, setup_logging
+from edge_runtime.service_unit import add_service_parser, print_unit
 from edge_runtime.train import EdgeTrainConfig
 
 from .async_cli import add_async_args, mode_options
@@ -106,7 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
         add_log_args(p)
     add_status_parser(sub)
     add_device_parser(sub)
+    add_service_parser(sub, "gkt-hub", "serve")
     return parser
+
+
+def print_service(args: argparse.Namespace) -> int:
+    serve = subparser(build_parser(), ["serve"])
+    # 2 (bad arguments) is final; 3 (no devices yet) and 4 (broker) are worth a retry.
+    return print_unit(args, "gkt-hub", "serve", "GKT hub (gkt-hub serve)",
+                      lambda path: read_file(serve, path), (2,), stop_timeout=300.0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "status":
         return run_status(args)
+    if args.command == "service":
+        return print_service(args)
     if hasattr(args, "log_format"):
         setup_logging(args.log_format, args.log_level)
         args.no_progress = args.no_progress or args.log_format == "json"  # keep lines JSON

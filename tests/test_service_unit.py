@@ -23,6 +23,7 @@ from test_mqtt_federation import make_hub, run_threads
 
 from edge_runtime import cli as edge_cli
 from edge_runtime import wire
+from server_hub import cli as hub_cli
 
 
 def unit_for(config: Path, capsys, *extra: str) -> str:
@@ -48,7 +49,8 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     assert unit["WantedBy"] == "multi-user.target" and unit["User"] == "root"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
-        pytest.fail("systemd-analyze is missing (scripts/bootstrap.sh --test installs systemd)", False)
+        pytest.fail("systemd-analyze is missing (scripts/bootstrap.sh --test installs systemd)",
+                    False)
     path = tmp_path / "gkt-edge.service"
     path.write_text(text)
     ok = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
@@ -57,6 +59,26 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     path.write_text(unit_for(cfg, capsys, "--executable", "/nonexistent/gkt-edge"))
     bad = subprocess.run([analyze, "verify", str(path)], capture_output=True, text=True)
     assert bad.returncode != 0 and "not executable" in bad.stderr
+
+
+def test_hub_unit_passes_systemd_analyze_verify(tmp_path, capsys):
+    cfg = tmp_path / "hub.toml"
+    cfg.write_text('state-dir = "/var/lib/gkt"\nlisten = "0.0.0.0"\nrounds = 100\n')
+    assert hub_cli.main(["service", "--config", str(cfg), "--user", "root"]) == 0
+    text = capsys.readouterr().out
+    unit = parse_unit(text)
+    exe, *rest = shlex.split(unit["ExecStart"])
+    assert Path(exe).name == "gkt-hub" and rest == ["serve", "--config", str(cfg.resolve())]
+    # only bad arguments are final for the hub: no devices yet (3) or no broker (4) retry
+    assert (unit["RestartPreventExitStatus"], unit["TimeoutStopSec"]) == ("2", "300")
+    path = tmp_path / "gkt-hub.service"
+    path.write_text(text)
+    ok = subprocess.run([shutil.which("systemd-analyze") or "systemd-analyze", "verify",
+                         str(path)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    cfg.write_text("roundz = 3\n")
+    assert hub_cli.main(["service", "--config", str(cfg)]) == 2
+    assert "unknown key 'roundz'" in capsys.readouterr().err
 
 
 def test_service_refuses_a_bad_config(tmp_path, capsys):
