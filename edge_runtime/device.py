@@ -95,9 +95,7 @@ class EdgeDevice:
         state_dir.mkdir(parents=True, exist_ok=True)
         tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
         tensors.update({f"bank.{k}": v.contiguous() for k, v in self.bank.state().items()})
-        tmp = state_dir / "edge.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        tmp.replace(state_dir / "edge.safetensors")
+        _replace(state_dir / "edge.safetensors", lambda p: save_file(tensors, str(p)))
         _replace(state_dir / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
         progress = json.dumps(asdict(self.progress), indent=1)
         _replace(state_dir / "progress.json", lambda p: p.write_text(progress))  # last: the mark
