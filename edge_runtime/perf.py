@@ -63,7 +63,8 @@ def keep_freed_memory() -> bool:
     returning them to the kernel. Once per process; later calls do nothing.
 
     Without it, every training step of the edge model at batch 64 took ~20,000 minor page
-    faults (the kernel zero-fills each page) and a third more CPU time. Peak RSS is reached
+    faults here (the kernel zero-fills each page) and a third more CPU time; glibc's
+    thresholds adapt at run time, so other machines see anywhere from 0 to that. Peak RSS is reached
     within a step either way; what changes is that the heap is not trimmed afterwards.
     Returns whether the setting is in effect (False on non-glibc systems: musl, macOS).
     """

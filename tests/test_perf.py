@@ -138,10 +138,15 @@ def test_server_logits_then_training_still_works():
 
 
 PAGE_FAULTS = """
-import json, resource, torch, torch.nn.functional as F
+import ctypes, json, resource, torch, torch.nn.functional as F
 from edge_runtime.models import EdgeResNet8
 from edge_runtime.perf import keep_freed_memory
 torch.set_num_threads(1)
+# glibc's default thresholds are dynamic (they grow after the first large free), so
+# whether a default process re-faults each step varies between machines; pin the
+# 128 KB defaults so that "before" is the trimming allocator everywhere.
+libc = ctypes.CDLL(None)
+assert libc.mallopt(-3, 128 * 1024) and libc.mallopt(-1, 128 * 1024)
 model, x, y = EdgeResNet8(10), torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 def faults_per_step(steps=5):
@@ -173,7 +178,7 @@ def test_keeping_freed_memory_stops_per_step_page_faults():
                          check=True, timeout=300)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["kept"] and r["again"]
-    assert r["before"] > 1000  # each step re-faults its activations (4 KB pages)
+    assert r["before"] > 1000  # a trimming heap re-faults each step's activations
     # medians of 5 steps: 0 after in every run seen; the mean once had a one-off residue
     assert r["after"] < r["before"] / 5
 
