@@ -81,7 +81,7 @@ def test_throttle_delays_and_bandwidth_parsing():
     th.run(lambda: time.sleep(0.05))  # 0.05 s of "work" takes 3x as long
     th.transfer(50_000)  # + 0.05 s on a 1 MB/s link
     assert time.perf_counter() - t0 >= 0.19
-    assert th.slept == pytest.approx(0.15, abs=0.05)
+    assert 0.149 <= th.slept < 0.5  # 2x the measured work + 0.05 s; sleep overshoots under load
     stop = threading.Event()
     stop.set()
     quick = Throttle(DeviceSpeed(1.0, 1.0), stop)  # a device shutting down does not sleep on
