@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .distill import LogitBank, kd_loss
+from .optimizer import AmsgradAdam
 from .perf import (
     autocast,
     channels_last_input,
@@ -55,13 +56,15 @@ class TrainStats:
     distilled: int  # samples that had a teacher logit
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, amsgrad=True)
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> AmsgradAdam:
+    """Adam with amsgrad, as the reference; not torch.optim's class, whose first use imports
+    torch._dynamo (~150 MB of a device's RSS; edge_runtime/optimizer.py)."""
+    return AmsgradAdam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
 def train_edge(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: AmsgradAdam | torch.optim.Optimizer,
     loader: DataLoader,
     teacher: LogitBank | None,
     cfg: EdgeTrainConfig,

@@ -237,3 +237,32 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"torchvision", "sklearn",
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_device_round_does_not_import_torchs_compiler():
+    """torch.optim's optimizers import torch._dynamo on first use (~150 MB of RSS on a 1 GB
+    Pi); the device trains with AmsgradAdam instead. The last line checks the detector."""
+    code = """
+import sys, tempfile, pathlib, torch
+from edge_runtime.data import DataConfig, load_split
+from edge_runtime.device import EdgeDevice
+from edge_runtime.train import EdgeTrainConfig
+torch.set_num_threads(1)
+train = load_split(DataConfig("digits", image_size=16), True)
+plain = load_split(DataConfig("digits", image_size=16, augment=False), True)
+dev = EdgeDevice("d", train, plain, list(range(64)), 10, EdgeTrainConfig(batch_size=32))
+dev.train()
+list(dev.features())
+with tempfile.TemporaryDirectory() as d:
+    dev.save(pathlib.Path(d))
+    dev.load(pathlib.Path(d))
+dev.train()  # a resumed optimizer steps too
+compiler = lambda: sorted(m for m in ("torch._dynamo", "torch._inductor") if m in sys.modules)
+print(compiler())
+torch.optim.Adam(dev.model.parameters())
+print(compiler())
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=300).stdout.strip().splitlines()
+    assert out[-2] == "[]"
+    assert "torch._dynamo" in out[-1]
