@@ -32,7 +32,7 @@ from torch import nn
 from edge_runtime.distill import kd_loss
 from edge_runtime.perf import channels_last_input
 
-from .trainer import ServerStats, ServerTrainConfig
+from .trainer import Rows, ServerStats, ServerTrainConfig
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Shard:
     """The samples this worker trains on; ``keys`` = (device index, sample id) per sample."""
 
     keys: torch.Tensor  # int64 [n, 2]
-    features: torch.Tensor  # [n, 16, S, S]
+    features: torch.Tensor | Rows  # [n, 16, S, S]; Rows keeps memory-mapped ones on disk
     logits: torch.Tensor  # [n, C]
     labels: torch.Tensor  # int64 [n]
 
@@ -75,7 +75,7 @@ def train_server_ddp(
     mine = per_rank[rank]
     amp = dev.type == "cuda"
     dummy = torch.zeros(1, *feature_shape, device=dev)
-    h, y, z_c = shard.features.float(), shard.labels, shard.logits.float()
+    h, y, z_c = shard.features, shard.labels, shard.logits.float()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * samples, correct, samples
     for epoch in range(cfg.epochs):
         order = torch.randperm(len(y), generator=generator)
@@ -86,7 +86,7 @@ def train_server_ddp(
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
                 if b:
                     model.train()
-                    hb, yb = h[idx].to(dev, non_blocking=True), y[idx].to(dev)
+                    hb, yb = h[idx].float().to(dev, non_blocking=True), y[idx].to(dev)
                     z_s = model(channels_last_input(hb) if cfg.channels_last else hb)
                     loss_sum = F.cross_entropy(z_s, yb, reduction="sum")
                     if cfg.alpha > 0:

@@ -89,6 +89,11 @@ class FleetObserver:
             del self.history[:-MAX_HISTORY]
 
     # -- readers (HTTP threads) ----------------------------------------------------------
+    def device_views(self) -> dict[str, DeviceView]:
+        """Copies of the devices' views, called under the lock (hub workers add the other
+        workers' views: server_hub/worker_fleet.py)."""
+        return {d: DeviceView(**asdict(v)) for d, v in self.devices.items()}
+
     def device_state(self, service, view: DeviceView, now: float) -> str:
         up = service.uploads.get(view.device)
         phase = service.phase
@@ -110,7 +115,7 @@ class FleetObserver:
         # dict() copies are single C calls, safe while the network thread inserts
         known = dict(service.known)
         with self._lock:
-            views = {d: DeviceView(**asdict(v)) for d, v in self.devices.items()}
+            views = self.device_views()
             history = list(self.history)
             samples, completed = self.samples_received, self.rounds_completed
         devices = []

@@ -29,6 +29,9 @@ def add_monitoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--status-port", type=int, default=None,
                    help="serve the live status page (/) and /status.json on this port")
     g.add_argument("--status-host", default="127.0.0.1", help="address of --status-port")
+    g.add_argument("--monitor-linger", type=float, default=0.0, metavar="SECONDS",
+                   help="after the last round keep serving both this long, so a scrape "
+                        "sees the end (SIGTERM ends it sooner)")
 
 
 @dataclass
@@ -40,15 +43,24 @@ class Monitoring:
         for s in self.servers:
             s.close()
 
+    def linger(self, seconds: float, service) -> None:
+        """Keep serving the final figures ``seconds`` longer, unless the service is stopped."""
+        if self.servers and seconds > 0:
+            log.info("serving the final metrics and status for %.0f s", seconds)
+            service.wait_stopped(seconds)
+
 
 class MonitoringError(RuntimeError):
     """A metrics or status port that cannot be served (taken, or a bad address)."""
 
 
-def start_monitoring(args: argparse.Namespace, service) -> Monitoring:
-    """Attach the observers to ``service`` and start the servers asked for."""
-    mon = Monitoring(FleetObserver())
-    service.observers.append(mon.fleet)
+def start_monitoring(args: argparse.Namespace, service,
+                     fleet: FleetObserver | None = None) -> Monitoring:
+    """Attach the observers to ``service`` and start the servers asked for; ``fleet``: one
+    the service has already (hub workers' rank 0 merges the other workers' into it)."""
+    mon = Monitoring(fleet or FleetObserver())
+    if fleet is None:
+        service.observers.append(mon.fleet)
     listeners = [mon.fleet.on_round]
     try:
         if args.metrics_port is not None:

@@ -107,7 +107,9 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     monitor = None
     try:
         monitor = start_monitoring(args, svc)
-        return svc.run()
+        code = svc.run()
+        monitor.linger(getattr(args, "monitor_linger", 0.0), svc)
+        return code
     except MonitoringError as err:
         log.error("%s", err)
         return 2

@@ -224,6 +224,10 @@ class HubService:
         with self._cond:
             self._cond.notify_all()
 
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether ``stop`` was called within ``timeout`` seconds."""
+        return self._stop.wait(timeout)
+
     def _announce(self, state: str, deadline: float | None = None) -> None:
         meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
         payload = wire.encode_message("round", "hub", max(self.round, 0), {},

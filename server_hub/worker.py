@@ -57,8 +57,9 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
     from edge_runtime.data import DataConfig, load_split, make_loader
     from edge_runtime.transport import LinkConfig, MqttLink
 
-    from .distributed import backend_for, init_group, local_rank
+    from .distributed import backend_for, broadcast, init_group, local_rank
     from .hub import Hub
+    from .monitoring import MonitoringError, start_monitoring
     from .results import HEADER, format_row
     from .service import ServiceConfig
     from .trainer import pick_device
@@ -81,24 +82,42 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
         return 2
     link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{rank}", username=login[0],
                                password=login[1], max_packet_size=args.max_payload + 4096))
+    monitor_on = args.metrics_port is not None or args.status_port is not None
+    monitor = None
     try:
         link.connect()
+        features = Path(args.state_dir) / "features" / f"rank-{rank}"  # its own spill files
         svc = WorkerService(
-            link, Hub(cfg.data.num_classes, server_cfg, cfg.seed),
+            link, Hub(cfg.data.num_classes, server_cfg, cfg.seed, feature_dir=features),
             ServiceConfig(args.state_dir, rounds=cfg.rounds, min_devices=args.min_devices,
                           round_deadline=args.round_deadline, start_timeout=args.start_timeout,
                           max_payload=args.max_payload + 4096),
             cfg.data, test_loader,
-            WorkerConfig(args.share_group, seed=cfg.seed, trace_dir=args.trace_dir),
+            WorkerConfig(args.share_group, seed=cfg.seed, trace_dir=args.trace_dir,
+                         monitor=monitor_on),
             on_round=lambda rec: print(format_row(rec), flush=True))
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: svc.stop())
+        ok = True
+        if monitor_on and rank == 0:  # rank 0 serves the whole hub's figures
+            try:
+                monitor = start_monitoring(args, svc, svc.fleet)
+            except MonitoringError as err:
+                log.error("%s", err)
+                ok = False
+        if monitor_on and not broadcast(ok):
+            return 2  # every worker stops, not only rank 0
         if rank == 0:
             print(f"{world} hub workers (rank {rank} local {local_rank()}), "
                   f"{torch.get_num_threads()} threads each, broker {url}", flush=True)
             print(HEADER, flush=True)
-        return svc.run()
+        code = svc.run()
+        if monitor:
+            monitor.linger(args.monitor_linger, svc)
+        return code
     finally:
+        if monitor:
+            monitor.close()
         link.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -118,10 +137,6 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
     from .broker import free_port
     from .serve import BrokerSetupError, open_broker
 
-    for opt in ("metrics_port", "status_port"):
-        if getattr(args, opt, None):
-            log.warning("--%s is not served by hub workers yet; ignored",
-                        opt.replace("_", "-"))
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
     try:  # the managed broker has the same access rules as one hub
@@ -131,11 +146,13 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
         return err.exit_code
     login = (access.username, access.password)
     init_method = f"tcp://127.0.0.1:{free_port()}"
+    forwarded: list[int] = []
     try:
         ctx = mp.start_processes(_spawned, nprocs=args.workers, join=False,
                                  args=(args, cfg, url, login, init_method, args.workers))
 
         def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
+            forwarded.append(sig)
             for proc in ctx.processes:
                 if proc.is_alive():
                     os.kill(proc.pid, sig)
@@ -146,6 +163,10 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
             pass
         return 0
     except mp.ProcessExitedException as err:
+        if err.signal_name in {signal.Signals(s).name for s in forwarded}:
+            # the signal we passed on reached a worker already on its way out
+            log.info("workers stopped (%s)", err.signal_name)
+            return 0
         log.error("%s", err)
         return err.exit_code if err.exit_code and err.exit_code > 0 else 1
     finally:

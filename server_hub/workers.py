@@ -44,7 +44,8 @@ from .hub import Evaluation
 from .journal import UploadJournal
 from .results import RoundRecord
 from .service import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, HubService, NoDevicesError
-from .trainer import extractor_from_state, server_logits, split_accuracy
+from .trainer import Rows, extractor_from_state, server_logits, split_accuracy
+from .worker_fleet import WorkerFleet
 
 log = logging.getLogger("gkt.hub")
 
@@ -55,6 +56,7 @@ class WorkerConfig:
     poll: float = 0.2  # seconds between the workers' round-state exchanges
     seed: int = 0
     trace_dir: str | None = None  # write each rank's trained (device, sample id) per epoch
+    monitor: bool = False  # exchange traffic counts, so rank 0 can serve the whole hub's
 
 
 def shared_up_filter(group: str) -> str:
@@ -71,6 +73,9 @@ class WorkerService(HubService):
         self.generator = torch.Generator().manual_seed(wcfg.seed * 1009 + self.rank)
         self.ddp: DistributedDataParallel | None = None
         self._owned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> ids, H
+        self.fleet = WorkerFleet() if wcfg.monitor else None
+        if self.fleet:  # on rank 0 also the metrics' and status page's source
+            self.observers.append(self.fleet)
 
     # -- start ---------------------------------------------------------------------------
     def run(self) -> int:
@@ -91,6 +96,8 @@ class WorkerService(HubService):
         if self.rank == 0:
             self._scan_retained_hellos()
         self.listening.set()
+        log.info("rank %d: receiving uploads through %s", self.rank,
+                 shared_up_filter(self.wcfg.share_group))
         try:
             self._wait_for_devices()
             for rnd in range(start, self.cfg.rounds):
@@ -158,6 +165,7 @@ class WorkerService(HubService):
             view = {"known": dict(self.known), "stop": self._stop.is_set(),
                     "uploads": {d: {**asdict(u), "chunks": sorted(u.chunks)}
                                 for d, u in self.uploads.items()}}
+            view["counts"] = self.fleet.counts(self) if self.fleet else None
         views = all_gather(view)
         with self._cond:
             for v in views:
@@ -165,6 +173,9 @@ class WorkerService(HubService):
                     self.known.setdefault(d, hello)
             self._cond.notify_all()
         done, got = merge_uploads([v["uploads"] for v in views])
+        if self.fleet and self.rank == 0:
+            self.fleet.update([v["counts"] for v in views[1:]], done,
+                              {d for v in views for d in v["uploads"]})
         return done, got, any(v["stop"] for v in views)
 
     def _wait_for_devices(self) -> None:
@@ -188,6 +199,8 @@ class WorkerService(HubService):
             self.round, self.phase = rnd, "collect"
             self.uploads = {}
             self.hub.start_round()
+        if self.fleet:  # last round's complete uploads are not this round's
+            self.fleet.update(self.fleet.peers)
         self._replay(rnd)
         dist.barrier()  # every worker takes round-rnd uploads before a device hears of it
         deadline = time.time() + self.cfg.round_deadline
@@ -229,7 +242,9 @@ class WorkerService(HubService):
         return done
 
     def _shard(self, done: dict[str, MergedUpload]) -> tuple[Shard, list[int], tuple]:
-        """This rank's samples of the complete uploads, minus any a lower rank also holds."""
+        """This rank's samples of the complete uploads, minus any a lower rank also holds.
+        Features stay where the bank keeps them (memory-mapped when spilled), read a batch
+        at a time."""
         devices = sorted(done)
         held = set(self.hub.bank.devices)
         mine = {d: self.hub.bank.get(d) for d in devices if d in held
@@ -241,7 +256,8 @@ class WorkerService(HubService):
                 keep = torch.from_numpy(owned_mask(ids_by_rank, self.rank, d))
                 f = mine[d]
                 keys = torch.stack([torch.full_like(f.ids[keep], i), f.ids[keep]], 1)
-                parts.append((d, keys, f.features[keep], f.logits[keep], f.labels[keep]))
+                feats = f.features if bool(keep.all()) else f.features[keep]  # no copy
+                parts.append((d, keys, feats, f.logits[keep], f.labels[keep]))
         self._owned = {d: (k[:, 1], h) for d, k, h, _, _ in parts}
         shape = next((tuple(p[2].shape[1:]) for p in parts), None)
         counts_shapes = all_gather((sum(len(p[1]) for p in parts), shape))
@@ -249,7 +265,7 @@ class WorkerService(HubService):
         ncls = self.hub.num_classes
         shard = Shard(
             torch.cat([p[1] for p in parts]) if parts else torch.empty(0, 2, dtype=torch.long),
-            torch.cat([p[2] for p in parts]) if parts else torch.empty(0, *shape),
+            Rows([p[2] for p in parts] if parts else [torch.empty(0, *shape)]),
             torch.cat([p[3] for p in parts]) if parts else torch.empty(0, ncls),
             torch.cat([p[4] for p in parts]) if parts else torch.empty(0, dtype=torch.long))
         return shard, [c for c, _ in counts_shapes], shape
@@ -283,7 +299,11 @@ class WorkerService(HubService):
         self._send_logits(rnd)
         seconds = time.perf_counter() - t0
         ev = self._evaluate(devices)
-        down = sum(all_gather(self.bytes_down - down0))
+        ends = all_gather((self.bytes_down - down0, self.fleet.counts(self) if self.fleet
+                           else None))
+        down = sum(d for d, _ in ends)
+        if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
+            self.fleet.update([c for _, c in ends[1:]], done)
         log.info("rank %d round %d: collect %.1fs, train %.1fs (%d of %d samples here), "
                  "logits %.1fs, eval %.1fs", self.rank, rnd, t_collect - t0,
                  t_train - t_collect, len(shard.labels), stats.samples,
@@ -292,7 +312,7 @@ class WorkerService(HubService):
             accs = [done[d].edge_accuracy for d in devices if done[d].edge_accuracy is not None]
             rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
                               round(seconds, 3), float(np.mean(accs)) if accs else None,
-                              stats.loss)
+                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
             self.hub.save(Path(self.cfg.state_dir),
                           self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
         self.journal.drop(rnd)

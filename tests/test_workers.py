@@ -38,7 +38,8 @@ def small(setup):
 
 
 def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
-              trace: Path | None = None, seed: int = 0) -> tuple[subprocess.Popen, Path]:
+              trace: Path | None = None, seed: int = 0,
+              extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
     cmd = [sys.executable, "-m", "server_hub.cli", "serve", "--broker", url,
            "--state-dir", str(state), "--workers", str(workers), "--worker-threads", "1",
            "--dataset", "digits", "--rounds", str(rounds), "--min-devices", "2",
@@ -47,6 +48,7 @@ def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
            "--seed", str(seed)]
     if trace:
         cmd += ["--trace-dir", str(trace)]
+    cmd += extra
     state.mkdir(parents=True, exist_ok=True)
     log = state / "hub.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,0 +1,117 @@
+"""Operating `gkt-hub serve --workers 2`: rank 0 serves metrics and the status page for the
+whole hub, and each worker spills its features to its own folder; a real Mosquitto,
+real devices, two gloo workers."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import time
+import urllib.request
+
+import pytest
+from polling import wait_for
+from prometheus_client.parser import text_string_to_metric_families
+from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fixtures)
+
+from edge_runtime import topics
+from edge_runtime.transport import LinkConfig, MqttLink
+from server_hub.broker import free_port
+
+pytestmark = pytest.mark.mqtt
+HOSTILE = 6
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for fam in text_string_to_metric_families(text) for s in fam.samples}
+
+
+def status(port: int) -> dict | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as r:
+            return json.load(r)
+    except OSError:
+        return None
+
+
+def test_rank0_serves_metrics_and_status_of_both_workers(broker, tmp_path, small):  # noqa: F811
+    mport, sport = free_port(), free_port()
+    state = tmp_path / "hub"
+    proc, log = start_hub(broker.url, state, workers=2, rounds=1, epochs=1, extra=(
+        "--metrics-port", str(mport), "--status-port", str(sport), "--monitor-linger", "120"))
+    try:
+        # Both workers hold the shared subscription before anything is published, so every
+        # message reaches exactly one of them (a retained one would reach both).
+        assert wait_for(lambda: log.read_text().count("receiving uploads through") == 2, 120), \
+            log.read_text()[-3000:]
+        attacker = MqttLink(LinkConfig(broker.url, f"mallory-{tmp_path.name}"))
+        attacker.connect()
+        for _ in range(HOSTILE):  # spread over both workers by the broker
+            attacker.publish(topics.up("mallory"), b"\x80\x04pickle-bytes")
+        attacker.close()
+        agents = run_devices(broker.url, tmp_path, small, "ops")
+        assert wait_for(lambda: (status(sport) or {}).get("phase") == "done", 60)
+        m, snap = scrape(mport), status(sport)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)  # ends the linger
+        code = proc.wait(60)
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+
+    # Each worker rejected part of the hostile messages: the figures are sums over both.
+    rejecting = set(re.findall(r"rank(\d) gkt.hub: rejected message on", text))
+    assert rejecting == {"0", "1"}, rejecting
+    assert m[("gkt_hub_rejected_messages_total", (("reason", "bad_magic"),))] == HOSTILE
+    sent = sum(a.link.bytes_sent for a in agents) + attacker.bytes_sent
+    assert m[("gkt_hub_received_bytes_total", ())] == sent  # every byte devices sent, once
+    n = sum(a.device.num_samples for a in agents)
+    assert m[("gkt_hub_samples_received_total", ())] == n
+    assert m[("gkt_hub_rounds_completed_total", ())] == 1
+    assert m[("gkt_hub_round_duration_seconds_count", ())] == 1
+    assert m[("gkt_hub_devices_known", ())] == 2
+    meta = json.loads((state / "checkpoints" / "round-0000" / "meta.json").read_text())
+    assert m[("gkt_hub_test_accuracy", ())] == pytest.approx(meta["test_accuracy"])
+    # The hub sent at least every logit message the devices received (plus acks, rounds).
+    assert m[("gkt_hub_sent_bytes_total", ())] > n * 4 * 10
+    for a in agents:
+        d = (("device", a.device.device_id),)
+        assert m[("gkt_device_samples", d)] == a.device.num_samples
+        assert 0 < m[("gkt_device_sent_bytes_total", d)] < a.link.bytes_sent  # hello aside
+
+    assert [d["id"] for d in snap["devices"]] == ["dev0", "dev1"]
+    assert {d["state"] for d in snap["devices"]} == {"finished"}
+    for d, a in zip(snap["devices"], agents):  # every message of a device, whichever worker
+        assert d["messages"] == a.link.msgs_sent
+    assert snap["rejected"] == {"bad_magic": HOSTILE}
+    assert snap["bytes_received"] == sent
+    assert snap["bytes_sent"] == m[("gkt_hub_sent_bytes_total", ())]
+    assert snap["samples_received"] == n and snap["rounds_completed"] == 1
+
+    # Each worker spilled the feature maps it received to its own folder; together they
+    # hold every sample once (float32, 16 x size x size each).
+    row = 16 * meta["image_size"] ** 2 * 4
+    for dev in ("dev0", "dev1"):
+        files = [state / "features" / f"rank-{r}" / f"{dev}.features" for r in (0, 1)]
+        assert all(f.is_file() for f in files), files
+        assert sum(f.stat().st_size for f in files) == len(small.shards[0]) * row
+
+
+@pytest.mark.slow  # ~30 s: two workers start (torch, data) only to stop
+def test_a_port_that_is_taken_ends_the_workers_with_exit_2(broker, tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc, log = start_hub(broker.url, tmp_path / "hub", workers=2, rounds=1, extra=(
+            "--metrics-port", str(taken.getsockname()[1])))
+        t0 = time.monotonic()
+        code = proc.wait(120)
+    assert code == 2, log.read_text()[-3000:]
+    assert "cannot serve metrics" in log.read_text()
+    assert time.monotonic() - t0 < 120
