@@ -100,6 +100,9 @@ class EdgeAgent:
         with self._announced:
             self._announcement = {"round": msg.round, **msg.meta}
             self._announced.notify_all()
+        sender = self._sender
+        if msg.meta.get("state") == "stop" and sender is not None:
+            sender.cancel()  # async: the run ended mid-upload; nobody will ack it any more
 
     def _on_down(self, topic: str, payload: bytes) -> None:
         msg = self._decode(topic, payload)

@@ -79,6 +79,15 @@ class AsyncHub:
             self.slots[device] = Slot(features, extractor, update, self.version, edge_accuracy)
             self.waiting[device] = self.steps
 
+    def restore_versions(self, version: int, merged_at: dict[str, int]) -> None:
+        """After a restart's replay: the hub version and each slot's merge version as they
+        were before the crash (replaying counted every slot as a new merge)."""
+        with self._lock:
+            self.version = version
+            for d, v in merged_at.items():
+                self.slots[d].version = v
+            self._built = -1  # the weights changed
+
     def _weights(self) -> dict[str, float]:
         return {d: staleness_weight(self.version - s.version, self.cfg.decay,
                                     self.cfg.max_staleness) for d, s in self.slots.items()}
@@ -86,6 +95,16 @@ class AsyncHub:
     def weights(self) -> dict[str, float]:
         with self._lock:
             return self._weights()
+
+    def summary(self) -> dict[str, dict]:
+        """Per merged device, for the status page: its update, the hub version it was merged
+        at, its age and loss weight, its samples in the bank, whether it awaits logits."""
+        with self._lock:
+            weights = self._weights()
+            return {d: {"update": s.update, "version": s.version,
+                        "staleness": self.version - s.version, "weight": round(weights[d], 4),
+                        "bank_samples": len(s.features.ids), "awaiting_logits": d in self.waiting}
+                    for d, s in self.slots.items()}
 
     def _rebuild(self) -> None:
         with self._lock:

@@ -19,6 +19,7 @@ from edge_runtime import topics, wire
 from edge_runtime.messages import logits_messages
 
 from .async_hub import AsyncHub
+from .async_state import AsyncState, load_state, save_state
 from .results import RoundRecord
 from .service import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, HubService, NoDevicesError, Upload
 from .staleness import AsyncConfig, finished, should_evaluate
@@ -38,7 +39,11 @@ class AsyncHubService(HubService):
         self.upload_update: dict[str, int] = {}  # device -> update of its open upload
         self.sent: dict[str, tuple[int, list[bytes]]] = {}  # newest logits, for re-requests
         self.bytes_merged = 0
-        self.hellos: dict[str, str] = {}  # device -> msg_id of the last hello acted on
+        self._saved = load_state(cfg.state_dir)  # counters from before a restart
+        # device -> msg_id of the last hello acted on (kept on disk: retained hellos are
+        # re-delivered to a restarted hub and must not look like devices that lost state)
+        self.hellos: dict[str, str] = dict(self._saved.hellos) if self._saved else {}
+        self._replaying = False
 
     # -- network thread ------------------------------------------------------------------
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
@@ -48,6 +53,8 @@ class AsyncHubService(HubService):
             if msg.kind == "hello" and self.hellos.get(device) != msg.msg_id:
                 self.hellos[device] = msg.msg_id  # a broker re-delivers retained hellos
                 self._restarted(device, msg.meta.get("completed_round"))
+                with self._cond:
+                    self._persist()
             return
         with self._cond:
             self._require_known(device, msg.kind, replay)
@@ -85,7 +92,14 @@ class AsyncHubService(HubService):
         self.bytes_merged += up.bytes
         if old is not None:  # on disk we keep each device's newest complete upload only
             self.journal.drop_device(old, device)
+        if not self._replaying:
+            self._persist()
         log.info("merged %s's update %d (hub version %d)", device, update, self.ahub.version)
+
+    def _persist(self) -> None:
+        """Save the counters a restart needs (async_state.py); called under the lock."""
+        slots = {d: (s.update, s.version) for d, s in self.ahub.slots.items()}
+        save_state(self.cfg.state_dir, AsyncState(self.ahub.version, slots, dict(self.hellos)))
 
     def _resend_logits(self, device: str, rnd: int) -> None:
         update, msgs = self.sent.get(device, (-1, []))
@@ -106,12 +120,32 @@ class AsyncHubService(HubService):
             self.link.publish(topics.down(device), m, wait=False)
             self.bytes_down += len(m)
 
+    def _resume(self) -> None:
+        """Replay the uploads accepted before a crash (each device's newest complete one,
+        and any half-done one) and restore the hub version and staleness they had."""
+        self._replaying = True
+        for update in self.journal.rounds():
+            self._replay(update)
+        self._replaying = False
+        if not self.merged:
+            return
+        base = self._saved.version if self._saved else 0
+        slots = self._saved.slots if self._saved else {}
+        known = {d: slots[d][1] for d, u in self.merged.items() if slots.get(d, (-1,))[0] == u}
+        fresh = sorted(set(self.merged) - set(known))  # merged after the state was saved
+        known.update({d: base + i for i, d in enumerate(fresh, 1)})
+        self.ahub.restore_versions(base + len(fresh), known)
+        with self._cond:
+            self._persist()
+        log.info("resumed async state: hub version %d, newest uploads of %s", self.ahub.version,
+                 ", ".join(f"{d} (update {u})" for d, u in sorted(self.merged.items())))
+
     def run(self) -> int:
         self.round = self._restore()  # async: the number of evaluations so far
+        # Replay before subscribing: hellos (retained) then meet the bank as it was.
+        self._resume()
         self.link.subscribe(topics.UP_WILDCARD, self._on_up)
         self.listening.set()
-        for update in self.journal.rounds():  # uploads accepted before a crash
-            self._replay(update)
         try:
             self._wait_for_devices()
         except NoDevicesError as err:
@@ -119,7 +153,8 @@ class AsyncHubService(HubService):
             return EXIT_NO_DEVICES
         self._announce("async")
         t_start = time.monotonic()
-        last = {"t": t_start, "v": 0, "up": self.bytes_merged, "down": self.bytes_down}
+        last = {"t": t_start, "v": self.ahub.version, "up": self.bytes_merged,
+                "down": self.bytes_down}  # after a restart: its resumed version
         announced = t_start
         losses: list[float] = []
         while not self._stop.is_set():
@@ -141,6 +176,9 @@ class AsyncHubService(HubService):
                 self._evaluate(t_start, last, losses)
             self.on_status(f"async: version {self.ahub.version}, {self.ahub.steps} steps, "
                            f"{len(self.merged)}/{len(self.known)} devices")
+        if self._stop.is_set():  # SIGTERM: not the end of the federation, so no "stop"
+            log.info("stopped; a restart resumes from the checkpoint and the journal")
+            return EXIT_OK
         if self.ahub.version != last["v"]:  # what was merged since the last evaluation
             self._evaluate(t_start, last, losses)
         self.phase = "done"

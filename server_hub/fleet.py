@@ -4,7 +4,9 @@
 ``FleetObserver`` is attached to a ``HubService`` (``service.observers``, any subclass) and
 hears about every accepted message, and about every finished round through the service's
 ``on_round`` callback; everything else (round, phase, uploads, rejections, bytes) is read
-from the service when a snapshot is taken. Device-reported
+from the service when a snapshot is taken. With an async service (``service.ahub``) there
+are no rounds: a device is uploading, waiting for logits, training or gone, and its row says
+which update of it is in the bank, merged at which hub version, how stale. Device-reported
 figures arrive in the ``device_metrics`` of their hello and upload_done messages, are
 untrusted input, and are kept only if they are known names with finite numbers.
 """
@@ -23,6 +25,7 @@ from .results import RoundRecord
 # What devices may report about themselves (edge_runtime.device_metrics).
 DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
 MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
+GONE = ("silent", "gone", "finished")  # states not counted as active
 
 
 @dataclass
@@ -36,6 +39,8 @@ class DeviceView:
     codec: str | None = None
     last_upload: str = ""  # upload_id of its last upload_done (duplicates are acked again)
     reported: dict[str, float] = field(default_factory=dict)
+    update: int = -1  # async: its newest merged update
+    updated: float | None = None  # async: when that was merged
 
 
 def clean_report(meta: dict) -> dict[str, float]:
@@ -81,6 +86,9 @@ class FleetObserver:
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
                     view.codec = msg.meta["codec"][:16]
+            merged = getattr(service, "merged", {}).get(device)  # async: any kind completes
+            if merged is not None and merged != view.update:
+                view.update, view.updated = merged, now
 
     def on_round(self, rec: RoundRecord) -> None:
         with self._lock:
@@ -118,23 +126,52 @@ class FleetObserver:
             views = self.device_views()
             history = list(self.history)
             samples, completed = self.samples_received, self.rounds_completed
+        ahub = getattr(service, "ahub", None)  # the async hub (async_service.py)
+        slots = ahub.summary() if ahub is not None else None
         devices = []
         for d in sorted(set(known) | set(views)):
             v = views.get(d) or DeviceView(d, now, now)
             hello = known.get(d, {})
+            state = (async_state(service, v, slots.get(d), now) if slots is not None
+                     else self.device_state(service, v, now))
             devices.append({
-                "id": d, "state": self.device_state(service, v, now),
+                "id": d, "state": state,
                 "samples": hello.get("num_samples"), "codec": v.codec,
                 "last_seen_s": round(now - v.last_seen, 1), "last_round": v.last_round,
                 "messages": v.messages, "bytes_up": v.bytes_up, **v.reported,
+                **(async_row(v, slots.get(d), now) if slots is not None else {}),
             })
         link = service.link
-        return {
+        mode = {"mode": "sync"} if ahub is None else {
+            "mode": "async", "version": ahub.version, "steps": ahub.steps,
+            "max_updates": service.acfg.max_updates}
+        return {**mode,
             "time": now, "uptime_s": round(now - self.started, 1),
             "round": service.round, "rounds": service.cfg.rounds, "phase": service.phase,
             "rounds_completed": completed, "samples_received": samples,
             "devices_known": len(devices),
-            "devices_active": sum(x["state"] not in ("silent", "finished") for x in devices),
+            "devices_active": sum(x["state"] not in GONE for x in devices),
             "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
             "rejected": dict(service.rejected), "devices": devices, "history": history,
         }
+
+
+def async_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
+    """uploading | waiting for logits | training (its next local round) | gone | finished."""
+    if service.phase == "done":
+        return "finished"
+    if now - view.last_seen > 2 * service.cfg.round_deadline:
+        return "gone"  # its features age out by the staleness rule; nobody waits for it
+    if view.device in service.uploads:  # an upload is removed from there once merged
+        return "uploading"
+    if slot is not None and slot["awaiting_logits"]:
+        return "waiting for logits"
+    return "training"
+
+
+def async_row(view: DeviceView, slot: dict | None, now: float) -> dict:
+    """Which update of the device the bank holds, merged at which hub version, how stale."""
+    keys = ("update", "version", "staleness", "weight", "bank_samples")
+    row = {k: slot[k] for k in keys} if slot else dict.fromkeys(keys)
+    row["last_update_s"] = None if view.updated is None else round(now - view.updated, 1)
+    return row

@@ -71,6 +71,29 @@ class FleetCollector(Collector):
         yield from per_device.values()
         yield up
         yield seen
+        yield from self.async_metrics(s)
+
+    @staticmethod
+    def async_metrics(s: dict):
+        """Async mode: the hub version and how stale each device's features in the bank are."""
+        if s.get("mode") != "async":
+            return
+        yield GaugeMetricFamily("gkt_hub_version", "async: device uploads merged so far",
+                                value=s["version"])
+        state = GaugeMetricFamily("gkt_device_state", "1 for the state a device is in",
+                                  labels=["device", "state"])
+        stale = GaugeMetricFamily("gkt_device_staleness_versions", "async: hub versions since "
+                                  "the device's features in the bank were merged",
+                                  labels=["device"])
+        since = GaugeMetricFamily("gkt_device_seconds_since_update", "async: seconds since "
+                                  "the device's newest upload was merged", labels=["device"])
+        for d in s["devices"]:
+            state.add_metric([d["id"], d["state"]], 1)
+            if d.get("staleness") is not None:
+                stale.add_metric([d["id"]], d["staleness"])
+            if d.get("last_update_s") is not None:
+                since.add_metric([d["id"]], d["last_update_s"])
+        yield from (state, stale, since)
 
 
 class HubMetrics:

@@ -107,21 +107,34 @@ def _num(v: float | None, spec: str) -> str:
 
 def format_status(s: dict) -> str:
     last = s["history"][-1] if s["history"] else {}
-    lines = [f"round {s['round']}/{s['rounds']} ({s['phase']}), {s['rounds_completed']} "
-             f"completed; devices {s['devices_active']} active of {s['devices_known']} known",
+    is_async = s.get("mode") == "async"  # no rounds: uploads merged, per device staleness
+    head = (f"async: {s['version']}/{s['max_updates'] or '-'} uploads merged ({s['phase']}), "
+            f"{s['rounds_completed']} evaluations" if is_async else
+            f"round {s['round']}/{s['rounds']} ({s['phase']}), {s['rounds_completed']} "
+            f"completed")
+    where = f"{'update':>6} {'age':>4} {'weight':>6}" if is_async else f"{'round':>5}"
+    w = 18 if is_async else 12  # "waiting for logits"
+    lines = [f"{head}; devices {s['devices_active']} active of {s['devices_known']} known",
              f"received {s['bytes_received'] / 1e6:.2f} MB, sent {s['bytes_sent'] / 1e6:.2f} MB, "
              f"{s['samples_received']} samples; test accuracy "
              f"{_num(last.get('test_accuracy'), '.4f')}",
              "rejected: " + (", ".join(f"{k} {v}" for k, v in sorted(s["rejected"].items()))
                              or "none"), "",
-             f"{'device':<16} {'state':<12} {'samples':>7} {'round':>5} {'up MB':>8} "
-             f"{'train s':>7} {'own acc':>7} {'seen':>6}"]
+             f"{'device':<16} {'state':<{w}} {'samples':>7} {where} "
+             f"{'up MB':>8} {'train s':>7} {'own acc':>7} {'seen':>6}"]
     for d in s["devices"]:
-        lines.append(f"{d['id']:<16} {d['state']:<12} {_num(d.get('samples'), '.0f'):>7} "
-                     f"{d['last_round']:>5} {d['bytes_up'] / 1e6:>8.2f} "
+        at = (f"{_num(d.get('update'), 'd'):>6} {_num(d.get('staleness'), 'd'):>4} "
+              f"{_num(d.get('weight'), '.3f'):>6}" if is_async else f"{d['last_round']:>5}")
+        lines.append(f"{d['id']:<16} {d['state']:<{w}} "
+                     f"{_num(d.get('samples'), '.0f'):>7} {at} {d['bytes_up'] / 1e6:>8.2f} "
                      f"{_num(d.get('train_seconds'), '.2f'):>7} "
                      f"{_num(d.get('edge_accuracy'), '.3f'):>7} {d['last_seen_s']:>5.0f}s")
-    if s["history"]:
+    if s["history"] and is_async:
+        lines += ["", " eval  updates  test acc  device acc  elapsed"]
+        lines += [f"{r['round']:>5}  {_num(r.get('updates'), 'd'):>7}  "
+                  f"{r['test_accuracy']:>8.4f}  {_num(r.get('edge_accuracy'), '.4f'):>10}  "
+                  f"{_num(r.get('elapsed'), '.1f'):>7}" for r in s["history"][-20:]]
+    elif s["history"]:
         lines += ["", "round  test acc  device acc  seconds"]
         lines += [f"{r['round']:>5}  {r['test_accuracy']:>8.4f}  "
                   f"{_num(r.get('edge_accuracy'), '.4f'):>10}  {r['seconds']:>7.1f}"

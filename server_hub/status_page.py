@@ -10,6 +10,8 @@ from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 REFRESH_S = 5
+ASYNC_HEAD = ("<th>update</th><th title='hub versions since it was merged'>age</th>"
+              "<th>weight</th><th>in bank</th><th>merged</th>")
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fafafa}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:15px;margin:20px 0 6px}
@@ -20,7 +22,8 @@ h1{font-size:20px;margin:0 0 4px} h2{font-size:15px;margin:20px 0 6px}
 table{border-collapse:collapse;background:#fff;border:1px solid #ddd}
 th,td{padding:4px 10px;border-bottom:1px solid #eee;text-align:right}
 th:first-child,td:first-child,td.s{text-align:left}
-.st-uploaded,.st-finished{color:#1a7f37} .st-silent{color:#c62828} .st-uploading{color:#b26a00}
+.st-uploaded,.st-finished{color:#1a7f37} .st-silent,.st-gone{color:#c62828}
+.st-uploading,.st-waiting{color:#b26a00}
 svg{background:#fff;border:1px solid #ddd}
 """
 
@@ -82,10 +85,28 @@ def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> st
     return "".join(parts)
 
 
+def _td(v: object) -> str:
+    return f"<td>{_fmt(v)}</td>"
+
+
+def _async_cells(d: dict) -> str:
+    """Async rows: which update of the device the bank holds and how stale it is."""
+    last = d.get("last_update_s")
+    return (f"<td>{_fmt(d.get('update'))}</td><td>{_fmt(d.get('staleness'))}</td>"
+            f"<td>{_fmt(d.get('weight'), 2)}</td><td>{_fmt(d.get('bank_samples'))}</td>"
+            f"<td>{'-' if last is None else f'{last:.0f} s'}</td>")
+
+
 def render_html(s: dict) -> str:
     last = s["history"][-1] if s["history"] else {}
-    cards = [("rounds done", f"{s['rounds_completed']} / {s['rounds']}"),
-             ("now", f"{s['phase']}, round {s['round']}" if s["round"] >= 0 else s["phase"]),
+    is_async = s.get("mode") == "async"
+    progress = ([("updates merged", f"{s['version']} / {s['max_updates'] or '-'}"),
+                 ("evaluations", str(s["rounds_completed"])), ("now", s["phase"])]
+                if is_async else
+                [("rounds done", f"{s['rounds_completed']} / {s['rounds']}"),
+                 ("now", f"{s['phase']}, round {s['round']}" if s["round"] >= 0
+                  else s["phase"])])
+    cards = [*progress,
              ("devices", f"{s['devices_active']} active / {s['devices_known']}"),
              ("test accuracy", _fmt(last.get("test_accuracy"))),
              ("received", _mb(s["bytes_received"])), ("sent", _mb(s["bytes_sent"])),
@@ -94,7 +115,8 @@ def render_html(s: dict) -> str:
     rows = "".join(
         f"<tr><td>{escape(d['id'])}</td><td class='s st-{escape(d['state'].split()[0])}'>"
         f"{escape(d['state'])}</td><td>{_fmt(d.get('samples'))}</td>"
-        f"<td>{_fmt(d.get('codec'))}</td><td>{d['last_round']}</td>"
+        f"<td>{_fmt(d.get('codec'))}</td>"
+        f"{_async_cells(d) if is_async else _td(d['last_round'])}"
         f"<td>{_mb(d['bytes_up'])}</td><td>{_fmt(d.get('train_seconds'), 2)}</td>"
         f"<td>{_fmt(d.get('edge_accuracy'))}</td>"
         f"<td>{_fmt((d.get('max_rss_bytes') or 0) / 1e6, 0) if d.get('max_rss_bytes') else '-'}"
@@ -109,8 +131,9 @@ def render_html(s: dict) -> str:
 data as <a href="status.json">status.json</a></div>
 <div class="cards">{''.join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in cards)}</div>
 <h2>Devices</h2><table><tr><th>device</th><th>state</th><th>samples</th><th>codec</th>
-<th>last round</th><th>uploaded</th><th>train s</th><th>own acc.</th><th>peak MB</th>
-<th>last seen</th></tr>{rows or "<tr><td colspan=10>no device yet</td></tr>"}</table>
+{ASYNC_HEAD if is_async else "<th>last round</th>"}<th>uploaded</th><th>train s</th>
+<th>own acc.</th><th>peak MB</th><th>last seen</th></tr>
+{rows or "<tr><td colspan=14>no device yet</td></tr>"}</table>
 <h2>Accuracy per round</h2>{accuracy_svg(s['history'])}
 <h2>Rejected messages</h2><table><tr><th>reason</th><th>count</th></tr>{rejected}</table>
 </body></html>"""

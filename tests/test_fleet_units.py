@@ -28,3 +28,58 @@ def test_plot_and_page_escape_and_cope_with_nothing_yet():
                          "codec": "q8", "last_round": 2, "bytes_up": 10, "last_seen_s": 0.5}]}
     html = render_html(snap)
     assert "<script>" not in html and "&lt;script&gt;" in html and "&lt;b&gt;" in html
+
+
+def test_async_device_states_updates_and_staleness(tmp_path):
+    """An async hub (fake link) reports per device: uploading, waiting for logits, training,
+    gone, finished; which update is in the bank, merged at which version, how stale."""
+    from prometheus_client.core import Metric
+    from test_async_service import hello, send, service, upload
+
+    from server_hub.fleet import FleetObserver
+    from server_hub.metrics import FleetCollector
+    from server_hub.monitoring import format_status
+
+    svc, link = service(tmp_path)
+    link.bytes_received = link.bytes_sent = 0
+    now = [100.0]
+    fleet = FleetObserver(clock=lambda: now[0])
+    svc.observers.append(fleet)
+
+    def rows() -> dict:
+        return {d["id"]: d for d in fleet.snapshot(svc)["devices"]}
+
+    send(svc, "d", [hello("d")])
+    send(svc, "e", [hello("e")])
+    assert rows()["d"]["state"] == "training" and rows()["d"]["update"] is None  # round 0
+    first = upload("d", 0)
+    send(svc, "d", first[:1])
+    assert rows()["d"]["state"] == "uploading"
+    now[0] = 105.0
+    send(svc, "d", first[1:])
+    d = rows()["d"]
+    assert d["state"] == "waiting for logits" and d["last_update_s"] == 0.0
+    assert (d["update"], d["version"], d["staleness"], d["weight"], d["bank_samples"]) == \
+        (0, 1, 0, 1.0, 6)
+    svc._send_logits("d")  # trained on: its logits go out, it trains its next round
+    now[0] = 108.0
+    send(svc, "e", upload("e", 0, seed=2))
+    d, e = rows()["d"], rows()["e"]
+    assert d["state"] == "training" and d["last_update_s"] == 3.0
+    assert (d["staleness"], d["weight"]) == (1, 0.95) and e["state"] == "waiting for logits"
+    snap = fleet.snapshot(svc)
+    assert (snap["mode"], snap["version"], snap["max_updates"]) == ("async", 2, 5)
+    text = format_status(snap)
+    assert "async: 2/5 uploads merged" in text and "waiting for logits" in text
+    assert "updates merged" in render_html(snap) and "<td>0.95</td>" in render_html(snap)
+    metrics = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in FleetCollector(svc, fleet).collect() if isinstance(fam, Metric)
+               for s in fam.samples}
+    assert metrics[("gkt_hub_version", ())] == 2
+    assert metrics[("gkt_device_staleness_versions", (("device", "d"),))] == 1
+    assert metrics[("gkt_device_state", (("device", "e"), ("state", "waiting for logits")))] == 1
+    now[0] += 2 * svc.cfg.round_deadline + 1  # silent that long: gone, and not active
+    assert {x["state"] for x in rows().values()} == {"gone"}
+    assert fleet.snapshot(svc)["devices_active"] == 0
+    svc.phase = "done"
+    assert {x["state"] for x in rows().values()} == {"finished"}
