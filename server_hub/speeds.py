@@ -2,11 +2,15 @@
 
 ``--device-speeds 1,1,1,5`` gives slowdown factors directly; ``--device-profiles
 rpi4b,jetson-orin-nano,...`` takes them from the device catalog, as the fastest listed
-device's CPU peak over each device's (the fastest runs at this machine's speed).
+device's CPU peak over each device's (the fastest runs at this machine's speed); the
+catalog lookup is device_profiles/cpu_peaks.py, reached through an entry point.
 ``--bandwidths 2M,2M,2M,400K`` sets each link in bytes/s. One value applies to all.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from importlib.metadata import distributions
 
 from edge_runtime.throttle import DeviceSpeed, parse_bandwidth
 
@@ -30,25 +34,26 @@ def parse_speeds(text: str, n: int) -> list[float]:
     return out
 
 
-def profile_speeds(text: str, n: int) -> list[float]:
-    """Slowdown factors from catalog CPU peaks. An id may name a family sharing one CPU
-    (``rpi4b`` for ``rpi4b-1gb`` ... ``rpi4b-8gb``)."""
-    # device_profiles depends on server_hub for models; its catalog module is torch-free and
-    # imports nothing from here, so this late import makes no cycle.
-    from device_profiles.catalog import load_catalog
+PEAKS_ENTRY_POINT = "gkt_edge_toolkit.cpu_peaks"  # device_profiles/cpu_peaks.py provides it
 
-    specs = load_catalog()
-    peaks = []
-    for key in _per_device(text, n, "--device-profiles"):
-        found = [s for s in specs if s.id == key] or [s for s in specs
-                                                     if s.id.startswith(key + "-")]
-        values = {s.cpu_peak_gflops.value for s in found}
-        if len(values) != 1:
-            known = ", ".join(s.id for s in specs)
-            raise ValueError(f"--device-profiles: {key!r} matches "
-                             f"{'no device' if not found else 'devices of different speeds'}; "
-                             f"known: {known}")
-        peaks.append(values.pop())
+
+def catalog_peaks(ids: list[str]) -> list[float]:
+    """CPU peaks of catalog ids, from the installed package that provides the entry point
+    (device_profiles; server_hub never imports it: the layering of DESIGN.md). Every
+    distribution is searched: a stale egg-info in a source checkout would hide it from
+    ``entry_points()``, which keeps the first metadata found per package name."""
+    for dist in distributions():
+        for ep in dist.entry_points:
+            if ep.group == PEAKS_ENTRY_POINT:
+                return ep.load()(ids)
+    raise ValueError("--device-profiles needs the device catalog (device_profiles, "
+                     "installed with this package); give --device-speeds instead")
+
+
+def profile_speeds(text: str, n: int,
+                   peaks_of: Callable[[list[str]], list[float]] = catalog_peaks) -> list[float]:
+    """Slowdown factors: the fastest listed device's CPU peak over each device's."""
+    peaks = peaks_of(_per_device(text, n, "--device-profiles"))
     return [max(peaks) / p for p in peaks]
 
 
