@@ -29,8 +29,10 @@ def add_worker_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=_positive, default=1,
                    help="hub processes on this machine training one server model with DDP "
                         "(1 = a single process, no torch.distributed)")
-    g.add_argument("--share-group", default="gkt-hub",
-                   help="MQTT v5 shared-subscription group the workers split uploads in")
+    g.add_argument("--share-group", default=None,
+                   help="MQTT v5 shared-subscription group the workers split uploads in "
+                        "(default: derived from the hub's broker password, so a device "
+                        "cannot join it; 'gkt-hub' on a broker without logins)")
     g.add_argument("--worker-threads", type=int, default=0,
                    help="torch CPU threads per worker (0 = cores / workers on this machine)")
     g.add_argument("--broker-user", help="MQTT user name of the hub (every worker) on a "
@@ -63,7 +65,7 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
     from .results import HEADER, format_row
     from .service import ServiceConfig
     from .trainer import pick_device
-    from .workers import WorkerConfig, WorkerService
+    from .workers import WorkerConfig, WorkerService, share_group_for
 
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world or 1))
     torch.set_num_threads(args.worker_threads or max(1, (os.cpu_count() or 1) // per_node))
@@ -93,7 +95,8 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
                           round_deadline=args.round_deadline, start_timeout=args.start_timeout,
                           max_payload=args.max_payload + 4096),
             cfg.data, test_loader,
-            WorkerConfig(args.share_group, seed=cfg.seed, trace_dir=args.trace_dir,
+            WorkerConfig(args.share_group or share_group_for(login[1]), seed=cfg.seed,
+                         trace_dir=args.trace_dir,
                          monitor=monitor_on),
             on_round=lambda rec: print(format_row(rec), flush=True))
         for sig in (signal.SIGTERM, signal.SIGINT):

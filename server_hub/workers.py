@@ -14,6 +14,7 @@ announces rounds and writes the checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import time
@@ -63,6 +64,17 @@ def shared_up_filter(group: str) -> str:
     return f"$share/{group}/{topics.UP_WILDCARD}"
 
 
+def share_group_for(password: str | None) -> str:
+    """The workers' group name: secret where the broker has logins. Mosquitto 2.0 lets any
+    client subscribe to any ``$share/...`` filter and checks read access only per message:
+    an enrolled device in the workers' group receives nothing, but every message the broker
+    hands to it is dropped. Derived from the hub's password, which every worker has and no
+    device does (tests/test_workers_ops.py)."""
+    if not password:
+        return "gkt-hub"
+    return "gkt-hub-" + hashlib.sha256(b"gkt share group\0" + password.encode()).hexdigest()[:16]
+
+
 class WorkerService(HubService):
     def __init__(self, link: MqttLink, hub, cfg, data_cfg, test_loader, wcfg: WorkerConfig,
                  on_round=None, on_status=None) -> None:
@@ -96,8 +108,8 @@ class WorkerService(HubService):
         if self.rank == 0:
             self._scan_retained_hellos()
         self.listening.set()
-        log.info("rank %d: receiving uploads through %s", self.rank,
-                 shared_up_filter(self.wcfg.share_group))
+        log.info("rank %d: receiving uploads through the workers' shared subscription",
+                 self.rank)  # not its name: where the broker has logins, it is a secret
         try:
             self._wait_for_devices()
             for rnd in range(start, self.cfg.rounds):

@@ -17,7 +17,10 @@ from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fix
 
 from edge_runtime import topics
 from edge_runtime.transport import LinkConfig, MqttLink
+from server_hub.access import AccessConfig, broker_access
 from server_hub.broker import free_port
+from server_hub.enrol import add_device
+from server_hub.workers import share_group_for, shared_up_filter
 
 pytestmark = pytest.mark.mqtt
 HOSTILE = 6
@@ -115,3 +118,53 @@ def test_a_port_that_is_taken_ends_the_workers_with_exit_2(broker, tmp_path):
     assert code == 2, log.read_text()[-3000:]
     assert "cannot serve metrics" in log.read_text()
     assert time.monotonic() - t0 < 120
+
+
+def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link):
+    """Enrolled devices and two workers with the hub's login on the ACL'd managed broker.
+    Mosquitto 2.0 grants any client any ``$share/...`` subscription and checks read access
+    per message: a device in the workers' group reads nothing, yet every message the broker
+    hands to it is dropped. So the workers' group is derived from the hub's password."""
+    keys = {d: add_device(broker_dir, d).password for d in ("devA", "devB")}
+    access = broker_access(AccessConfig(str(broker_dir)))
+    url = broker_factory("acl", **access.broker_fields).url
+    dev = {d: make_link(url, d, username=d, password=k) for d, k in keys.items()}
+
+    def workers(group: str) -> list[list[bytes]]:
+        """Two workers' links with the hub's login in ``group``; what each receives."""
+        got: list[list[bytes]] = [[], []]
+        for i in range(2):
+            link = make_link(url, f"w{i}-{group}", username=access.username,
+                             password=access.password)
+            link.subscribe(shared_up_filter(group), lambda t, p, i=i: got[i].append(p))
+        return got
+
+    def upload(tag: str) -> list[bytes]:
+        sent = []
+        for k in range(12):
+            for d, link in dev.items():
+                sent.append(f"{tag}-{d}-{k}".encode())
+                link.publish(topics.up(d), sent[-1])
+        return sent
+
+    # A device joins the group under the name the workers use: granted, it reads nothing,
+    # and what the broker hands to it is lost.
+    got = workers("gkt-hub")
+    spy: list[bytes] = []
+    dev["devA"].subscribe(shared_up_filter("gkt-hub"), lambda t, p: spy.append(p))
+    sent = upload("guessed")
+    assert wait_for(lambda: len(got[0] + got[1]) >= len(sent) * 2 // 3)
+    time.sleep(0.5)
+    assert spy == [] and all(got)
+    assert set(got[0] + got[1]) < set(sent)  # a third went to the device: dropped
+
+    # The workers' group derived from the hub's password (what `serve --workers` uses under
+    # an ACL): the device cannot name it, and every upload reaches exactly one worker.
+    group = share_group_for(access.password)
+    assert group.startswith("gkt-hub-") and group == share_group_for(access.password)
+    got = workers(group)
+    sent = upload("secret")
+    assert wait_for(lambda: len(got[0] + got[1]) >= len(sent))
+    time.sleep(0.5)
+    assert sorted(got[0] + got[1]) == sorted(sent) and all(got)
+    assert spy == []
