@@ -100,17 +100,3 @@ def owned_mask(ids_by_rank: list[dict[str, np.ndarray]], rank: int, device: str)
         return np.ones(len(mine), dtype=bool)
     return ~np.isin(mine, np.concatenate(lower))
 
-
-def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
-                   extensions_left: bool) -> str:
-    """What a collecting round does next: wait | go | extend | fail (HubService's rules)."""
-    enough = done >= min_devices
-    if enough and all_done:
-        return "go"
-    if not deadline_passed:
-        return "wait"
-    if enough:
-        return "go"
-    if extensions_left:
-        return "extend"
-    return "go" if done else "fail"

@@ -25,9 +25,10 @@ from edge_runtime.transport import MqttLink
 
 from .checkpoint import latest_checkpoint, load_checkpoint
 from .feature_bank import DeviceFeatures
-from .hub import Hub
+from .hub import Evaluation, Hub
 from .journal import UploadJournal
 from .results import RoundRecord
+from .trainer import ServerStats
 
 log = logging.getLogger("gkt.hub")
 
@@ -242,14 +243,17 @@ class HubService:
         if self._announcement is not None and self.link.connected:
             self.link.publish(topics.ROUND_TOPIC, self._announcement, retain=True, wait=False)
 
+    # The round loop. Hub workers (server_hub/workers.py) run this same loop and override
+    # only the hooks marked "hook": how uploads are received and seen, how the decision is
+    # agreed, and the training, logits and evaluation steps.
     def run(self) -> int:
         start = self._restore()
-        self.link.subscribe(topics.UP_WILDCARD, self._on_up)
+        self._start()
         self.listening.set()
         try:
             self._wait_for_devices()
             for rnd in range(start, self.cfg.rounds):
-                if self._stop.is_set():
+                if self._stopping():
                     break
                 self._run_round(rnd)
         except NoDevicesError as err:
@@ -262,6 +266,17 @@ class HubService:
         self.phase = "done"
         self._announce("stop")
         return EXIT_OK
+
+    leads = True  # hook: this process announces rounds, records them and checkpoints
+    log_prefix = ""  # hook: names the worker in its log lines
+
+    def _start(self) -> None:
+        """Hook: receive uploads."""
+        self.link.subscribe(topics.UP_WILDCARD, self._on_up)
+
+    def _stopping(self) -> bool:
+        """Hook: whether to stop before the next round (SIGTERM)."""
+        return self._stop.is_set()
 
     def _restore(self) -> int:
         found = latest_checkpoint(Path(self.cfg.state_dir))
@@ -294,82 +309,141 @@ class HubService:
                 self.on_status(f"waiting for devices: {len(self.known)}/{self.cfg.min_devices}")
                 self._cond.wait(timeout=min(left, 1.0))
 
-    def _collect(self, rnd: int) -> list[str]:
-        """Open round ``rnd`` and wait for uploads; returns the devices that completed."""
+    def _open_round(self, rnd: int) -> None:
+        """Hook: start taking round ``rnd``'s uploads."""
         with self._cond:
             self.round, self.phase = rnd, "collect"
             self.uploads = {}
             self.hub.start_round()
         self._replay(rnd)
+
+    def _round_view(self) -> tuple[dict, int, bool]:
+        """Hook: (complete uploads by device, bytes in, stop asked)."""
+        with self._cond:
+            return self._view()
+
+    def _view(self) -> tuple[dict, int, bool]:
+        done = {d: u for d, u in sorted(self.uploads.items()) if u.complete}
+        return done, sum(u.bytes for u in self.uploads.values()), self._stop.is_set()
+
+    def _agree(self, decision: str | None) -> str:
+        """Hook: the decision every process follows (workers: rank 0's)."""
+        assert decision is not None
+        return decision
+
+    def _pause(self, view: tuple) -> None:
+        """Hook: wait until a message changes the view (at most 1 s)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._view() != view, timeout=1.0)
+
+    def _collect(self, rnd: int) -> dict:
+        """Open round ``rnd`` and wait for uploads; the complete uploads by device. The
+        leader applies the rules (min devices, deadline, extensions) on its clock."""
+        self._open_round(rnd)
         deadline = time.time() + self.cfg.round_deadline
         self._announce("collect", deadline)
-        extensions = 0
-        last_announce = time.monotonic()
-        with self._cond:
-            while True:
+        extensions, last_announce = 0, time.monotonic()
+        while True:
+            view = self._round_view()
+            done, got, stop = view
+            decision = "stop" if stop else None
+            if decision is None and self.leads:
                 if time.monotonic() - last_announce > REANNOUNCE_S:
                     self._reannounce()
                     last_announce = time.monotonic()
-                done = sorted(d for d, u in self.uploads.items() if u.complete)
-                got = sum(u.bytes for u in self.uploads.values())
                 self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
                                f"{got / 1e6:.1f} MB in")
-                enough = len(done) >= self.cfg.min_devices
-                if enough and set(done) >= set(self.known):
-                    break
-                if self._stop.is_set():
-                    raise NoDevicesError("stopped")
-                if time.time() >= deadline:
-                    if enough:
-                        log.warning("round %d deadline: going on with %d of %d devices", rnd,
-                                    len(done), len(self.known))
-                        break
-                    if extensions < self.cfg.max_extensions:
-                        extensions += 1
-                        deadline = time.time() + self.cfg.round_deadline
-                        log.warning("round %d: %d of %d required devices uploaded; extending "
-                                    "the deadline (%d/%d)", rnd, len(done),
-                                    self.cfg.min_devices, extensions, self.cfg.max_extensions)
-                        self._announce("collect", deadline)
-                        continue
-                    if done:
-                        log.warning("round %d: going on with %d devices (< min %d)", rnd,
-                                    len(done), self.cfg.min_devices)
-                        break
-                    raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
-                self._cond.wait(timeout=1.0)
+                decision = round_decision(len(done), set(done) >= set(self.known),
+                                          self.cfg.min_devices, time.time() >= deadline,
+                                          extensions < self.cfg.max_extensions)
+                if decision == "extend":
+                    extensions += 1
+                    deadline = time.time() + self.cfg.round_deadline
+                    log.warning("round %d: %d of %d required devices uploaded; extending the "
+                                "deadline (%d/%d)", rnd, len(done), self.cfg.min_devices,
+                                extensions, self.cfg.max_extensions)
+                    self._announce("collect", deadline)
+                elif decision == "go" and len(done) < self.cfg.min_devices:
+                    log.warning("round %d: going on with %d devices (< min %d)", rnd,
+                                len(done), self.cfg.min_devices)
+                elif decision == "go" and set(done) < set(self.known):
+                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
+                                len(done), len(self.known))
+            decision = self._agree(decision)
+            if decision == "go":
+                break
+            if decision == "stop":
+                raise NoDevicesError("stopped")
+            if decision == "fail":
+                raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
+            self._pause(view)
+        with self._cond:
             self.phase = "train"
         return done
+
+    def _train_round(self, rnd: int, devices: list[str]) -> tuple[ServerStats, str]:
+        """Hook: train the server on ``devices``' features; (stats, what was trained)."""
+        stats = self.hub.train(devices)
+        return stats, f"{stats.samples} samples"
+
+    def _round_logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]:
+        """Hook: (sample ids, server logits) to send each device."""
+        return {d: self._logits(d) for d in devices}
+
+    def _evaluate_devices(self, devices: list[str]) -> Evaluation:
+        """Hook: test accuracy of extractor_k + server for ``devices``."""
+        return self.hub.evaluate(self.test_loader, devices)
+
+    def _bytes_down(self, down: int) -> int:
+        """Hook: bytes the hub sent this round (workers: all of them)."""
+        return down
 
     def _run_round(self, rnd: int) -> None:
         t0 = time.perf_counter()
         down0 = self.bytes_down
-        devices = self._collect(rnd)
-        uploaded = sum(self.uploads[d].bytes for d in devices)
+        done = self._collect(rnd)
+        devices = sorted(done)
         t_collect = time.perf_counter()
         self._announce("train")
         self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
-        stats = self.hub.train(devices)
+        stats, trained = self._train_round(rnd, devices)
         t_train = time.perf_counter()
         per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
-        logits = {d: logits_messages(d, rnd, *self._logits(d), per_chunk) for d in devices}
+        logits = {d: logits_messages(d, rnd, ids, z, per_chunk)
+                  for d, (ids, z) in self._round_logits(devices).items()}
         self.last_logits, self.logits_round = logits, rnd
         for d, msgs in logits.items():
             for m in msgs:
                 self.link.publish(topics.down(d), m)
                 self.bytes_down += len(m)
         seconds = time.perf_counter() - t0
-        ev = self.hub.evaluate(self.test_loader, devices)
-        log.info("round %d: collect %.1fs, train %.1fs (%d samples), logits %.1fs, eval %.1fs",
-                 rnd, t_collect - t0, t_train - t_collect, stats.samples,
+        ev = self._evaluate_devices(devices)
+        log.info("%sround %d: collect %.1fs, train %.1fs (%s), logits %.1fs, eval %.1fs",
+                 self.log_prefix, rnd, t_collect - t0, t_train - t_collect, trained,
                  t0 + seconds - t_train, time.perf_counter() - t0 - seconds)
-        accs = [self.uploads[d].edge_accuracy for d in devices]
-        accs = [a for a in accs if a is not None]
-        rec = RoundRecord(rnd, ev.mean, uploaded, self.bytes_down - down0, round(seconds, 3),
-                          float(np.mean(accs)) if accs else None, stats.loss,
-                          elapsed=round(time.perf_counter() - self.started, 3))
-        self.hub.save(Path(self.cfg.state_dir), self.hub.checkpoint_meta(rnd, self.data_cfg,
-                                                                           ev.mean))
+        down = self._bytes_down(self.bytes_down - down0)
+        if self.leads:
+            accs = [u.edge_accuracy for u in done.values() if u.edge_accuracy is not None]
+            rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
+                              round(seconds, 3), float(np.mean(accs)) if accs else None,
+                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
+            self.hub.save(Path(self.cfg.state_dir),
+                          self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
         self.journal.drop(rnd)
-        if self.on_round:
+        if self.leads and self.on_round:
             self.on_round(rec)
+
+
+def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
+                   extensions_left: bool) -> str:
+    """What a collecting round does next: wait | go | extend | fail."""
+    enough = done >= min_devices
+    if enough and all_done:
+        return "go"
+    if not deadline_passed:
+        return "wait"
+    if enough:
+        return "go"
+    if extensions_left:
+        return "extend"
+    return "go" if done else "fail"

@@ -1,15 +1,15 @@
 """One of K hub workers that train one server model together (``gkt-hub serve --workers K``
 or torchrun, see server_hub/worker.py and docs/scaling.md).
 
-Each worker is a ``HubService`` whose MQTT subscription is shared
-(``$share/gkt-hub/gkt/v1/dev/+/up``): the broker hands every device message to one worker,
-which validates, stores, journals (its own journal) and acknowledges it as one hub would.
-Rounds stay consistent through collectives: while collecting, the workers all-gather
-what each holds every ``poll`` seconds and rank 0 decides (deadline, extensions) and
-broadcasts the decision; a device counts when the union of the workers' chunks completes
-its upload. Then all ranks train with DDP (server_hub/ddp_trainer.py), each sends the
-logits of the samples it trained, they evaluate a share of the devices each, and rank 0
-announces rounds and writes the checkpoint.
+Each worker is a ``HubService`` running the same round loop through its hooks, with a
+shared MQTT subscription (``$share/GROUP/gkt/v1/dev/+/up``): the broker hands every device
+message to one worker, which validates, stores, journals (its own journal) and
+acknowledges it as one hub would. Rounds stay consistent through collectives: while
+collecting, the workers all-gather what each holds every ``poll`` seconds and rank 0
+decides (deadline, extensions) and broadcasts the decision; a device counts when the union
+of the workers' chunks completes its upload. Then all ranks train with DDP
+(server_hub/ddp_trainer.py), each sends the logits of the samples it trained, they
+evaluate a share of the devices each, and rank 0 announces rounds and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from edge_runtime import topics, wire
-from edge_runtime.messages import logits_messages
 from edge_runtime.perf import keep_freed_memory, to_channels_last
 from edge_runtime.transport import LinkConfig, MqttLink
 
@@ -39,13 +38,11 @@ from .distributed import (
     broadcast,
     merge_uploads,
     owned_mask,
-    round_decision,
 )
 from .hub import Evaluation
 from .journal import UploadJournal
-from .results import RoundRecord
-from .service import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, HubService, NoDevicesError
-from .trainer import Rows, extractor_from_state, server_logits, split_accuracy
+from .service import HubService, NoDevicesError
+from .trainer import Rows, ServerStats, extractor_from_state, server_logits, split_accuracy
 from .worker_fleet import WorkerFleet
 
 log = logging.getLogger("gkt.hub")
@@ -85,13 +82,21 @@ class WorkerService(HubService):
         self.generator = torch.Generator().manual_seed(wcfg.seed * 1009 + self.rank)
         self.ddp: DistributedDataParallel | None = None
         self._owned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> ids, H
+        self._merged: dict[str, MergedUpload] = {}  # the round's uploads, all workers
         self.fleet = WorkerFleet() if wcfg.monitor else None
         if self.fleet:  # on rank 0 also the metrics' and status page's source
             self.observers.append(self.fleet)
 
-    # -- start ---------------------------------------------------------------------------
-    def run(self) -> int:
-        start = self._restore()
+    # -- the hooks of HubService's round loop (server_hub/service.py) ---------------------
+    @property
+    def leads(self) -> bool:  # rank 0 announces, records and checkpoints
+        return self.rank == 0
+
+    @property
+    def log_prefix(self) -> str:
+        return f"rank {self.rank} "
+
+    def _start(self) -> None:
         if self.hub.cfg.reuse_memory:
             keep_freed_memory()
         if self.hub.cfg.channels_last:  # before wrapping: DDP's buckets follow the layout
@@ -107,22 +112,18 @@ class WorkerService(HubService):
         self.link.subscribe(shared_up_filter(self.wcfg.share_group), self._on_up)
         if self.rank == 0:
             self._scan_retained_hellos()
-        self.listening.set()
         log.info("rank %d: receiving uploads through the workers' shared subscription",
                  self.rank)  # not its name: where the broker has logins, it is a secret
-        try:
-            self._wait_for_devices()
-            for rnd in range(start, self.cfg.rounds):
-                if any(all_gather(self._stop.is_set())):
-                    break
-                self._run_round(rnd)
-        except NoDevicesError as err:
-            log.error("%s", err)
-            return EXIT_NO_DEVICES
-        self.phase = "done"
-        if self.rank == 0:
-            self._announce("stop")
-        return EXIT_OK
+
+    def _stopping(self) -> bool:
+        """A stop (SIGTERM) on any worker stops them all, as one hub's would."""
+        if any(all_gather(self._stop.is_set())):
+            self._stop.set()
+        return self._stop.is_set()
+
+    def _announce(self, state: str, deadline: float | None = None) -> None:
+        if self.rank == 0:  # the hub speaks to devices with one voice
+            super()._announce(state, deadline)
 
     def _restore(self) -> int:
         """Rank 0 reads the newest checkpoint and broadcasts it (other machines have none)."""
@@ -206,52 +207,24 @@ class WorkerService(HubService):
                                      f"within {self.cfg.start_timeout:.0f}s")
             time.sleep(self.wcfg.poll)
 
-    def _collect(self, rnd: int) -> dict[str, MergedUpload]:
-        with self._cond:
-            self.round, self.phase = rnd, "collect"
-            self.uploads = {}
-            self.hub.start_round()
+    def _open_round(self, rnd: int) -> None:
+        super()._open_round(rnd)
         if self.fleet:  # last round's complete uploads are not this round's
             self.fleet.update(self.fleet.peers)
-        self._replay(rnd)
         dist.barrier()  # every worker takes round-rnd uploads before a device hears of it
-        deadline = time.time() + self.cfg.round_deadline
-        extensions, last_announce = 0, time.monotonic()
-        if self.rank == 0:
-            self._announce("collect", deadline)
-        while True:
-            done, got, stop = self._sync()
-            decision = "stop" if stop else None
-            if self.rank == 0 and decision is None:
-                if time.monotonic() - last_announce > REANNOUNCE_S:
-                    self._reannounce()
-                    last_announce = time.monotonic()
-                self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
-                               f"{got / 1e6:.1f} MB in")
-                decision = round_decision(len(done), set(done) >= set(self.known),
-                                          self.cfg.min_devices, time.time() >= deadline,
-                                          extensions < self.cfg.max_extensions)
-                if decision == "extend":
-                    extensions += 1
-                    deadline = time.time() + self.cfg.round_deadline
-                    log.warning("round %d: %d of %d required devices uploaded; extending the "
-                                "deadline (%d/%d)", rnd, len(done), self.cfg.min_devices,
-                                extensions, self.cfg.max_extensions)
-                    self._announce("collect", deadline)
-                elif decision == "go" and set(done) < set(self.known):
-                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
-                                len(done), len(self.known))
-            decision = broadcast(decision)
-            if decision == "go":
-                break
-            if decision == "stop":
-                raise NoDevicesError("stopped")
-            if decision == "fail":
-                raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
-            time.sleep(self.wcfg.poll)
-        with self._cond:
-            self.phase = "train"
-        return done
+
+    def _round_view(self) -> tuple[dict[str, MergedUpload], int, bool]:
+        done, got, stop = self._sync()
+        if stop:
+            self._stop.set()
+        self._merged = done
+        return done, got, stop
+
+    def _agree(self, decision: str | None) -> str:
+        return broadcast(decision)  # rank 0's, decided on its clock
+
+    def _pause(self, view: tuple) -> None:
+        time.sleep(self.wcfg.poll)
 
     def _shard(self, done: dict[str, MergedUpload]) -> tuple[Shard, list[int], tuple]:
         """This rank's samples of the complete uploads, minus any a lower rank also holds.
@@ -290,63 +263,29 @@ class WorkerService(HubService):
         for part in all_gather(mine):
             self.hub.extractors.update(part)
 
-    # -- a round -------------------------------------------------------------------------
-    def _run_round(self, rnd: int) -> None:
-        t0 = time.perf_counter()
-        down0 = self.bytes_down
-        done = self._collect(rnd)
-        devices = sorted(done)
-        t_collect = time.perf_counter()
-        if self.rank == 0:
-            self._announce("train")
-            self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
+    def _train_round(self, rnd: int, devices: list[str]) -> tuple[ServerStats, str]:
         self._gather_extractors(devices)
-        shard, counts, shape = self._shard(done)
+        shard, counts, shape = self._shard(self._merged)
         trace = SampleTrace(devices) if self.wcfg.trace_dir else None
         stats = train_server_ddp(self.ddp, self.hub.optimizer, shard, counts, shape,
                                  self.hub.cfg, self.generator, trace and trace.record)
         if trace:
             trace.write(Path(self.wcfg.trace_dir) / f"rank-{self.rank}.jsonl", rnd)
-        t_train = time.perf_counter()
-        self._send_logits(rnd)
-        seconds = time.perf_counter() - t0
-        ev = self._evaluate(devices)
-        ends = all_gather((self.bytes_down - down0, self.fleet.counts(self) if self.fleet
-                           else None))
-        down = sum(d for d, _ in ends)
-        if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
-            self.fleet.update([c for _, c in ends[1:]], done)
-        log.info("rank %d round %d: collect %.1fs, train %.1fs (%d of %d samples here), "
-                 "logits %.1fs, eval %.1fs", self.rank, rnd, t_collect - t0,
-                 t_train - t_collect, len(shard.labels), stats.samples,
-                 t0 + seconds - t_train, time.perf_counter() - t0 - seconds)
-        if self.rank == 0:
-            accs = [done[d].edge_accuracy for d in devices if done[d].edge_accuracy is not None]
-            rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
-                              round(seconds, 3), float(np.mean(accs)) if accs else None,
-                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
-            self.hub.save(Path(self.cfg.state_dir),
-                          self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
-        self.journal.drop(rnd)
-        if self.rank == 0 and self.on_round:
-            self.on_round(rec)
+        return stats, f"{len(shard.labels)} of {stats.samples} samples here"
 
-    def _send_logits(self, rnd: int) -> None:
-        """Logits of the samples this rank trained, from this rank (a device's logits may
+    def _round_logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+        """The logits of the samples this rank trained, from this rank (a device's logits may
         come from several workers; it applies them by sample id)."""
-        per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
-        logits = {}
-        for d, (ids, feats) in self._owned.items():
-            msgs = logits_messages(d, rnd, ids.numpy(), server_logits(self.hub.model, feats),
-                                   per_chunk)
-            logits[d] = msgs
-        self.last_logits, self.logits_round = logits, rnd
-        for d, msgs in logits.items():
-            for m in msgs:
-                self.link.publish(topics.down(d), m)
-                self.bytes_down += len(m)
+        return {d: (ids.numpy(), server_logits(self.hub.model, feats))
+                for d, (ids, feats) in self._owned.items()}
 
-    def _evaluate(self, devices: list[str]) -> Evaluation:
+    def _bytes_down(self, down: int) -> int:
+        ends = all_gather((down, self.fleet.counts(self) if self.fleet else None))
+        if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
+            self.fleet.update([c for _, c in ends[1:]], self._merged)
+        return sum(d for d, _ in ends)
+
+    def _evaluate_devices(self, devices: list[str]) -> Evaluation:
         share = [d for d in devices[self.rank::self.world] if d in self.hub.extractors]
         mine = {d: split_accuracy(extractor_from_state(self.hub.extractors[d]), self.hub.model,
                                   self.test_loader) for d in share}

@@ -11,7 +11,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from server_hub.ddp_trainer import Shard, plan_steps, step_sizes, train_server_ddp
-from server_hub.distributed import merge_uploads, owned_mask, round_decision
+from server_hub.distributed import merge_uploads, owned_mask
+from server_hub.service import round_decision
 from server_hub.trainer import ServerTrainConfig
 
 SHAPE = (16, 2, 2)
