@@ -13,9 +13,10 @@ import urllib.request
 import pytest
 from polling import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from test_mqtt_federation import say_hello
 from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fixtures)
 
-from edge_runtime import topics
+from edge_runtime import topics, wire
 from edge_runtime.transport import LinkConfig, MqttLink
 from server_hub.access import AccessConfig, broker_access
 from server_hub.broker import free_port
@@ -168,3 +169,31 @@ def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link
     time.sleep(0.5)
     assert sorted(got[0] + got[1]) == sorted(sent) and all(got)
     assert spy == []
+
+
+def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_path):
+    """SIGTERM to `gkt-hub serve --workers 2` while round 0 collects: both workers stop at
+    the next exchange with exit 0 and tell the devices nothing (a restart resumes), as the
+    single hub does; no round is recorded."""
+    ghosts = [say_hello(broker, tmp_path, f"ghost{i}") for i in range(2)]  # never upload
+    rounds: list[dict] = []
+    watcher = MqttLink(LinkConfig(broker.url, f"watch-{tmp_path.name}"))
+    watcher.subscribe(topics.ROUND_TOPIC, lambda t, p: rounds.append(
+        wire.decode_message(p, max_bytes=1 << 20).meta))
+    watcher.connect()
+    proc, log = start_hub(broker.url, tmp_path / "hub", workers=2, rounds=3)
+    try:
+        assert wait_for(lambda: any(r["state"] == "collect" for r in rounds), 120), \
+            log.read_text()[-3000:]
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        for link in (*ghosts, watcher):
+            link.close()
+    text = log.read_text()
+    assert code == 0, text[-3000:]
+    assert len(re.findall(r"rank\d gkt.hub: stopped; a restart resumes", text)) == 2, text
+    assert [r["state"] for r in rounds] == ["collect"]  # no "stop" reached the devices
+    assert not (tmp_path / "hub" / "checkpoints").exists()
