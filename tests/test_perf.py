@@ -241,18 +241,23 @@ print(sorted({m.split(".")[0] for m in sys.modules} & {"torchvision", "sklearn",
 
 def test_a_device_round_does_not_import_torchs_compiler():
     """torch.optim's optimizers import torch._dynamo on first use (~150 MB of RSS on a 1 GB
-    Pi); the device trains with AmsgradAdam instead. The last line checks the detector."""
+    Pi); the device trains with AmsgradAdam instead. Train, extract + encode, evaluate, save
+    and resume, train again: what gkt-edge does in a round. The last line checks the detector."""
     code = """
 import sys, tempfile, pathlib, torch
-from edge_runtime.data import DataConfig, load_split
+from edge_runtime.agent import rebatch
+from edge_runtime.data import DataConfig, load_split, make_loader
 from edge_runtime.device import EdgeDevice
+from edge_runtime.messages import feature_chunk
 from edge_runtime.train import EdgeTrainConfig
 torch.set_num_threads(1)
 train = load_split(DataConfig("digits", image_size=16), True)
 plain = load_split(DataConfig("digits", image_size=16, augment=False), True)
 dev = EdgeDevice("d", train, plain, list(range(64)), 10, EdgeTrainConfig(batch_size=32))
 dev.train()
-list(dev.features())
+[feature_chunk("d", 0, "m", 0, 1, b, "q8") for b in rebatch(dev.features(), 32)]
+test = load_split(DataConfig("digits", image_size=16, augment=False), False)
+dev.local_accuracy(make_loader(test.dataset, 256, shuffle=False))
 with tempfile.TemporaryDirectory() as d:
     dev.save(pathlib.Path(d))
     dev.load(pathlib.Path(d))
