@@ -123,22 +123,24 @@ class AsyncHubService(HubService):
     def _resume(self) -> None:
         """Replay the uploads accepted before a crash (each device's newest complete one,
         and any half-done one) and restore the hub version and staleness they had."""
-        self._replaying = True
+        self._replaying, self.phase = True, "resuming"  # the status page shows it
         for update in self.journal.rounds():
             self._replay(update)
         self._replaying = False
-        if not self.merged:
-            return
-        base = self._saved.version if self._saved else 0
-        slots = self._saved.slots if self._saved else {}
-        known = {d: slots[d][1] for d, u in self.merged.items() if slots.get(d, (-1,))[0] == u}
-        fresh = sorted(set(self.merged) - set(known))  # merged after the state was saved
-        known.update({d: base + i for i, d in enumerate(fresh, 1)})
-        self.ahub.restore_versions(base + len(fresh), known)
-        with self._cond:
-            self._persist()
-        log.info("resumed async state: hub version %d, newest uploads of %s", self.ahub.version,
-                 ", ".join(f"{d} (update {u})" for d, u in sorted(self.merged.items())))
+        if self.merged:
+            base = self._saved.version if self._saved else 0
+            slots = self._saved.slots if self._saved else {}
+            known = {d: slots[d][1] for d, u in self.merged.items()
+                     if slots.get(d, (-1,))[0] == u}
+            fresh = sorted(set(self.merged) - set(known))  # merged after the state was saved
+            known.update({d: base + i for i, d in enumerate(fresh, 1)})
+            self.ahub.restore_versions(base + len(fresh), known)
+            with self._cond:
+                self._persist()
+            log.info("resumed async state: hub version %d, newest uploads of %s",
+                     self.ahub.version,
+                     ", ".join(f"{d} (update {u})" for d, u in sorted(self.merged.items())))
+        self.phase = "async"
 
     def run(self) -> int:
         self.round = self._restore()  # async: the number of evaluations so far
