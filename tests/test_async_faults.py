@@ -19,6 +19,7 @@ import pytest
 import torch
 from polling import wait_for
 
+from edge_runtime import wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
 from edge_runtime.data import DataConfig
 from edge_runtime.device import EdgeDevice
@@ -83,6 +84,42 @@ def test_a_restarted_async_hub_keeps_its_version_staleness_and_hellos(tmp_path):
     recount = spilling_service(tmp_path)
     recount._resume()
     assert recount.ahub.version == 2 and recount.merged == {"d": 1, "e": 1}
+
+
+def two_chunk_upload(device: str, update: int, seed: int) -> tuple[torch.Tensor, list[bytes]]:
+    """(feature maps, messages) of an upload of 6 samples in two chunks."""
+    from test_async_service import upload
+
+    from edge_runtime.messages import feature_chunk
+    from edge_runtime.train import FeatureBatch
+
+    feats = torch.rand(6, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
+    ids, uid = torch.arange(6), f"r{update}-{seed}"
+    chunks = [feature_chunk(device, update, f"{uid}:{i}", i, 2,
+                            FeatureBatch(ids[s], feats[s], torch.zeros(3, 10), ids[s] % 10), "fp32")
+              for i, s in enumerate((slice(0, 3), slice(3, 6)))]
+    ext, done = upload(device, update, seed)[1:]  # extractor and upload_done (1 chunk)
+    done_msg = wire.decode_message(done, max_bytes=1 << 20)
+    done = wire.encode_message("upload_done", device, update, {}, msg_id=f"{uid}:done",
+                               meta={**done_msg.meta, "num_chunks": 2, "upload_id": uid})
+    return feats, chunks + [ext, done]
+
+
+def test_an_upload_half_in_when_the_hub_died_completes_with_its_own_features(tmp_path):
+    """The killed hub left the half upload's chunk in its spill file; the restarted one
+    must not map that leftover as the rows of the chunks that come after it."""
+    from test_async_service import hello, send
+
+    torch.set_num_threads(1)
+    first = spilling_service(tmp_path)
+    feats, msgs = two_chunk_upload("d", 0, seed=4)
+    send(first, "d", [hello("d")] + msgs[:1])
+    again = spilling_service(tmp_path)
+    again._resume()
+    send(again, "d", msgs[1:])
+    assert again.merged == {"d": 0}
+    got = again.ahub.slots["d"].features
+    assert got.ids.tolist() == list(range(6)) and torch.equal(got.features, feats)
 
 
 def agent(broker, tmp_path, setup, i):
