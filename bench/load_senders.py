@@ -91,7 +91,8 @@ class LightSender:
     def _on_round(self, topic: str, payload: bytes) -> None:
         if payload:
             msg = wire.decode_message(payload, max_bytes=self.cfg.max_payload * 4)
-            if msg.kind == "round" and msg.meta.get("state") == "collect" and msg.round == 0:
+            state = msg.meta.get("state")  # an async hub announces "async", no rounds
+            if msg.kind == "round" and (state == "async" or state == "collect" and msg.round == 0):
                 self._open.set()
 
     def _on_down(self, topic: str, payload: bytes) -> None:
@@ -119,7 +120,8 @@ class LightSender:
         self.link.publish(topics.up(self.device), hello, retain=True)
 
     def run(self, timeout: float = 600.0, wait_logits: bool = True) -> SenderResult:
-        """Wait for round 0 to open, upload everything, wait for every sample's logits."""
+        """Wait for round 0 (or async mode) to open, upload everything, wait for every
+        sample's logits."""
         try:
             if not self._open.wait(timeout):
                 raise TimeoutError("round 0 never opened")

@@ -4,6 +4,11 @@ Devices merge complete uploads from any thread at any time; one thread (the hub'
 the server continuously on the bank, hands out logits as they fall due and evaluates.
 Only that thread touches the model, so training never races a merge: a merge swaps the
 device's slot under a lock, and the next step sees the rebuilt bank.
+
+When the hub's feature bank spills (a service with a state dir), each device's newest
+features live in ``SPILL/merged/ID.features``, memory-mapped, and the training bank gathers
+one batch at a time from the mappings; a newer upload renames its file over the older one,
+whose pages are freed once the last step that mapped it is done.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ import torch.nn.functional as F
 from edge_runtime.distill import kd_loss
 from edge_runtime.perf import channels_last_input, to_channels_last
 
-from .feature_bank import DeviceFeatures
+from .feature_bank import DeviceFeatures, FeatureBank
 from .hub import Evaluation, Hub
 from .staleness import AsyncConfig, due_devices, staleness_weight, steps_for
-from .trainer import extractor_from_state, server_logits, split_accuracy
+from .trainer import Rows, extractor_from_state, server_logits, split_accuracy
 
 
 @dataclass
@@ -62,7 +67,10 @@ class AsyncHub:
         self.version = 0  # uploads merged so far
         self.steps = 0  # server steps taken so far
         self.waiting: dict[str, int] = {}  # device -> step at which its features arrived
+        spill = hub.bank.spill_dir
+        self.bank = FeatureBank(spill / "merged" if spill is not None else None)
         self._lock = threading.Lock()
+        self._bank_lock = threading.Lock()  # merges from several threads (in-process fleets)
         self._built = -1  # version the training tensors were built for
         self._data: tuple[torch.Tensor, ...] = ()
         self._order = torch.empty(0, dtype=torch.long)
@@ -70,13 +78,20 @@ class AsyncHub:
         if hub.cfg.channels_last:
             to_channels_last(hub.model)
 
-    def merge(self, device: str, features: DeviceFeatures, extractor: dict[str, torch.Tensor],
-              update: int, edge_accuracy: float | None = None) -> None:
-        """A device's complete upload ``update``: replaces its older features."""
+    def merge(self, device: str, features: DeviceFeatures | FeatureBank,
+              extractor: dict[str, torch.Tensor], update: int,
+              edge_accuracy: float | None = None) -> None:
+        """A device's complete upload ``update``: replaces its older features. ``features``:
+        the samples, or the bank that assembled the upload (its spill file is moved)."""
         self.hub.receive_extractor(device, extractor)
+        with self._bank_lock:
+            if isinstance(features, FeatureBank):
+                stored = features.move(device, self.bank)
+            else:
+                stored = self.bank.replace(device, features)
         with self._lock:
             self.version += 1
-            self.slots[device] = Slot(features, extractor, update, self.version, edge_accuracy)
+            self.slots[device] = Slot(stored, extractor, update, self.version, edge_accuracy)
             self.waiting[device] = self.steps
 
     def restore_versions(self, version: int, merged_at: dict[str, int]) -> None:
@@ -116,7 +131,8 @@ class AsyncHub:
             return
         f = [s.features for _, s in live]
         w = torch.cat([torch.full((len(x.ids),), weights[d]) for (d, _), x in zip(live, f)])
-        self._data = (torch.cat([x.features for x in f]), torch.cat([x.labels for x in f]), w,
+        # Rows, not a concatenation: that would copy every (mapped) feature map into RAM
+        self._data = (Rows([x.features for x in f]), torch.cat([x.labels for x in f]), w,
                       torch.cat([x.logits for x in f]).float())
         self._order = torch.randperm(len(w), generator=self.hub.generator)
         self._cursor = 0

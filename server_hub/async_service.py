@@ -84,9 +84,9 @@ class AsyncHubService(HubService):
 
     def _merge(self, device: str, update: int, up: Upload) -> None:
         """The upload is complete: it replaces the device's older features in the bank."""
-        self.ahub.merge(device, self.hub.bank.get(device), self.hub.extractors[device], update,
+        # the bank that assembled it hands the features over (a spill file is renamed)
+        self.ahub.merge(device, self.hub.bank, self.hub.extractors[device], update,
                         up.edge_accuracy)
-        self.hub.bank.clear(device)
         old = self.merged.get(device)
         self.merged[device] = update
         self.bytes_merged += up.bytes

@@ -41,6 +41,10 @@ def _keep_last_sorted(ids: torch.Tensor) -> torch.Tensor:
     return rev[torch.from_numpy(first)]
 
 
+def _is_identity(keep: torch.Tensor) -> bool:
+    return bool((keep == torch.arange(len(keep))).all())
+
+
 class FeatureBank:
     """Accumulates chunks per device; re-sent samples replace old ones (idempotent)."""
 
@@ -60,7 +64,8 @@ class FeatureBank:
         if self._row_shape.setdefault(device, shape) != shape:
             raise ValueError(f"device {device}: features {feats.shape[1:]} {feats.dtype} after "
                              f"{shape[0]} {shape[1]} in the same round")
-        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        if device not in self._chunks:  # a device's first chunk: its folder may be new
+            self.spill_dir.mkdir(parents=True, exist_ok=True)
         with open(self._path(device), "ab") as f:
             f.write(memoryview(feats).cast("B"))
         self._chunks.setdefault(device, []).append(_Spilled(chunk.ids, chunk.logits,
@@ -78,6 +83,31 @@ class FeatureBank:
     def devices(self) -> list[str]:
         return sorted(self._chunks)
 
+    def replace(self, device: str, features: DeviceFeatures) -> DeviceFeatures:
+        """The device's samples become exactly ``features``; returns them as get() would."""
+        self.clear(device)
+        self.add(device, features)
+        return self.get(device)
+
+    def move(self, device: str, dest: FeatureBank) -> DeviceFeatures:
+        """Hand the device's samples to ``dest``, replacing what it held for the device, and
+        forget them here. Between two spilling banks (on one filesystem) the spill file is
+        renamed, not copied; mappings of the file dest replaced stay valid until dropped."""
+        feats = self.get(device)
+        if self.spill_dir is None or dest.spill_dir is None:
+            moved = dest.replace(device, feats)
+            self.clear(device)
+            return moved
+        dest.clear(device)
+        dest.spill_dir.mkdir(parents=True, exist_ok=True)
+        if self._path(device).exists():  # absent only for a device with no rows
+            self._path(device).replace(dest._path(device))
+        dest._row_shape[device] = self._row_shape[device]
+        dest._chunks[device] = [_Spilled(feats.ids, feats.logits, feats.labels)]
+        dest._frozen[device] = feats  # its mapping follows the renamed file
+        self.clear(device)
+        return feats
+
     def get(self, device: str) -> DeviceFeatures:
         """All of a device's samples, deduplicated by id (last write wins), sorted by id."""
         if device not in self._frozen:
@@ -85,7 +115,10 @@ class FeatureBank:
             ids = torch.cat([p.ids for p in parts])
             keep = _keep_last_sorted(ids)
             if self.spill_dir is None:
-                features = torch.cat([p.features for p in parts])[keep]
+                features = (parts[0].features if len(parts) == 1 else
+                            torch.cat([p.features for p in parts]))
+                if not _is_identity(keep):
+                    features = features[keep]
             else:
                 features = self._compact(device, keep, len(ids))
             self._frozen[device] = DeviceFeatures(
@@ -124,7 +157,7 @@ class FeatureBank:
     def _compact(self, device: str, keep: torch.Tensor, rows: int) -> torch.Tensor:
         """Memory-map the device's rows ``keep``, rewriting its file (a block at a time)
         when resends or out-of-order chunks left it out of id order."""
-        if len(keep) == rows and bool((keep == torch.arange(rows)).all()):
+        if len(keep) == rows and _is_identity(keep):
             return self._map(device, rows)
         old = self._map(device, rows).numpy()
         path = self._path(device)
