@@ -12,10 +12,17 @@ peak shows. CIFAR-10 here is random images in the real file format (the machine 
 offline); only sizes matter. Bare `import torch` (and torchvision) is measured the same way:
 this machine's torch is the CUDA wheel, whose import costs more than a Pi's CPU build, so
 the figure to set against a Pi is the peak above the bare `import torch`. The device imports
-torchvision (lazily) only to read CIFAR; that cost shows in the data phase.
+torchvision (lazily) only to read CIFAR; that cost shows in the data phase (and
+``import torchvision`` imports torch._dynamo, see "compiler" below).
+
+Settings: "before" (the speed settings off), "torch-adam" (the defaults, but training with
+``torch.optim.Adam(amsgrad=True)``, whose first use imports torch._dynamo: the device's
+optimizer before ``edge_runtime/optimizer.py``), "after" (the defaults), "after+bf16". Each
+phase records whether torch._dynamo has been imported by then ("compiler"). With
+``--repeats N`` each setting runs N times, interleaved, and the summary quotes medians.
 
 Usage: python bench/bench_device_memory.py [--batch 64] [--train-images 50000]
-       [--shards 8] [--threads 0] [--datasets cifar10,digits] [--json PATH]
+       [--shards 8] [--threads 0] [--datasets cifar10,digits] [--repeats 1] [--json PATH]
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import json
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -77,7 +85,8 @@ def child(args: argparse.Namespace) -> None:
     resettable = reset_peak()
 
     def mark(name: str, t0: float) -> None:
-        phases.append({"phase": name, "seconds": time.perf_counter() - t0, **status_mb()})
+        phases.append({"phase": name, "seconds": time.perf_counter() - t0, **status_mb(),
+                       "compiler": "torch._dynamo" in sys.modules})
         reset_peak()
 
     t = time.perf_counter()
@@ -123,6 +132,9 @@ def child(args: argparse.Namespace) -> None:
     device = EdgeDevice("dev0", train, train_eval, ids, 10, cfg)
     if before:
         device.model.pool = torch.nn.AdaptiveAvgPool2d(1)  # the edge model before the speed work
+    if before or args.setting == "torch-adam":  # the device's optimizer before AmsgradAdam
+        device.optimizer = torch.optim.Adam(device.model.parameters(), lr=cfg.lr,
+                                            weight_decay=cfg.weight_decay, amsgrad=True)
     mark("EdgeDevice built", t)
     t = time.perf_counter()
     stats = device.train()
@@ -157,6 +169,7 @@ def main() -> None:
     p.add_argument("--datasets", default="cifar10,digits",
                    help="comma list of cifar10, digits (all 1,438 train images, no torchvision)")
     p.add_argument("--dataset", default="cifar10", help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=1, help="runs per setting (medians)")
     p.add_argument("--json", default="bench/results/device_memory.json")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--root", help=argparse.SUPPRESS)
@@ -171,47 +184,56 @@ def main() -> None:
     from cpu_worker import machine_info
 
     info = machine_info()
-    runs = {}
+    runs: dict[str, list[dict]] = {}
+    imports: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as root:
         args.root = root
         write_fake_cifar10(Path(root), args.train_images, args.test_images)
-        imports = {m: run_child(args, ["--imports-only", m])["phases"][-1]["VmHWM"]
-                   for m in ("torch", "torch,torchvision")}
-        for dataset in args.datasets.split(","):
-            # the digits are small: one device holds all 1,438 training images
-            sub = argparse.Namespace(**{**vars(args), "dataset": dataset,
-                                        "shards": args.shards if dataset == "cifar10" else 1})
-            for setting in ("before", "after", "after+bf16"):
-                runs[f"{dataset}/{setting}"] = run_child(sub, ["--setting", setting])
+        for _ in range(args.repeats):  # interleaved: every setting once per repeat
+            for m in ("torch", "torch,torchvision"):
+                imports.setdefault(m, []).append(
+                    run_child(args, ["--imports-only", m])["phases"][-1]["VmHWM"])
+            for dataset in args.datasets.split(","):
+                # the digits are small: one device holds all 1,438 training images
+                sub = argparse.Namespace(**{**vars(args), "dataset": dataset,
+                                            "shards": args.shards if dataset == "cifar10" else 1})
+                for setting in ("before", "torch-adam", "after", "after+bf16"):
+                    runs.setdefault(f"{dataset}/{setting}", []).append(
+                        run_child(sub, ["--setting", setting]))
+    import_mb = {m: statistics.median(v) for m, v in imports.items()}
     rows = []
-    for key, r in runs.items():
+    summary = {}
+    for key, repeats in runs.items():
         dataset, setting = key.split("/", 1)
-        peak = 0.0
-        for ph in r["phases"]:
-            peak = max(peak, ph["VmHWM"])
+        peaks = [max(ph["VmHWM"] for ph in r["phases"]) for r in repeats]
+        for ph in repeats[-1]["phases"]:  # the phases of the last repeat
             rows.append({"dataset": dataset, "setting": setting, "phase": ph["phase"],
                          "rss_mb": ph["VmRSS"], "phase_peak_mb": ph["VmHWM"],
-                         "seconds": ph["seconds"]})
-        r["peak_mb"] = peak
-    summary = {k: {"peak_rss_mb": r["peak_mb"],
-                   "peak_above_torch_import_mb": r["peak_mb"] - imports["torch"],
-                   "samples": r["samples"], "threads": r["threads"]} for k, r in runs.items()}
+                         "seconds": ph["seconds"], "compiler": ph["compiler"]})
+        peak = statistics.median(peaks)
+        summary[key] = {"peak_rss_mb": peak, "peak_rss_mb_runs": peaks,
+                        "peak_above_torch_import_mb": peak - import_mb["torch"],
+                        "compiler_imported": repeats[-1]["phases"][-1]["compiler"],
+                        "samples": repeats[-1]["samples"], "threads": repeats[-1]["threads"]}
 
     print(f"\nCIFAR-10: {args.train_images} random train images, 1 of {args.shards} shards; "
           f"digits: all; batch {args.batch}; {info['cpu']}, torch {info['torch']}")
-    print(f"bare imports: torch {imports['torch']:.0f} MB, torch + torchvision "
-          f"{imports['torch,torchvision']:.0f} MB (peak RSS)")
-    print(f"{'dataset':8} {'setting':10} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6}")
+    print(f"bare imports: torch {import_mb['torch']:.0f} MB, torch + torchvision "
+          f"{import_mb['torch,torchvision']:.0f} MB (peak RSS, median of {args.repeats})")
+    print(f"{'dataset':8} {'setting':10} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6} "
+          f"compiler")
     for r in rows:
         print(f"{r['dataset']:8} {r['setting']:10} {r['phase']:48} {r['rss_mb']:>7.0f} "
-              f"{r['phase_peak_mb']:>8.0f} {r['seconds']:>6.1f}")
+              f"{r['phase_peak_mb']:>8.0f} {r['seconds']:>6.1f} {r['compiler']}")
     for k, v in summary.items():
-        print(f"{k}: peak RSS {v['peak_rss_mb']:.0f} MB, {v['peak_above_torch_import_mb']:.0f} MB "
-              f"above the bare torch import")
+        print(f"{k}: peak RSS {v['peak_rss_mb']:.0f} MB (median of {args.repeats}), "
+              f"{v['peak_above_torch_import_mb']:.0f} MB above the bare torch import; "
+              f"torch._dynamo imported: {v['compiler_imported']}")
     out = {**info, "load_average_end": round(os.getloadavg()[0], 2), "batch": args.batch,
            "train_images": args.train_images, "shards": args.shards,
-           "peak_resettable": next(iter(runs.values()))["peak_resettable"],
-           "import_peak_rss_mb": imports, "pi4_1gb_mb": PI4_1GB_MB, "summary": summary,
+           "peak_resettable": next(iter(runs.values()))[0]["peak_resettable"],
+           "repeats": args.repeats, "import_peak_rss_mb": import_mb,
+           "import_peak_rss_mb_runs": imports, "pi4_1gb_mb": PI4_1GB_MB, "summary": summary,
            "rows": rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
