@@ -122,6 +122,33 @@ def test_an_upload_half_in_when_the_hub_died_completes_with_its_own_features(tmp
     assert got.ids.tolist() == list(range(6)) and torch.equal(got.features, feats)
 
 
+def test_sigterm_stops_the_async_hub_without_ending_the_federation(tmp_path):
+    """SIGTERM (a restart by systemd) is not the end: no "stop" goes out, so devices wait."""
+    from test_async_service import FakeLink, hello, send, upload
+
+    from edge_runtime import topics
+
+    class Link(FakeLink):
+        def subscribe(self, topic, handler) -> None:
+            pass
+
+    torch.set_num_threads(1)
+    hub = Hub(10, ServerTrainConfig(batch_size=8, device="cpu"))
+    svc = AsyncHubService(Link(), hub, ServiceConfig(str(tmp_path), start_timeout=60),
+                          AsyncConfig(max_updates=100), None, None)
+    rc = []
+    t = threading.Thread(target=lambda: rc.append(svc.run()))
+    t.start()
+    assert wait_for(svc.listening.is_set, 30)
+    send(svc, "d", [hello("d")] + upload("d", 0))
+    assert wait_for(lambda: svc.ahub.steps > 0, 60)  # training
+    svc.stop()  # what serve's SIGTERM handler calls
+    t.join(60)
+    states = [wire.decode_message(p, max_bytes=1 << 20).meta["state"]
+              for topic, p in svc.link.sent if topic == topics.ROUND_TOPIC]
+    assert rc == [0] and states and set(states) == {"async"}
+
+
 def agent(broker, tmp_path, setup, i):
     dev = EdgeDevice(f"dev{i}", setup.train, setup.train_eval, setup.shards[i][:TINY], 10,
                      EdgeTrainConfig(batch_size=32), seed=i)
