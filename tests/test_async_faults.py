@@ -197,7 +197,7 @@ def status(port: int) -> dict | None:
         return None
 
 
-@pytest.mark.slow  # two hub processes (a torch import each), 10 uploads: 32-40 s on 2 loaded cores
+@pytest.mark.slow  # two hub processes (a torch import each), 10 uploads: 32-53 s on 2 loaded cores
 def test_async_hub_killed_mid_upload_resumes_without_losing_uploads(broker, tmp_path, setup):
     state = tmp_path / "hub"
     log1 = open(tmp_path / "hub1.log", "w")
