@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from edge_runtime import wire
 from edge_runtime.models import FeatureExtractor
 from server_hub.async_hub import AsyncHub
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
@@ -117,3 +118,29 @@ def test_spilled_async_hub_trains_as_in_memory_and_keeps_one_file_per_device(tmp
     assert files == ["a.features", "b.features"]  # a's first upload's file is gone
     assert (spill / "merged" / "a.features").stat().st_size == 3 * 16 * 8 * 8 * 4
     assert deleted_spill_mappings(tmp_path) == []  # ... and no longer mapped: disk freed
+
+
+def test_async_service_with_a_state_dir_spills_each_devices_newest_upload(tmp_path):
+    from test_async_service import FakeLink, hello, send, upload
+
+    from server_hub.async_service import AsyncHubService
+    from server_hub.service import ServiceConfig
+
+    torch.set_num_threads(1)
+    spill = tmp_path / "features"
+    hub = Hub(10, ServerTrainConfig(batch_size=8, device="cpu"), feature_dir=spill)
+    svc = AsyncHubService(FakeLink(), hub, ServiceConfig(str(tmp_path)),
+                          AsyncConfig(max_updates=5), None, None)
+    send(svc, "d", [hello("d")] + upload("d", 0))
+    send(svc, "d", upload("d", 1, seed=1)[:1])  # update 1 half-way: its chunk is spilled
+    assert (spill / "d.features").exists() and svc.ahub.slots["d"].update == 0
+    send(svc, "d", upload("d", 1, seed=1)[1:])
+    assert svc.merged == {"d": 1} and svc.ahub.train_steps(1) is not None
+    assert not (spill / "d.features").exists()  # moved into merged/, nothing left behind
+    assert [p.name for p in (spill / "merged").iterdir()] == ["d.features"]
+    sent = upload("d", 1, seed=1)[0]
+    got = svc.ahub.slots["d"].features.features
+    assert torch.equal(got, torch.from_numpy(wire.decode_message(sent, max_bytes=1 << 20)
+                                             .tensors["features"]))
+    assert svc.ahub.bank.resident_feature_bytes() == 0
+    assert deleted_spill_mappings(tmp_path) == []
