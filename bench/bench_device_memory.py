@@ -190,7 +190,7 @@ def main() -> None:
         args.root = root
         write_fake_cifar10(Path(root), args.train_images, args.test_images)
         for _ in range(args.repeats):  # interleaved: every setting once per repeat
-            for m in ("torch", "torch,torchvision"):
+            for m in ("torch", "torch,torch._dynamo", "torch,torchvision"):
                 imports.setdefault(m, []).append(
                     run_child(args, ["--imports-only", m])["phases"][-1]["VmHWM"])
             for dataset in args.datasets.split(","):
@@ -218,8 +218,10 @@ def main() -> None:
 
     print(f"\nCIFAR-10: {args.train_images} random train images, 1 of {args.shards} shards; "
           f"digits: all; batch {args.batch}; {info['cpu']}, torch {info['torch']}")
-    print(f"bare imports: torch {import_mb['torch']:.0f} MB, torch + torchvision "
-          f"{import_mb['torch,torchvision']:.0f} MB (peak RSS, median of {args.repeats})")
+    print(f"bare imports: torch {import_mb['torch']:.0f} MB, torch + torch._dynamo (what "
+          f"torch.optim's first use imports) {import_mb['torch,torch._dynamo']:.0f} MB, torch + "
+          f"torchvision {import_mb['torch,torchvision']:.0f} MB (peak RSS, median of "
+          f"{args.repeats})")
     print(f"{'dataset':8} {'setting':10} {'phase':48} {'RSS MB':>7} {'peak MB':>8} {'s':>6} "
           f"compiler")
     for r in rows:
