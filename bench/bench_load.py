@@ -5,7 +5,8 @@ its anonymous resident memory (RssAnon: what features held in RAM would grow) ev
 plus its peak resident set (VmHWM) and tracemalloc's peak (Python and numpy allocations:
 decoded chunks, the in-RAM bank), and times the disk steps of its receive path. Each
 configuration runs with the feature bank in RAM and spilled to the state directory,
-interleaved, ``--repeats`` times, so ratios are read from one run (medians in "medians").
+interleaved (the order alternates), ``--repeats`` times, so ratios are read from one
+run (medians in "medians").
 
 Sync: "full" runs are whole rounds (collect, train the server, logits back to every
 device, evaluate). Server training on a 2-core CPU costs minutes per thousand 16x32x32
@@ -163,8 +164,8 @@ def main() -> None:
                     for n in args.full_samples]
             plan += [(m, False, n) for m in args.modes for n in args.collect_samples]
             for mode, full, n in plan:
-                for _ in range(args.repeats):
-                    for bank in args.banks:
+                for rep in range(args.repeats):  # ABBA: neither bank always goes first
+                    for bank in args.banks if rep % 2 == 0 else args.banks[::-1]:
                         cfg = LoadConfig(args.devices, n, args.size, codec=args.codec,
                                          max_payload=args.max_payload)
                         r = run_one(broker.url, cfg, mode, bank, full, args)
