@@ -4,7 +4,6 @@ Mosquitto, then restarted on the same state dir."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -12,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from polling import wait_for
+from probes import status
 
 from edge_runtime import wire
 from edge_runtime.agent import AgentConfig, EdgeAgent
@@ -187,14 +186,6 @@ def mid_upload(state: Path) -> bool:
         return any(u > saved.slots.get(d, (-1, 0))[0] for u, d in journal(state))
     except (OSError, ValueError):  # the hub renames and deletes as we look
         return False
-
-
-def status(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=5) as r:
-            return json.load(r)
-    except OSError:
-        return None
 
 
 @pytest.mark.slow  # two hub processes (a torch import each), 10 uploads: 32-53 s on 2 loaded cores

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import start_broker
 from PIL import Image
-from prometheus_client.parser import text_string_to_metric_families
+from probes import scrape
 from test_mqtt_federation import make_agent, make_hub, prepare_test, run_threads
 
 from edge_runtime import topics
@@ -33,14 +33,6 @@ from server_hub.monitoring import start_monitoring
 
 pytestmark = pytest.mark.mqtt
 ROUNDS = 3
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    """{(sample name, sorted labels): value} of one /metrics scrape."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
 
 
 def get(url: str) -> bytes:

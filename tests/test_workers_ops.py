@@ -8,11 +8,10 @@ import json
 import re
 import signal
 import time
-import urllib.request
 
 import pytest
 from polling import wait_for
-from prometheus_client.parser import text_string_to_metric_families
+from probes import scrape, status
 from test_mqtt_federation import say_hello
 from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fixtures)
 
@@ -25,21 +24,6 @@ from server_hub.workers import share_group_for, shared_up_filter
 
 pytestmark = pytest.mark.mqtt
 HOSTILE = 6
-
-
-def scrape(port: int) -> dict[tuple[str, tuple], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
-
-
-def status(port: int) -> dict | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/status.json", timeout=10) as r:
-            return json.load(r)
-    except OSError:
-        return None
 
 
 def test_rank0_serves_metrics_and_status_of_both_workers(broker, tmp_path, small):  # noqa: F811
