@@ -39,11 +39,11 @@ class AsyncHubService(HubService):
         self.upload_update: dict[str, int] = {}  # device -> update of its open upload
         self.sent: dict[str, tuple[int, list[bytes]]] = {}  # newest logits, for re-requests
         self.bytes_merged = 0
-        self._saved = load_state(cfg.state_dir)  # counters from before a restart
+        # counters from before a restart (empty on a first start)
+        self._saved = load_state(cfg.state_dir) or AsyncState()
         # device -> msg_id of the last hello acted on (kept on disk: retained hellos are
         # re-delivered to a restarted hub and must not look like devices that lost state)
-        self.hellos: dict[str, str] = dict(self._saved.hellos) if self._saved else {}
-        self._replaying = False
+        self.hellos: dict[str, str] = dict(self._saved.hellos)
 
     # -- network thread ------------------------------------------------------------------
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
@@ -68,7 +68,7 @@ class AsyncHubService(HubService):
             if self._store(device, msg, len(msg_bytes), replay) and not replay:
                 self.journal.record(msg.round, device, msg_bytes)
             if self.uploads[device].complete:
-                self._merge(device, msg.round, self.uploads.pop(device))
+                self._merge(device, msg.round, self.uploads.pop(device), replay)
             self._cond.notify_all()
         if not replay:
             self._ack(device, msg.msg_id)
@@ -82,8 +82,9 @@ class AsyncHubService(HubService):
                 self.journal.drop_device(self.merged.pop(device), device)
                 self.upload_update.pop(device, None)
 
-    def _merge(self, device: str, update: int, up: Upload) -> None:
-        """The upload is complete: it replaces the device's older features in the bank."""
+    def _merge(self, device: str, update: int, up: Upload, replay: bool = False) -> None:
+        """The upload is complete: it replaces the device's older features in the bank
+        (while replaying the journal, _resume saves the counters once at the end)."""
         # the bank that assembled it hands the features over (a spill file is renamed)
         self.ahub.merge(device, self.hub.bank, self.hub.extractors[device], update,
                         up.edge_accuracy)
@@ -92,7 +93,7 @@ class AsyncHubService(HubService):
         self.bytes_merged += up.bytes
         if old is not None:  # on disk we keep each device's newest complete upload only
             self.journal.drop_device(old, device)
-        if not self._replaying:
+        if not replay:
             self._persist()
         log.info("merged %s's update %d (hub version %d)", device, update, self.ahub.version)
 
@@ -123,13 +124,11 @@ class AsyncHubService(HubService):
     def _resume(self) -> None:
         """Replay the uploads accepted before a crash (each device's newest complete one,
         and any half-done one) and restore the hub version and staleness they had."""
-        self._replaying, self.phase = True, "resuming"  # the status page shows it
+        self.phase = "resuming"  # the status page shows it
         for update in self.journal.rounds():
             self._replay(update)
-        self._replaying = False
         if self.merged:
-            base = self._saved.version if self._saved else 0
-            slots = self._saved.slots if self._saved else {}
+            base, slots = self._saved.version, self._saved.slots
             known = {d: slots[d][1] for d, u in self.merged.items()
                      if slots.get(d, (-1,))[0] == u}
             fresh = sorted(set(self.merged) - set(known))  # merged after the state was saved
