@@ -35,10 +35,11 @@ class WorkerCounts:
 def merge_views(a: DeviceView, b: DeviceView) -> DeviceView:
     """One device as two workers saw it: traffic summed, the latest report wins."""
     old, new = (a, b) if a.last_seen <= b.last_seen else (b, a)
-    return DeviceView(a.device, min(a.first_seen, b.first_seen), new.last_seen,
-                      max(a.last_round, b.last_round), a.messages + b.messages,
-                      a.bytes_up + b.bytes_up, new.codec or old.codec, new.last_upload,
-                      {**old.reported, **new.reported})
+    # replace(): fields not named here (last_seen, last_upload, ...) are the newer view's
+    return replace(new, first_seen=min(a.first_seen, b.first_seen),
+                   last_round=max(a.last_round, b.last_round), messages=a.messages + b.messages,
+                   bytes_up=a.bytes_up + b.bytes_up, codec=new.codec or old.codec,
+                   reported={**old.reported, **new.reported})
 
 
 class WorkerFleet(FleetObserver):
