@@ -43,7 +43,7 @@ from .hub import Evaluation
 from .journal import UploadJournal
 from .service import HubService, NoDevicesError
 from .trainer import Rows, ServerStats, extractor_from_state, server_logits, split_accuracy
-from .worker_fleet import WorkerFleet
+from .worker_fleet import WorkerCounts, WorkerFleet
 
 log = logging.getLogger("gkt.hub")
 
@@ -178,7 +178,7 @@ class WorkerService(HubService):
             view = {"known": dict(self.known), "stop": self._stop.is_set(),
                     "uploads": {d: {**asdict(u), "chunks": sorted(u.chunks)}
                                 for d, u in self.uploads.items()}}
-            view["counts"] = self.fleet.counts(self) if self.fleet else None
+        view["counts"] = self._peer_counts()
         views = all_gather(view)
         with self._cond:
             for v in views:
@@ -190,6 +190,10 @@ class WorkerService(HubService):
             self.fleet.update([v["counts"] for v in views[1:]], done,
                               {d for v in views for d in v["uploads"]})
         return done, got, any(v["stop"] for v in views)
+
+    def _peer_counts(self) -> WorkerCounts | None:
+        """This worker's traffic counts for rank 0's figures (rank 0 keeps its own)."""
+        return self.fleet.counts(self) if self.fleet and self.rank else None
 
     def _wait_for_devices(self) -> None:
         t_end = time.monotonic() + self.cfg.start_timeout
@@ -280,7 +284,7 @@ class WorkerService(HubService):
                 for d, (ids, feats) in self._owned.items()}
 
     def _bytes_down(self, down: int) -> int:
-        ends = all_gather((down, self.fleet.counts(self) if self.fleet else None))
+        ends = all_gather((down, self._peer_counts()))
         if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
             self.fleet.update([c for _, c in ends[1:]], self._merged)
         return sum(d for d, _ in ends)
