@@ -25,7 +25,7 @@ from .results import RoundRecord
 # What devices may report about themselves (edge_runtime.device_metrics).
 DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
 MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
-GONE = ("silent", "gone", "finished")  # states not counted as active
+INACTIVE = ("silent", "gone", "finished")  # states not counted in devices_active
 
 
 @dataclass
@@ -132,14 +132,17 @@ class FleetObserver:
         for d in sorted(set(known) | set(views)):
             v = views.get(d) or DeviceView(d, now, now)
             hello = known.get(d, {})
-            state = (async_state(service, v, slots.get(d), now) if slots is not None
-                     else self.device_state(service, v, now))
+            if slots is None:
+                state, extra = self.device_state(service, v, now), {}
+            else:
+                slot = slots.get(d)
+                state, extra = async_device_state(service, v, slot, now), async_row(v, slot, now)
             devices.append({
                 "id": d, "state": state,
                 "samples": hello.get("num_samples"), "codec": v.codec,
                 "last_seen_s": round(now - v.last_seen, 1), "last_round": v.last_round,
                 "messages": v.messages, "bytes_up": v.bytes_up, **v.reported,
-                **(async_row(v, slots.get(d), now) if slots is not None else {}),
+                **extra,
             })
         link = service.link
         mode = {"mode": "sync"} if ahub is None else {
@@ -150,13 +153,13 @@ class FleetObserver:
             "round": service.round, "rounds": service.cfg.rounds, "phase": service.phase,
             "rounds_completed": completed, "samples_received": samples,
             "devices_known": len(devices),
-            "devices_active": sum(x["state"] not in GONE for x in devices),
+            "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
             "rejected": dict(service.rejected), "devices": devices, "history": history,
         }
 
 
-def async_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
+def async_device_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
     """uploading | waiting for logits | training (its next local round) | gone | finished."""
     if service.phase == "done":
         return "finished"
