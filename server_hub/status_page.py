@@ -85,15 +85,15 @@ def accuracy_svg(history: list[dict], width: int = 560, height: int = 220) -> st
     return "".join(parts)
 
 
-def _td(v: object) -> str:
-    return f"<td>{_fmt(v)}</td>"
+def _td(v: object, digits: int = 3) -> str:
+    return f"<td>{_fmt(v, digits)}</td>"
 
 
 def _async_cells(d: dict) -> str:
     """Async rows: which update of the device the bank holds and how stale it is."""
     last = d.get("last_update_s")
-    return (f"<td>{_fmt(d.get('update'))}</td><td>{_fmt(d.get('staleness'))}</td>"
-            f"<td>{_fmt(d.get('weight'), 2)}</td><td>{_fmt(d.get('bank_samples'))}</td>"
+    return (f"{_td(d.get('update'))}{_td(d.get('staleness'))}"
+            f"{_td(d.get('weight'), 2)}{_td(d.get('bank_samples'))}"
             f"<td>{'-' if last is None else f'{last:.0f} s'}</td>")
 
 
