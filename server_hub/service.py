@@ -244,8 +244,9 @@ class HubService:
             self.link.publish(topics.ROUND_TOPIC, self._announcement, retain=True, wait=False)
 
     # The round loop. Hub workers (server_hub/workers.py) run this same loop and override
-    # only the hooks marked "hook": how uploads are received and seen, how the decision is
-    # agreed, and the training, logits and evaluation steps.
+    # the hooks marked "hook": how uploads are received and seen, how the decision is
+    # agreed, and the training, logits and evaluation steps (besides _restore,
+    # _wait_for_devices and _announce, which they do through collectives or rank 0).
     def run(self) -> int:
         start = self._restore()
         self._start()
