@@ -5,7 +5,8 @@ this small file keeps the counters the journal cannot: the hub version (uploads 
 far, which also decides when the run stops), the version each device's newest upload was
 merged at (its staleness), and the hello of each device already acted on (a broker
 re-delivers retained hellos to a new subscriber, and an old one must not read as "this
-device lost its state"). Written atomically after every merge; see docs/async.md.
+device lost its state"). Written atomically after every merge and every new hello; see
+docs/async.md.
 """
 
 from __future__ import annotations
