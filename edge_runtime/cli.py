@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, args.log_level)
     from .agent import AgentConfig, EdgeAgent
     from .data import DataConfig, load_split, make_loader
-    from .device import EdgeDevice
+    from .device import DeviceStateError, EdgeDevice
     from .partition import partition
     from .topics import validate_device_id
     from .train import EdgeTrainConfig
@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     try:
         return agent.run()
+    except DeviceStateError as err:  # a restart would fail the same way
+        print(f"gkt-edge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     finally:
         link.close()
 

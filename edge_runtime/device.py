@@ -105,15 +105,27 @@ class EdgeDevice:
         path = state_dir / "edge.safetensors"
         if not path.exists():
             return False
-        tensors = load_file(str(path))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.bank.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
-        opt = state_dir / "optimizer.pt"
-        if opt.exists():
-            self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
-        progress = json.loads((state_dir / "progress.json").read_text())
-        self.progress = DeviceProgress(**progress)
+        try:
+            tensors = load_file(str(path))
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
+                                        if k.startswith("model.")})
+            self.bank.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
+            opt = state_dir / "optimizer.pt"
+            if opt.exists():
+                self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+            progress = json.loads((state_dir / "progress.json").read_text())
+            self.progress = DeviceProgress(**progress)
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise DeviceStateError(
+                f"{state_dir}: the saved device state does not fit this device ({detail}). "
+                "It was saved for another model, dataset or number of classes, or is damaged: "
+                "give another --state-dir, or delete this one to start afresh") from err
         return True
+
+
+class DeviceStateError(ValueError):
+    """A state directory that this device cannot resume from."""
 
 
 def _replace(path: Path, write) -> None:

@@ -28,6 +28,23 @@ def test_edge_says_when_the_broker_is_unreachable(capsys, tmp_path):
 
 
 @pytest.mark.mqtt
+def test_edge_refuses_a_state_dir_saved_for_another_device(capsys, tmp_path, broker):
+    from edge_runtime.data import DataConfig
+    from edge_runtime.device import EdgeDevice
+    from edge_runtime.train import EdgeTrainConfig
+    from server_hub.federation import FederationConfig, prepare
+
+    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=4))
+    EdgeDevice("a", setup.train, setup.train_eval, setup.shards[0], 100,  # a 100-class head
+               EdgeTrainConfig()).save(tmp_path)
+    rc = edge_main(["run", "--hub", broker.url, "--device-id", "a", "--dataset", "digits",
+                    "--state-dir", str(tmp_path)])
+    assert rc == 2  # a restart would fail the same way: systemd must not loop on it
+    err = capsys.readouterr().err
+    assert "does not fit this device" in err and "--state-dir" in err
+
+
+@pytest.mark.mqtt
 def test_simulate_over_mqtt_with_device_processes(tmp_path):
     out = tmp_path / "run.json"
     proc = subprocess.run(

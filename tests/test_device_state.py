@@ -39,3 +39,15 @@ def test_a_save_cut_short_leaves_the_previous_state_loadable(tmp_path, monkeypat
     for k, v in torch.load(tmp_path / "optimizer.pt", weights_only=True)["param_groups"][0].items():
         if k != "params":
             assert v == again.optimizer.state_dict()["param_groups"][0][k]
+
+
+def test_a_state_dir_saved_for_another_device_is_refused_with_what_to_do(tmp_path):
+    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=8))
+    make_device(setup).save(tmp_path)
+    other = EdgeDevice("d0", setup.train, setup.train_eval, setup.shards[0], 100,
+                       EdgeTrainConfig(batch_size=32))  # 100 classes: another head
+    with pytest.raises(device_mod.DeviceStateError, match="does not fit.*--state-dir"):
+        other.load(tmp_path)
+    (tmp_path / "progress.json").write_text("{not json")
+    with pytest.raises(device_mod.DeviceStateError, match="damaged"):
+        make_device(setup).load(tmp_path)
