@@ -103,8 +103,8 @@ class EdgeDevice:
     def load(self, state_dir: Path) -> bool:
         """Restore from ``state_dir``; False if there is nothing saved there yet."""
         path = state_dir / "edge.safetensors"
-        if not path.exists():
-            return False
+        if not path.exists() or not (state_dir / "progress.json").exists():
+            return False  # progress.json is written last: without it the first save never ended
         try:
             tensors = load_file(str(path))
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items()

@@ -51,3 +51,10 @@ def test_a_state_dir_saved_for_another_device_is_refused_with_what_to_do(tmp_pat
     (tmp_path / "progress.json").write_text("{not json")
     with pytest.raises(device_mod.DeviceStateError, match="damaged"):
         make_device(setup).load(tmp_path)
+
+
+def test_a_first_save_cut_short_is_nothing_saved_yet(tmp_path):
+    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=8))
+    make_device(setup).save(tmp_path)
+    (tmp_path / "progress.json").unlink()  # killed before the mark of its first save
+    assert not make_device(setup).load(tmp_path)
