@@ -114,7 +114,7 @@ class FleetObserver:
                 return "uploading"
         if phase == "train" and up is not None and up.complete:
             return "uploaded"  # the hub trains on it now
-        if now - view.last_seen > 2 * service.cfg.round_deadline:
+        if is_silent(service, view, now):
             return "silent"
         return "training" if phase == "collect" else "waiting"
 
@@ -159,11 +159,16 @@ class FleetObserver:
         }
 
 
+def is_silent(service, view: DeviceView, now: float) -> bool:
+    """Nothing heard from the device for two round deadlines."""
+    return now - view.last_seen > 2 * service.cfg.round_deadline
+
+
 def async_device_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
     """uploading | waiting for logits | training (its next local round) | gone | finished."""
     if service.phase == "done":
         return "finished"
-    if now - view.last_seen > 2 * service.cfg.round_deadline:
+    if is_silent(service, view, now):
         return "gone"  # its features age out by the staleness rule; nobody waits for it
     if view.device in service.uploads:  # an upload is removed from there once merged
         return "uploading"
