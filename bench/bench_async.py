@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 
-from edge_runtime.data import DataConfig
-from edge_runtime.train import EdgeTrainConfig
-from server_hub.federation import FederationConfig, prepare
-from server_hub.hetero_federation import run_gkt_async_fleet, run_gkt_sync_fleet
-from server_hub.speeds import build_fleet
-from server_hub.staleness import AsyncConfig
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from server_hub.async_mode.rules import AsyncConfig
+from server_hub.simulation.inproc import FederationConfig, prepare
+from server_hub.simulation.speeds import build_fleet
+from server_hub.simulation.throttled import run_gkt_async_fleet, run_gkt_sync_fleet
 from server_hub.trainer import ServerTrainConfig
 
 

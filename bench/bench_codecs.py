@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 import zstandard
 
-from edge_runtime.codecs import FEATURE_CODECS, ZSTD_LEVEL, get_codec
-from edge_runtime.data import DataConfig, load_split
-from edge_runtime.models import EdgeResNet8
-from edge_runtime.wire import encode_message
+from edge_runtime.learning.data import DataConfig, load_split
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.protocol.codecs import FEATURE_CODECS, ZSTD_LEVEL, get_codec
+from edge_runtime.protocol.wire import encode_message
 
 
 def trained_features(size: int, samples: int, steps: int, seed: int = 0):

@@ -100,12 +100,12 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     import torch
 
-    from edge_runtime.agent import rebatch
-    from edge_runtime.data import DataConfig, load_split, make_loader
-    from edge_runtime.device import EdgeDevice
-    from edge_runtime.messages import feature_chunk
-    from edge_runtime.partition import partition
-    from edge_runtime.train import EdgeTrainConfig
+    from edge_runtime.device.agent import rebatch
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig, load_split, make_loader
+    from edge_runtime.learning.partition import partition
+    from edge_runtime.learning.train import EdgeTrainConfig
+    from edge_runtime.protocol.messages import feature_chunk
     mark("imports (torch, edge_runtime, paho)", t)
 
     if args.threads:

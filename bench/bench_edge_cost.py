@@ -32,7 +32,7 @@ import torch
 from cpu_worker import BASELINE, TUNED, TUNED_BF16, Worker, machine_info
 from torch.utils.flop_counter import FlopCounterMode
 
-from edge_runtime.models import EdgeResNet8, count_parameters
+from edge_runtime.learning.models import EdgeResNet8, count_parameters
 from server_hub.models import resnet56, resnet110
 
 MODELS = {"resnet8": EdgeResNet8, "resnet56": resnet56, "resnet110": resnet110}

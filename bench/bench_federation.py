@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from edge_runtime.data import DataConfig
-from edge_runtime.train import EdgeTrainConfig
-from server_hub.federation import FederationConfig, prepare, run_gkt
-from server_hub.simulate import simulate_mqtt
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from server_hub.simulation.inproc import FederationConfig, prepare, run_gkt
+from server_hub.simulation.launch import simulate_mqtt
 from server_hub.trainer import ServerTrainConfig
 
 

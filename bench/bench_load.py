@@ -152,7 +152,7 @@ def main() -> None:
     if args.role == "hub":
         hub_main(args)
         return
-    from server_hub.broker import BrokerConfig, ManagedBroker, free_port
+    from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker, free_port
 
     runs = []
     with tempfile.TemporaryDirectory(prefix="gkt-load-broker-") as bdir:

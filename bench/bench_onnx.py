@@ -27,8 +27,8 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from edge_runtime.data import DataConfig
-from edge_runtime.models import EdgeResNet8, FeatureExtractor
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.models import EdgeResNet8, FeatureExtractor
 from export.graphs import EdgeLogits, GraphSpec, composed_spec, edge_spec, load_edge_state
 from export.onnx_export import ExportOptions, export_graph
 from export.pipeline import resolve_checkpoint

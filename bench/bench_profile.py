@@ -2,7 +2,7 @@
 calibration, and peak training memory (torch allocator and process RSS).
 
 Each repetition calibrates (``gkt-profile calibrate``'s code: the real training step,
-random data) and then runs one real local epoch of ``edge_runtime.train.train_edge`` on
+random data) and then runs one real local epoch of ``edge_runtime.learning.train.train_edge`` on
 the scikit-learn digits upsampled to 32x32 (1,438 images, a different data path), so
 load from other processes hits both alike; the median ratio is reported. Memory runs in
 fresh processes at several batch sizes. The calibration goes to a temporary file, never
@@ -32,10 +32,10 @@ from device_profiles.estimate import Settings, estimate, predicted_rss_growth
 from device_profiles.memory import measure_training_peak
 from device_profiles.model_zoo import profile_model
 from device_profiles.report import efficiency_for
-from edge_runtime.data import DataConfig, WithIds, load_split, make_loader
-from edge_runtime.distill import LogitBank
-from edge_runtime.models import EdgeResNet8
-from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
+from edge_runtime.learning.data import DataConfig, WithIds, load_split, make_loader
+from edge_runtime.learning.distill import LogitBank
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.learning.train import EdgeTrainConfig, make_optimizer, train_edge
 
 
 def measured_epoch(batch: int) -> tuple[float, int]:

@@ -27,8 +27,9 @@ import time
 from importlib.metadata import version
 from pathlib import Path
 
-from edge_runtime.transport import LinkConfig, MqttLink, ReliableSender
-from server_hub.broker import BrokerConfig, ManagedBroker, free_port
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.mqtt.reliable import ReliableSender
+from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker, free_port
 
 MB = 1024 * 1024
 LIMIT = 2 * MB  # packet limit for the throughput runs (1 MB messages)

@@ -39,12 +39,12 @@ def _run(rank: int, world: int, mode: str, threads: int, args: argparse.Namespac
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from edge_runtime.perf import keep_freed_memory, to_channels_last
-    from server_hub.ddp_trainer import Shard, train_server_ddp
-    from server_hub.distributed import init_group
+    from edge_runtime.learning.perf import keep_freed_memory, to_channels_last
     from server_hub.feature_bank import DeviceFeatures, FeatureBank
     from server_hub.models import build_server
     from server_hub.trainer import ServerTrainConfig, train_server
+    from server_hub.workers.ddp_trainer import Shard, train_server_ddp
+    from server_hub.workers.distributed import init_group
 
     torch.set_num_threads(threads)
     keep_freed_memory()

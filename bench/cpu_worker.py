@@ -105,7 +105,7 @@ def _edge_model(name: str, pool: str, num_classes: int = 10):
     import torch
     from torch import nn
 
-    from edge_runtime.models import EdgeResNet8
+    from edge_runtime.learning.models import EdgeResNet8
     from server_hub.models import resnet56, resnet110
 
     class LogitsAndInput(nn.Module):
@@ -170,7 +170,7 @@ def _train(r: dict) -> Callable[[], None]:
     pool ("adaptive": the old edge pool | "sum": the current one), precision, compile."""
     import torch
 
-    from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
+    from edge_runtime.learning.train import EdgeTrainConfig, make_optimizer, train_edge
 
     torch.manual_seed(0)
     model = _edge_model(r["model"], r.get("pool", "sum"))
@@ -191,14 +191,14 @@ def _extract(r: dict) -> Callable[[], None]:
     channels-last), "onnxruntime" (a session run; the export is timed by "ort_export")."""
     import torch
 
-    from edge_runtime.models import EdgeResNet8
-    from edge_runtime.train import extract_features
+    from edge_runtime.learning.models import EdgeResNet8
+    from edge_runtime.learning.train import extract_features
 
     torch.manual_seed(0)
     model = EdgeResNet8(10).eval()
     batch = [_batch(r)]
     if r["mode"] == "onnxruntime":  # the per-batch part of ort_extract_features
-        from edge_runtime.ort_extract import ort_session
+        from edge_runtime.learning.ort_extract import ort_session
 
         sess, x = ort_session(model, batch[0][0]), batch[0][0].numpy()
         return lambda: sess.run(None, {"x": x})
@@ -219,7 +219,13 @@ def _load(r: dict) -> Callable[[], None]:
     from torch.utils.data import DataLoader
     from torchvision import transforms
 
-    from edge_runtime.data import NORMALIZATION, DataConfig, WithIds, load_split, make_loader
+    from edge_runtime.learning.data import (
+        NORMALIZATION,
+        DataConfig,
+        WithIds,
+        load_split,
+        make_loader,
+    )
 
     root = Path(tempfile.mkdtemp(prefix="gkt-bench-cifar-"))
     write_fake_cifar10(root, r["samples"], 10)
@@ -242,8 +248,8 @@ def _ort_export(r: dict) -> Callable[[], None]:
     """The per-round part of ort_extract_features: export and open a session."""
     import torch
 
-    from edge_runtime.models import EdgeResNet8
-    from edge_runtime.ort_extract import ort_session
+    from edge_runtime.learning.models import EdgeResNet8
+    from edge_runtime.learning.ort_extract import ort_session
 
     torch.manual_seed(0)
     model, x = EdgeResNet8(10).eval(), _batch(r)[0]
@@ -313,7 +319,7 @@ def serve() -> None:
     out, sys.stdout = sys.stdout, sys.stderr  # library prints must not corrupt the replies
     import torch
 
-    from edge_runtime.perf import keep_freed_memory
+    from edge_runtime.learning.perf import keep_freed_memory
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -54,12 +54,12 @@ def _service(args: argparse.Namespace, state: Path, records: list):
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from edge_runtime.data import DataConfig
-    from edge_runtime.transport import LinkConfig, MqttLink
-    from server_hub.async_service import AsyncHubService
+    from edge_runtime.learning.data import DataConfig
+    from edge_runtime.mqtt.link import LinkConfig, MqttLink
+    from server_hub.async_mode.rules import AsyncConfig
+    from server_hub.async_mode.service import AsyncHubService
     from server_hub.hub import Hub
     from server_hub.service import HubService, ServiceConfig
-    from server_hub.staleness import AsyncConfig
     from server_hub.trainer import ServerTrainConfig
 
     hub = Hub(10, ServerTrainConfig(epochs=args.server_epochs, batch_size=32, device="cpu"),

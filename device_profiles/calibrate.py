@@ -1,7 +1,7 @@
 """``gkt-profile calibrate``: how much of this machine's peak the real training step gets.
 
 FLOP/s peaks badly predict tiny CNNs (ResNet-8's convs have 16-64 channels). We time
-the device's own training step (``edge_runtime.train.train_edge``: Adam/amsgrad, CE + KD
+the device's own training step (``edge_runtime.learning.train.train_edge``: Adam/amsgrad, CE + KD
 loss, a DataLoader) and a large matmul, and store
 
     efficiency = training FLOPs per step / step time / peak FLOP/s of this machine
@@ -25,13 +25,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from edge_runtime.distill import LogitBank
-from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
-
-from .calibration import Calibration, CalibrationPoint
-from .catalog import DeviceSpec, Quantity
-from .model_zoo import get_model, train_flops_per_sample
-from .this_machine import cpu_model, this_machine
+from device_profiles.calibration import Calibration, CalibrationPoint
+from device_profiles.catalog import DeviceSpec, Quantity
+from device_profiles.model_zoo import get_model, train_flops_per_sample
+from device_profiles.this_machine import cpu_model, this_machine
+from edge_runtime.learning.distill import LogitBank
+from edge_runtime.learning.train import EdgeTrainConfig, make_optimizer, train_edge
 
 
 class LogitsAndInput(nn.Module):

@@ -18,8 +18,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .catalog import CatalogError, load_catalog, select, spec_to_dict
-from .estimate import human_bytes
+from device_profiles.catalog import CatalogError, load_catalog, select, spec_to_dict
+from device_profiles.estimate import human_bytes
 
 FORMATS = ("md", "html", "json")
 
@@ -74,9 +74,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
 # ---- models ----------------------------------------------------------------------------
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .memory import measure_training_peak
-    from .model_zoo import MODELS, profile_model
-    from .onnx_graph import onnx_profile
+    from device_profiles.memory import measure_training_peak
+    from device_profiles.model_zoo import MODELS, profile_model
+    from device_profiles.onnx_graph import onnx_profile
 
     progress = _progress(args.quiet or args.json)
     names = args.models or tuple(MODELS)
@@ -130,8 +130,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 # ---- calibrate -------------------------------------------------------------------------
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibrate import calibrate
-    from .calibration import save_calibration
+    from device_profiles.calibrate import calibrate
+    from device_profiles.calibration import save_calibration
 
     progress = _progress(args.quiet)
     cal = calibrate(args.models, args.batches, args.steps, progress=progress)
@@ -160,12 +160,12 @@ def _format(args: argparse.Namespace) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .calibrate import calibrated_this_machine
-    from .calibration import load_calibration
-    from .estimate import Settings
-    from .render import render_html, render_json, render_markdown, write_markdown
-    from .report import build_report, collect_inputs
-    from .this_machine import THIS_MACHINE_ID
+    from device_profiles.calibrate import calibrated_this_machine
+    from device_profiles.calibration import load_calibration
+    from device_profiles.estimate import Settings
+    from device_profiles.render import render_html, render_json, render_markdown, write_markdown
+    from device_profiles.report import build_report, collect_inputs
+    from device_profiles.this_machine import THIS_MACHINE_ID
 
     fmt = _format(args)
     settings = Settings(args.batch, args.samples, args.epochs, args.codec, args.link_mbps)
@@ -187,7 +187,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     else:
         figures = {}
         if fmt == "html" or out is not None:
-            from .plots import render_all
+            from device_profiles.plots import render_all
 
             progress("drawing plots")
             figures = render_all(report)
@@ -208,7 +208,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 # ---- main ------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from .calibration import STATE_ENV
+    from device_profiles.calibration import STATE_ENV
 
     p = argparse.ArgumentParser(prog="gkt-profile", description=__doc__.split("\n\n")[0])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")

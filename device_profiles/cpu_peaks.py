@@ -7,7 +7,7 @@ that pyproject.toml declares, so the catalog lookup lives here, next to the cata
 
 from __future__ import annotations
 
-from .catalog import load_catalog
+from device_profiles.catalog import load_catalog
 
 
 def cpu_peaks(ids: list[str]) -> list[float]:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .catalog import DeviceSpec, Quantity
+from device_profiles.catalog import DeviceSpec, Quantity
 
 MIB = 2**20
 GIB = 2**30

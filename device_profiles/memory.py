@@ -155,7 +155,7 @@ class RuntimeFootprint:
 
 # what a device process imports (gkt-edge), so measured RSS matches a device's
 DEVICE_STACK = ("torch", "torchvision", "numpy", "zstandard", "paho.mqtt.client",
-                "edge_runtime.agent")
+                "edge_runtime.device.agent")
 
 
 def runtime_footprint(timeout: float = 300) -> RuntimeFootprint:

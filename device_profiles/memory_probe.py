@@ -43,10 +43,9 @@ def main() -> None:
     import torch
     import torch.nn.functional as F
 
-    from edge_runtime.train import make_optimizer
-
-    from .memory import DEVICE_STACK, allocator_peak
-    from .model_zoo import get_model
+    from device_profiles.memory import DEVICE_STACK, allocator_peak
+    from device_profiles.model_zoo import get_model
+    from edge_runtime.learning.train import make_optimizer
 
     for name in DEVICE_STACK:  # a device process's imports, so the RSS matches one
         importlib.import_module(name)

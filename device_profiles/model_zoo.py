@@ -13,18 +13,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from edge_runtime.models import FEATURE_CHANNELS, EdgeResNet8, count_parameters
-from server_hub.models import resnet55_server, resnet56, resnet109_server, resnet110
-
-from .estimate import ModelCost
-from .flops import (
+from device_profiles.estimate import ModelCost
+from device_profiles.flops import (
     FVCORE_CONVENTION,
     TORCH_CONVENTION,
     forward_flops,
     forward_flops_torch,
     training_step_flops,
 )
-from .memory import ActivationMemory, saved_activations
+from device_profiles.memory import ActivationMemory, saved_activations
+from edge_runtime.learning.models import FEATURE_CHANNELS, EdgeResNet8, count_parameters
+from server_hub.models import resnet55_server, resnet56, resnet109_server, resnet110
 
 
 @dataclass(frozen=True)

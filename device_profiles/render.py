@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .tables import METHOD, Table, all_tables, source_rows, summary
+from device_profiles.tables import METHOD, Table, all_tables, source_rows, summary
 
 FIGURE_TITLES = {
     "epoch_times": "Time per local epoch on each device",

@@ -14,10 +14,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .calibrate import matches_this_machine
-from .calibration import Calibration
-from .catalog import DeviceSpec, spec_to_dict
-from .estimate import (
+from device_profiles.calibrate import matches_this_machine
+from device_profiles.calibration import Calibration
+from device_profiles.catalog import DeviceSpec, spec_to_dict
+from device_profiles.estimate import (
     DEFAULT_CPU_EFFICIENCY,
     DeviceEstimate,
     Efficiency,
@@ -28,11 +28,11 @@ from .estimate import (
     samples_per_joule,
     value_per_dollar,
 )
-from .flops import FVCORE_CONVENTION, TORCH_CONVENTION
-from .memory import MeasuredPeak, RuntimeFootprint
-from .model_zoo import MODELS, ModelProfile
-from .this_machine import THIS_MACHINE_ID
-from .wire_bytes import WireCost, fedavg_round_bytes
+from device_profiles.flops import FVCORE_CONVENTION, TORCH_CONVENTION
+from device_profiles.memory import MeasuredPeak, RuntimeFootprint
+from device_profiles.model_zoo import MODELS, ModelProfile
+from device_profiles.this_machine import THIS_MACHINE_ID
+from device_profiles.wire_bytes import WireCost, fedavg_round_bytes
 
 EDGE = "resnet8"
 FEDAVG = ("resnet56", "resnet110")
@@ -207,10 +207,10 @@ def collect_inputs(settings: Settings, devices: Sequence[DeviceSpec],
                    onnx_paths: Sequence[str] = (), models: Sequence[str] = tuple(MODELS),
                    ) -> ReportInputs:
     """Profile the models and measure what the report needs (seconds to a minute)."""
-    from .memory import measure_training_peak, runtime_footprint
-    from .model_zoo import profile_model
-    from .onnx_graph import onnx_profile
-    from .wire_bytes import measure_all
+    from device_profiles.memory import measure_training_peak, runtime_footprint
+    from device_profiles.model_zoo import profile_model
+    from device_profiles.onnx_graph import onnx_profile
+    from device_profiles.wire_bytes import measure_all
 
     profiles = {}
     for name in models:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .estimate import human_bytes, human_seconds
+from device_profiles.estimate import human_bytes, human_seconds
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import platform
 import re
 from pathlib import Path
 
-from .catalog import DeviceSpec, Quantity
+from device_profiles.catalog import DeviceSpec, Quantity
 
 THIS_MACHINE_ID = "this-machine"
 # fp32 flops per cycle per core of Arm cores by /proc/cpuinfo "CPU part" (implementer 0x41,

@@ -1,5 +1,5 @@
 """Bytes on the wire per GKT round, measured by encoding real messages with the toolkit's
-own wire format (``edge_runtime.messages``), not from nominal ratios.
+own wire format (``edge_runtime.protocol.messages``), not from nominal ratios.
 
 Features H come from the edge model (seed 0, untrained, eval mode) on two kinds of input:
 real images (scikit-learn's digits upsampled to S x S; mostly flat background, so H is
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from edge_runtime.codecs import FEATURE_CODECS
-from edge_runtime.messages import extractor_message, feature_chunk, logits_messages
-from edge_runtime.models import FEATURE_CHANNELS, EdgeResNet8
-from edge_runtime.train import FeatureBatch
+from edge_runtime.learning.models import FEATURE_CHANNELS, EdgeResNet8
+from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.protocol.codecs import FEATURE_CODECS
+from edge_runtime.protocol.messages import extractor_message, feature_chunk, logits_messages
 
 CHUNK_SAMPLES = 64  # samples per measured message; headers are amortised over them
 
@@ -39,7 +39,7 @@ class WireCost:
 
 
 def _digits(n: int, size: int) -> tuple[torch.Tensor, str] | None:
-    from edge_runtime.data import DataConfig, load_split
+    from edge_runtime.learning.data import DataConfig, load_split
 
     try:
         split = load_split(DataConfig("digits", image_size=size, augment=False), True)

@@ -12,7 +12,7 @@ import sys
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the runtime import is deferred so a missing extra gives a clear message
-    from .report import ExportReport
+    from export.report import ExportReport
 
 EXIT_OK, EXIT_VERIFY, EXIT_USAGE, EXIT_EXPORT = 0, 1, 2, 3
 
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from .onnx_export import ExportError, ExportOptions
-        from .pipeline import ExportConfig, run_export
-        from .quantize import QuantConfig
+        from export.onnx_export import ExportError, ExportOptions
+        from export.pipeline import ExportConfig, run_export
+        from export.quantize import QuantConfig
     except ModuleNotFoundError as err:
         print(f"gkt-export: {err.name} is missing; install the export extra: "
               f"pip install 'gkt-edge-toolkit[export]'", file=sys.stderr)

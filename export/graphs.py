@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edge_runtime.device import load_edge_model_state
-from edge_runtime.models import FEATURE_CHANNELS, EdgeResNet8, FeatureExtractor
+from edge_runtime.device.edge_device import load_edge_model_state
+from edge_runtime.learning.models import FEATURE_CHANNELS, EdgeResNet8, FeatureExtractor
 from server_hub.checkpoint import Checkpoint
 from server_hub.models import FullResNet, build_server
 

@@ -11,8 +11,7 @@ import json
 import onnx
 
 from edge_runtime import __version__
-
-from .graphs import GraphSpec
+from export.graphs import GraphSpec
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")

@@ -18,7 +18,7 @@ import onnx
 import torch
 from onnx import helper
 
-from .graphs import GraphSpec
+from export.graphs import GraphSpec
 
 EXPORTERS = ("auto", "dynamo", "torchscript")
 DYNAMO_MIN_OPSET = 18

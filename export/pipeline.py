@@ -19,16 +19,14 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from server_hub.checkpoint import Checkpoint, load_checkpoint
-
-from .graphs import IMAGE_INPUT, GraphSpec, build_specs, extractor_module, load_edge_state
-from .metadata import graph_metadata, set_metadata
-from .onnx_export import ExportOptions, export_graph
-from .quantize import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig, quantize_int8
-from .report import ExportReport, GraphReport, Int8Report, Parity
-from .runtime import median_ms, run
-from .samples import data_config, load_images
-from .verify import (
+from export.graphs import IMAGE_INPUT, GraphSpec, build_specs, extractor_module, load_edge_state
+from export.metadata import graph_metadata, set_metadata
+from export.onnx_export import ExportOptions, export_graph
+from export.quantize import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig, quantize_int8
+from export.report import ExportReport, GraphReport, Int8Report, Parity
+from export.runtime import median_ms, run
+from export.samples import data_config, load_images
+from export.verify import (
     ATOL,
     RTOL,
     Batches,
@@ -42,6 +40,7 @@ from .verify import (
     load_session,
     torch_predict,
 )
+from server_hub.checkpoint import Checkpoint, load_checkpoint
 
 log = logging.getLogger("gkt.export")
 

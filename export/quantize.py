@@ -29,7 +29,7 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from .onnx_export import default_opset
+from export.onnx_export import default_opset
 
 QDQ_MIN_OPSET = 10
 PER_CHANNEL_MIN_OPSET = 13  # the axis attribute of (De)QuantizeLinear

@@ -6,7 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .verify import Comparison
+from export.verify import Comparison
 
 
 @dataclass

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from edge_runtime.data import DataConfig, load_split
+from edge_runtime.learning.data import DataConfig, load_split
 
 
 def data_config(meta: dict, root: str) -> DataConfig:

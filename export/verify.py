@@ -28,8 +28,8 @@ import torch
 from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 from torch import nn
 
-from .onnx_export import BATCH
-from .runtime import make_session
+from export.onnx_export import BATCH
+from export.runtime import make_session
 
 RTOL = 1e-4
 ATOL = 1e-5

@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import Checkpoint, load_optimizer_state, save_checkpoint
-from .feature_bank import DeviceFeatures, FeatureBank
-from .models import build_server
-from .trainer import (
+from server_hub.checkpoint import Checkpoint, load_optimizer_state, save_checkpoint
+from server_hub.feature_bank import DeviceFeatures, FeatureBank
+from server_hub.models import build_server
+from server_hub.trainer import (
     ServerStats,
     ServerTrainConfig,
     extractor_from_state,

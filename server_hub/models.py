@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck
 
-from edge_runtime.models import (
+from edge_runtime.learning.models import (
     FEATURE_CHANNELS,
     EdgeResNet8,
     FeatureExtractor,

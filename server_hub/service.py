@@ -19,16 +19,15 @@ from typing import Callable
 
 import numpy as np
 
-from edge_runtime import topics, wire
-from edge_runtime.messages import logits_messages, parse_extractor, parse_feature_chunk
-from edge_runtime.transport import MqttLink
-
-from .checkpoint import latest_checkpoint, load_checkpoint
-from .feature_bank import DeviceFeatures
-from .hub import Evaluation, Hub
-from .journal import UploadJournal
-from .results import RoundRecord
-from .trainer import ServerStats
+from edge_runtime.mqtt.link import MqttLink
+from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
+from server_hub.checkpoint import latest_checkpoint, load_checkpoint
+from server_hub.feature_bank import DeviceFeatures
+from server_hub.hub import Evaluation, Hub
+from server_hub.journal import UploadJournal
+from server_hub.results import RoundRecord
+from server_hub.trainer import ServerStats
 
 log = logging.getLogger("gkt.hub")
 
@@ -93,7 +92,7 @@ class HubService:
         self._cond = threading.Condition()
         self._stop = threading.Event()
         self.started = time.perf_counter()  # records' elapsed: the time axis of plots
-        self.observers: list = []  # on_accepted(service, device, msg, size): server_hub.fleet
+        self.observers: list = []  # on_accepted(service, device, msg, size)
 
     # -- network thread ------------------------------------------------------------------
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:

@@ -9,18 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from edge_runtime.distill import kd_loss
-from edge_runtime.models import FeatureExtractor
-from edge_runtime.perf import (
+from edge_runtime.learning.distill import kd_loss
+from edge_runtime.learning.models import FeatureExtractor
+from edge_runtime.learning.perf import (
     autocast,
     channels_last_input,
     keep_freed_memory,
     resolve_precision,
     to_channels_last,
 )
-
-from .feature_bank import FeatureBank
-from .models import FullResNet
+from server_hub.feature_bank import FeatureBank
+from server_hub.models import FullResNet
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub.broker import BrokerConfig, ManagedBroker, find_mosquitto, free_port
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker, find_mosquitto, free_port
 
 
 @dataclass

@@ -18,20 +18,20 @@ import torch
 from polling import wait_for
 from probes import status
 
-from edge_runtime import wire
-from edge_runtime.agent import AgentConfig, EdgeAgent
-from edge_runtime.data import DataConfig
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub.async_service import AsyncHubService
-from server_hub.async_state import FILE, load_state
-from server_hub.broker import free_port
+from edge_runtime.device.agent import AgentConfig, EdgeAgent
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol import wire
+from server_hub.async_mode.rules import AsyncConfig
+from server_hub.async_mode.service import AsyncHubService
+from server_hub.async_mode.state import FILE, load_state
+from server_hub.broker.mosquitto import free_port
 from server_hub.checkpoint import latest_checkpoint
-from server_hub.federation import FederationConfig, prepare
 from server_hub.hub import Hub
 from server_hub.service import ServiceConfig
-from server_hub.staleness import AsyncConfig
+from server_hub.simulation.inproc import FederationConfig, prepare
 from server_hub.trainer import ServerTrainConfig
 
 pytestmark = pytest.mark.mqtt
@@ -89,8 +89,8 @@ def two_chunk_upload(device: str, update: int, seed: int) -> tuple[torch.Tensor,
     """(feature maps, messages) of an upload of 6 samples in two chunks."""
     from test_async_service import upload
 
-    from edge_runtime.messages import feature_chunk
-    from edge_runtime.train import FeatureBatch
+    from edge_runtime.learning.train import FeatureBatch
+    from edge_runtime.protocol.messages import feature_chunk
 
     feats = torch.rand(6, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
     ids, uid = torch.arange(6), f"r{update}-{seed}"
@@ -125,7 +125,7 @@ def test_sigterm_stops_the_async_hub_without_ending_the_federation(tmp_path):
     """SIGTERM (a restart by systemd) is not the end: no "stop" goes out, so devices wait."""
     from test_async_service import FakeLink, hello, send, upload
 
-    from edge_runtime import topics
+    from edge_runtime.protocol import topics
 
     class Link(FakeLink):
         def subscribe(self, topic, handler) -> None:
@@ -160,7 +160,7 @@ def agent(broker, tmp_path, setup, i):
 
 
 def hub_cmd(url: str, state: Path, status_port: int | None = None) -> list[str]:
-    cmd = [sys.executable, "-m", "server_hub.cli", "serve", "--mode", "async", "--broker", url,
+    cmd = [sys.executable, "-m", "server_hub.cli.main", "serve", "--mode", "async", "--broker", url,
            "--state-dir", str(state), "--min-devices", "2", "--max-updates", str(MAX_UPDATES),
            "--eval-every", "2", "--batch-size", "32", "--start-timeout", "120", "--no-progress"]
     return cmd + (["--status-port", str(status_port)] if status_port else [])

@@ -13,19 +13,19 @@ import pytest
 import torch
 from test_mqtt_federation import prepare_test, run_threads
 
-from edge_runtime.agent import AgentConfig, EdgeAgent
-from edge_runtime.data import DataConfig, make_loader
-from edge_runtime.device import EdgeDevice
-from edge_runtime.throttle import DeviceSpeed
-from edge_runtime.train import EdgeTrainConfig
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub.async_service import AsyncHubService
+from edge_runtime.device.agent import AgentConfig, EdgeAgent
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.device.throttle import DeviceSpeed
+from edge_runtime.learning.data import DataConfig, make_loader
+from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from server_hub.async_mode.rules import AsyncConfig
+from server_hub.async_mode.service import AsyncHubService
 from server_hub.checkpoint import latest_checkpoint
-from server_hub.federation import FederationConfig, Setup, prepare
-from server_hub.hetero_federation import run_gkt_async_fleet
 from server_hub.hub import Hub
 from server_hub.service import ServiceConfig
-from server_hub.staleness import AsyncConfig
+from server_hub.simulation.inproc import FederationConfig, Setup, prepare
+from server_hub.simulation.throttled import run_gkt_async_fleet
 from server_hub.trainer import ServerTrainConfig
 
 DATA = DataConfig("digits")
@@ -118,7 +118,8 @@ def test_device_threads_stop_when_the_async_run_ends(setup):
 def test_cli_simulate_async_over_mqtt_with_a_slow_device(tmp_path):
     out = tmp_path / "run.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "server_hub.cli", "simulate", "--mode", "async", "--devices", "3",
+        [sys.executable, "-m", "server_hub.cli.main", "simulate", "--mode", "async",
+         "--devices", "3",
          "--rounds", "2", "--device-speeds", "1,1,3", "--bandwidths", "2M", "--eval-every", "2",
          "--server-epochs", "1", "--state-dir", str(tmp_path / "state"), "--no-progress",
          "--json", str(out)],

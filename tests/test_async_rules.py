@@ -9,18 +9,15 @@ import time
 import pytest
 import torch
 
-from edge_runtime.throttle import (
+from edge_runtime.device.throttle import (
     DeviceSpeed,
     Throttle,
     compute_delay,
     parse_bandwidth,
     transfer_delay,
 )
-from server_hub.async_hub import AsyncHub
-from server_hub.feature_bank import DeviceFeatures
-from server_hub.hub import Hub
-from server_hub.speeds import build_fleet, parse_speeds, profile_speeds
-from server_hub.staleness import (
+from server_hub.async_mode.hub import AsyncHub
+from server_hub.async_mode.rules import (
     AsyncConfig,
     due_devices,
     finished,
@@ -28,6 +25,9 @@ from server_hub.staleness import (
     staleness_weight,
     steps_for,
 )
+from server_hub.feature_bank import DeviceFeatures
+from server_hub.hub import Hub
+from server_hub.simulation.speeds import build_fleet, parse_speeds, profile_speeds
 from server_hub.trainer import ServerTrainConfig, server_logits
 
 
@@ -118,7 +118,7 @@ def small_hub(**cfg) -> AsyncHub:
 
 
 def extractor():
-    from edge_runtime.models import FeatureExtractor
+    from edge_runtime.learning.models import FeatureExtractor
 
     return {k: v.clone() for k, v in FeatureExtractor().state_dict().items()}
 
@@ -161,7 +161,7 @@ def test_a_vanished_device_blocks_nobody_and_ages_out():
 
 
 def test_cli_names_bad_async_and_fleet_options(capsys, tmp_path):
-    from server_hub.cli import main
+    from server_hub.cli.main import main
 
     assert main(["simulate", "--devices", "4", "--device-speeds", "1,5"]) == 2
     assert "--device-speeds: 2 values for 4 devices" in capsys.readouterr().err

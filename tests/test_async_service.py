@@ -7,14 +7,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edge_runtime import topics, wire
-from edge_runtime.messages import extractor_message, feature_chunk
-from edge_runtime.models import FeatureExtractor
-from edge_runtime.train import FeatureBatch
-from server_hub.async_service import AsyncHubService
+from edge_runtime.learning.models import FeatureExtractor
+from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.messages import extractor_message, feature_chunk
+from server_hub.async_mode.rules import AsyncConfig
+from server_hub.async_mode.service import AsyncHubService
 from server_hub.hub import Hub
 from server_hub.service import ServiceConfig
-from server_hub.staleness import AsyncConfig
 from server_hub.trainer import ServerTrainConfig
 
 

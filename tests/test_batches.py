@@ -7,10 +7,10 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from edge_runtime.batches import CROP_PADDING, BatchLoader, U8Images, random_crop_flip
-from edge_runtime.data import DataConfig, WithIds, digits_arrays, load_split, make_loader
-from edge_runtime.models import EdgeResNet8
-from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
+from edge_runtime.learning.batches import CROP_PADDING, BatchLoader, U8Images, random_crop_flip
+from edge_runtime.learning.data import DataConfig, WithIds, digits_arrays, load_split, make_loader
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.learning.train import EdgeTrainConfig, make_optimizer, train_edge
 
 MEAN_STD = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 

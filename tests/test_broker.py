@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from polling import wait_for
 
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub import broker as broker_mod
-from server_hub.broker import (
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from server_hub.broker.mosquitto import (
     BrokerConfig,
     BrokerError,
     ManagedBroker,
@@ -23,6 +22,7 @@ from server_hub.broker import (
     free_port,
     render_config,
 )
+from server_hub.broker.mosquitto import mosquitto as broker_mod
 
 
 def lines(cfg: BrokerConfig) -> list[str]:

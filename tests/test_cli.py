@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from edge_runtime.cli import main as edge_main
-from server_hub.broker import free_port
+from edge_runtime.device.cli import main as edge_main
+from server_hub.broker.mosquitto import free_port
 
 
 def test_edge_rejects_bad_arguments_with_exit_code_2(capsys):
@@ -29,10 +29,10 @@ def test_edge_says_when_the_broker_is_unreachable(capsys, tmp_path):
 
 @pytest.mark.mqtt
 def test_edge_refuses_a_state_dir_saved_for_another_device(capsys, tmp_path, broker):
-    from edge_runtime.data import DataConfig
-    from edge_runtime.device import EdgeDevice
-    from edge_runtime.train import EdgeTrainConfig
-    from server_hub.federation import FederationConfig, prepare
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig
+    from edge_runtime.learning.train import EdgeTrainConfig
+    from server_hub.simulation.inproc import FederationConfig, prepare
 
     setup = prepare(FederationConfig(data=DataConfig("digits"), devices=4))
     EdgeDevice("a", setup.train, setup.train_eval, setup.shards[0], 100,  # a 100-class head
@@ -48,7 +48,7 @@ def test_edge_refuses_a_state_dir_saved_for_another_device(capsys, tmp_path, bro
 def test_simulate_over_mqtt_with_device_processes(tmp_path):
     out = tmp_path / "run.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "server_hub.cli", "simulate", "--devices", "2", "--rounds", "2",
+        [sys.executable, "-m", "server_hub.cli.main", "simulate", "--devices", "2", "--rounds", "2",
          "--server-epochs", "1", "--codec", "q4", "--state-dir", str(tmp_path / "state"),
          "--no-progress", "--json", str(out)],
         capture_output=True, text=True, timeout=300)

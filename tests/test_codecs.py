@@ -5,14 +5,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from edge_runtime.codecs import (
+from edge_runtime.protocol.codecs import (
     ARRAY_DTYPES,
     FEATURE_CODECS,
     decode_array,
     encode_array,
     get_codec,
 )
-from edge_runtime.errors import WireError
+from edge_runtime.protocol.errors import WireError
 
 LEVELS = {"q8": 255, "q4": 15}
 

@@ -7,15 +7,15 @@ import argparse
 import pytest
 import tomllib
 
-from edge_runtime import cli as edge_cli
-from edge_runtime.config_file import (
+from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
     parse_args,
     subparser,
     to_toml,
 )
-from server_hub import cli as hub_cli
+from server_hub.cli.main import main as hub_cli
 
 
 def tiny_parser() -> argparse.ArgumentParser:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edge_runtime.data import DataConfig, WithIds, load_split
+from edge_runtime.learning.data import DataConfig, WithIds, load_split
 
 
 def write_fake_cifar(root: Path, n_train: int = 50, n_test: int = 20, classes: int = 10) -> None:

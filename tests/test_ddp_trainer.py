@@ -10,10 +10,10 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from server_hub.ddp_trainer import Shard, plan_steps, step_sizes, train_server_ddp
-from server_hub.distributed import merge_uploads, owned_mask
 from server_hub.service import round_decision
 from server_hub.trainer import ServerTrainConfig
+from server_hub.workers.ddp_trainer import Shard, plan_steps, step_sizes, train_server_ddp
+from server_hub.workers.distributed import merge_uploads, owned_mask
 
 SHAPE = (16, 2, 2)
 
@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from server_hub.distributed import init_group
+    from server_hub.workers.distributed import init_group
 
     torch.set_num_threads(1)
     init_group("gloo", init, rank, world)

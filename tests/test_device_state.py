@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from edge_runtime import device as device_mod
-from edge_runtime.data import DataConfig
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig
-from server_hub.federation import FederationConfig, prepare
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.device.edge_device import edge_device as device_mod
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from server_hub.simulation.inproc import FederationConfig, prepare
 
 
 def make_device(setup) -> EdgeDevice:

@@ -7,10 +7,10 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-import edge_runtime.train as train_mod
-from edge_runtime.data import WithIds, make_loader
-from edge_runtime.distill import LogitBank, kd_loss
-from edge_runtime.train import EdgeTrainConfig, make_optimizer, train_edge
+import edge_runtime.learning.train as train_mod
+from edge_runtime.learning.data import WithIds, make_loader
+from edge_runtime.learning.distill import LogitBank, kd_loss
+from edge_runtime.learning.train import EdgeTrainConfig, make_optimizer, train_edge
 
 N, C = 96, 10
 

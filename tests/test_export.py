@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from edge_runtime.data import DataConfig, load_split
-from edge_runtime.models import EdgeResNet8, FeatureExtractor
+from edge_runtime.learning.data import DataConfig, load_split
+from edge_runtime.learning.models import EdgeResNet8, FeatureExtractor
 from export.cli import main
 from export.pipeline import resolve_checkpoint
 from export.runtime import make_session, run

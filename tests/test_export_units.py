@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 
-from edge_runtime.models import EdgeResNet8, FeatureExtractor
+from edge_runtime.learning.models import EdgeResNet8, FeatureExtractor
 from export.graphs import EdgeLogits, GraphSpec
 from export.metadata import class_names, read_metadata, set_metadata
 from export.onnx_export import ExportOptions, default_opset, export_graph, min_ir_version

@@ -15,14 +15,14 @@ import pytest
 from polling import wait_for
 from test_mqtt_federation import make_hub, run_threads
 
-from edge_runtime import topics
-from edge_runtime.agent import AgentConfig, EdgeAgent
-from edge_runtime.data import DataConfig
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig
-from edge_runtime.transport import LinkConfig, MqttLink
+from edge_runtime.device.agent import AgentConfig, EdgeAgent
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol import topics
 from server_hub.checkpoint import latest_checkpoint
-from server_hub.federation import FederationConfig, prepare
+from server_hub.simulation.inproc import FederationConfig, prepare
 
 pytestmark = pytest.mark.mqtt
 
@@ -69,7 +69,7 @@ def test_broker_killed_during_uploads(broker, tmp_path, setup):
 
 
 def hub_cmd(url: str, state, rounds: int) -> list[str]:
-    return [sys.executable, "-m", "server_hub.cli", "serve", "--broker", url, "--state-dir",
+    return [sys.executable, "-m", "server_hub.cli.main", "serve", "--broker", url, "--state-dir",
             str(state), "--rounds", str(rounds), "--min-devices", "2", "--server-epochs", "1",
             "--round-deadline", "120", "--no-progress"]
 
@@ -118,7 +118,7 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     service, records = make_hub(broker, tmp_path, rounds=3, min_devices=1, deadline=20.0)
     steady = agent(broker, tmp_path, setup, 0, max_payload=64 * 1024)
     state = tmp_path / "dev1p"
-    cmd = [sys.executable, "-m", "edge_runtime.cli", "run", "--hub", broker.url,
+    cmd = [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", broker.url,
            "--device-id", "dev1", "--state-dir", str(state), "--num-shards", "8",
            "--shard", "1", "--partition", "iid", "--threads", "1", "--codec", "fp32",
            "--no-local-eval", "--max-payload", "16384"]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from edge_runtime import wire
-from edge_runtime.models import FeatureExtractor
-from server_hub.async_hub import AsyncHub
+from edge_runtime.learning.models import FeatureExtractor
+from edge_runtime.protocol import wire
+from server_hub.async_mode.hub import AsyncHub
+from server_hub.async_mode.rules import AsyncConfig
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
 from server_hub.hub import Hub
-from server_hub.staleness import AsyncConfig
 from server_hub.trainer import Rows, ServerTrainConfig
 
 
@@ -123,7 +123,7 @@ def test_spilled_async_hub_trains_as_in_memory_and_keeps_one_file_per_device(tmp
 def test_async_service_with_a_state_dir_spills_each_devices_newest_upload(tmp_path):
     from test_async_service import FakeLink, hello, send, upload
 
-    from server_hub.async_service import AsyncHubService
+    from server_hub.async_mode.service import AsyncHubService
     from server_hub.service import ServiceConfig
 
     torch.set_num_threads(1)

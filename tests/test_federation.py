@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.data import DataConfig
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig
-from server_hub.cli import main as hub_main
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from server_hub.cli.main import main as hub_main
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
-from server_hub.federation import (
+from server_hub.hub import Hub
+from server_hub.simulation.inproc import (
     FederationConfig,
     prepare,
     run_centralized,
@@ -19,7 +20,6 @@ from server_hub.federation import (
     run_gkt,
     weighted_average,
 )
-from server_hub.hub import Hub
 from server_hub.trainer import ServerTrainConfig
 
 SMALL = FederationConfig(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server_hub.fleet import clean_report
-from server_hub.status_page import accuracy_svg, render_html
+from server_hub.monitoring.snapshot import clean_report
+from server_hub.monitoring.status_page import accuracy_svg, render_html
 
 
 def test_device_reports_keep_only_known_finite_numbers():
@@ -36,9 +36,9 @@ def test_async_device_states_updates_and_staleness(tmp_path):
     from prometheus_client.core import Metric
     from test_async_service import hello, send, service, upload
 
-    from server_hub.fleet import FleetObserver
-    from server_hub.metrics import FleetCollector
-    from server_hub.monitoring import format_status
+    from server_hub.monitoring.endpoints import format_status
+    from server_hub.monitoring.metrics import FleetCollector
+    from server_hub.monitoring.snapshot import FleetObserver
 
     svc, link = service(tmp_path)
     link.bytes_received = link.bytes_sent = 0

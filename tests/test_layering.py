@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server_hub.speeds import PEAKS_ENTRY_POINT, catalog_peaks, profile_speeds
+from server_hub.simulation.speeds import PEAKS_ENTRY_POINT, catalog_peaks, profile_speeds
 
 ROOT = Path(__file__).resolve().parents[1]
 MAY_IMPORT = {"edge_runtime": set(), "server_hub": {"edge_runtime"}}

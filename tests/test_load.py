@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from edge_runtime.data import DataConfig
-from edge_runtime.transport import LinkConfig, MqttLink
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from server_hub.hub import Hub
 from server_hub.service import HubService, ServiceConfig
 from server_hub.trainer import ServerTrainConfig

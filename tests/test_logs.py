@@ -8,7 +8,7 @@ import logging
 
 import pytest
 
-from edge_runtime.logs import setup_logging
+from edge_runtime.ops.logs import setup_logging
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from edge_runtime.models import EdgeResNet8, FeatureExtractor, count_parameters
+from edge_runtime.learning.models import EdgeResNet8, FeatureExtractor, count_parameters
 from server_hub.models import (
     build_server,
     resnet55_server,

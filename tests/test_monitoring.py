@@ -24,12 +24,12 @@ from PIL import Image
 from probes import scrape
 from test_mqtt_federation import make_agent, make_hub, prepare_test, run_threads
 
-from edge_runtime import topics
-from edge_runtime.data import DataConfig, make_loader
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub import cli as hub_cli
-from server_hub.federation import FederationConfig, prepare
-from server_hub.monitoring import start_monitoring
+from edge_runtime.learning.data import DataConfig, make_loader
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol import topics
+from server_hub.cli.main import main as hub_cli
+from server_hub.monitoring.endpoints import start_monitoring
+from server_hub.simulation.inproc import FederationConfig, prepare
 
 pytestmark = pytest.mark.mqtt
 ROUNDS = 3

@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime import topics, wire
-from edge_runtime.agent import AgentConfig, EdgeAgent, rebatch
-from edge_runtime.data import DataConfig, make_loader
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig, FeatureBatch
-from edge_runtime.transport import LinkConfig, MqttLink
+from edge_runtime.device.agent import AgentConfig, EdgeAgent, rebatch
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.learning.data import DataConfig, make_loader
+from edge_runtime.learning.train import EdgeTrainConfig, FeatureBatch
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol import topics, wire
 from server_hub.checkpoint import latest_checkpoint
-from server_hub.federation import FederationConfig, prepare
 from server_hub.hub import Hub
 from server_hub.service import HubService, ServiceConfig
+from server_hub.simulation.inproc import FederationConfig, prepare
 from server_hub.trainer import ServerTrainConfig
 
 pytestmark = pytest.mark.mqtt
@@ -43,7 +43,7 @@ def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0):
 
 
 def prepare_test():
-    from edge_runtime.data import load_split
+    from edge_runtime.learning.data import load_split
 
     return load_split(DataConfig("digits", augment=False), train=False).dataset
 

@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.models import EdgeResNet8
-from edge_runtime.optimizer import AmsgradAdam
-from edge_runtime.perf import channels_last_input, to_channels_last
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.learning.optimizer import AmsgradAdam
+from edge_runtime.learning.perf import channels_last_input, to_channels_last
 
 LR, WD = 1e-2, 1e-4
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edge_runtime.partition import parse_partition, partition
+from edge_runtime.learning.partition import parse_partition, partition
 
 
 @pytest.fixture

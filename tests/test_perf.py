@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from edge_runtime.models import EdgeResNet8, GlobalAvgPool
-from edge_runtime.perf import channels_last_input, inference_copy
-from edge_runtime.train import (
+from edge_runtime.learning.models import EdgeResNet8, GlobalAvgPool
+from edge_runtime.learning.perf import channels_last_input, inference_copy
+from edge_runtime.learning.train import (
     EdgeTrainConfig,
     accuracy,
     extract_features,
@@ -139,8 +139,8 @@ def test_server_logits_then_training_still_works():
 
 PAGE_FAULTS = """
 import ctypes, json, resource, torch, torch.nn.functional as F
-from edge_runtime.models import EdgeResNet8
-from edge_runtime.perf import keep_freed_memory
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.learning.perf import keep_freed_memory
 torch.set_num_threads(1)
 # glibc's default thresholds are dynamic (they grow after the first large free), so
 # whether a default process re-faults each step varies between machines; pin the
@@ -214,7 +214,7 @@ def test_folding_for_extraction_is_safe_while_another_device_trains():
 def test_our_bottleneck_is_torchvisions():
     from torchvision.models.resnet import Bottleneck as TvBottleneck
 
-    from edge_runtime.models import Bottleneck, bottleneck_stage
+    from edge_runtime.learning.models import Bottleneck, bottleneck_stage
 
     torch.manual_seed(0)
     ours = bottleneck_stage(16, 8, blocks=2, stride=2)
@@ -229,8 +229,11 @@ def test_a_digits_device_imports_neither_torchvision_nor_sklearn():
     """Each costs a device RSS (~160 MB / ~210 MB); the digits ship with the package."""
     code = """
 import sys
-from edge_runtime import agent, cli, device, train
-from edge_runtime.data import DataConfig, load_split
+from edge_runtime.device.edge_device import agent
+from edge_runtime.device.edge_device import cli
+from edge_runtime.device.edge_device import edge_device as device
+from edge_runtime.learning import train
+from edge_runtime.learning.data import DataConfig, load_split
 load_split(DataConfig("digits", image_size=32), True)
 print(sorted({m.split(".")[0] for m in sys.modules} & {"torchvision", "sklearn", "scipy"}))
 """
@@ -245,11 +248,11 @@ def test_a_device_round_does_not_import_torchs_compiler():
     and resume, train again: what gkt-edge does in a round. The last line checks the detector."""
     code = """
 import sys, tempfile, pathlib, torch
-from edge_runtime.agent import rebatch
-from edge_runtime.data import DataConfig, load_split, make_loader
-from edge_runtime.device import EdgeDevice
-from edge_runtime.messages import feature_chunk
-from edge_runtime.train import EdgeTrainConfig
+from edge_runtime.device.agent import rebatch
+from edge_runtime.learning.data import DataConfig, load_split, make_loader
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.protocol.messages import feature_chunk
+from edge_runtime.learning.train import EdgeTrainConfig
 torch.set_num_threads(1)
 train = load_split(DataConfig("digits", image_size=16), True)
 plain = load_split(DataConfig("digits", image_size=16, augment=False), True)

@@ -51,7 +51,7 @@ def test_predicted_training_memory_matches_torch_in_process():
     import torch.nn.functional as F
 
     from device_profiles.model_zoo import get_model
-    from edge_runtime.train import make_optimizer
+    from edge_runtime.learning.train import make_optimizer
 
     batch = 8
 

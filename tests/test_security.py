@@ -11,14 +11,12 @@ import time
 import pytest
 from polling import wait_for
 
-from edge_runtime import cli as edge_cli
-from edge_runtime import topics
-from edge_runtime.service_unit import UnitConfig, render_unit
-from edge_runtime.transport import AuthRefusedError, LinkConfig, MqttLink
-from server_hub import cli as hub_cli
-from server_hub.access import AccessConfig, AccessError, broker_access
-from server_hub.broker import free_port
-from server_hub.enrol import (
+from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
+from edge_runtime.ops.service_unit import UnitConfig, render_unit
+from edge_runtime.protocol import topics
+from server_hub.broker.access import AccessConfig, AccessError, broker_access
+from server_hub.broker.enrol import (
     HUB_USER,
     EnrolError,
     SecurityPaths,
@@ -28,7 +26,9 @@ from server_hub.enrol import (
     render_acl,
     revoke_device,
 )
-from server_hub.tls import certificate_names, ensure_tls
+from server_hub.broker.mosquitto import free_port
+from server_hub.broker.tls import certificate_names, ensure_tls
+from server_hub.cli.main import main as hub_cli
 
 pytestmark = pytest.mark.mqtt
 
@@ -185,7 +185,7 @@ def test_edge_with_refused_credentials_exits_5_and_the_unit_does_not_restart_it(
         broker_dir, broker_factory, tmp_path):
     add_device(broker_dir, "devW")
     broker, _ = secure_broker(broker_factory, broker_dir)
-    cmd = [sys.executable, "-m", "edge_runtime.cli", "run", "--hub", broker.url,
+    cmd = [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", broker.url,
            "--device-id", "devW", "--username", "devW", "--password", "wrong",
            "--state-dir", str(tmp_path / "devW"), "--dataset", "digits", "--threads", "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)

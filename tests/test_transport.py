@@ -17,15 +17,10 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from polling import wait_for
 
-from edge_runtime import transport
-from edge_runtime.transport import (
-    LinkConfig,
-    MqttLink,
-    ReliableSender,
-    parse_url,
-    publish_packet_size,
-)
-from server_hub.broker import free_port
+from edge_runtime.mqtt import paho_patch
+from edge_runtime.mqtt.link import LinkConfig, MqttLink, parse_url, publish_packet_size
+from edge_runtime.mqtt.reliable import ReliableSender
+from server_hub.broker.mosquitto import free_port
 
 
 class Inbox:
@@ -299,10 +294,10 @@ def _decoded(result) -> tuple:
 
 def _both(header: int, packet: bytes, proto) -> tuple:
     out = []
-    for decode in (transport._paho_decode_publish, transport._decode_publish):
+    for decode in (paho_patch._paho_decode_publish, paho_patch._decode_publish):
         try:
             out.append(_decoded(decode(header, bytearray(packet), proto)))
-        except transport._packet.MalformedPacket:
+        except paho_patch._packet.MalformedPacket:
             out.append("malformed")
     return tuple(out)
 
@@ -326,7 +321,7 @@ def test_fast_publish_decoder_matches_paho(topic, qos, mid, flags, payload, sub_
     packet = _publish_body(topic, qos, mid, props, payload)
     proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
     header = 0x30 | (qos << 1) | flags  # flags: dup and retain
-    assert mqtt_packet.decode_publish is transport._decode_publish  # installed
+    assert paho_patch.install() and mqtt_packet.decode_publish is paho_patch._decode_publish
     whole = _both(header, packet, proto)
     assert whole[0] == whole[1]
     paho, ours = _both(header, packet[:cut], proto)  # a prefix: lengths that lie
@@ -337,5 +332,5 @@ def test_fast_publish_decoder_refuses_a_property_overrunning_its_length():
     pytest.importorskip("paho.mqtt._packet", reason="paho < 2.2 keeps its own")
     # properties length 1, but a subscription identifier needs 2 bytes
     packet = b"\x00\x01t" + b"\x01\x0b\x05" + b"payload"
-    with pytest.raises(transport._packet.MalformedPacket):
-        transport._decode_publish(0x30, packet, MQTTProtocolVersion.MQTTv5)
+    with pytest.raises(paho_patch._packet.MalformedPacket):
+        paho_patch._decode_publish(0x30, packet, MQTTProtocolVersion.MQTTv5)

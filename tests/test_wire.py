@@ -9,10 +9,10 @@ import zstandard as zstd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_runtime import topics, wire
-from edge_runtime.codecs import encode_array
-from edge_runtime.models import FEATURE_CHANNELS
-from edge_runtime.wire import WireError, chunk_sizes, decode_message, encode_message
+from edge_runtime.learning.models import FEATURE_CHANNELS
+from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.codecs import encode_array
+from edge_runtime.protocol.wire import WireError, chunk_sizes, decode_message, encode_message
 
 MAX = 1 << 22
 

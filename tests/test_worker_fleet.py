@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from server_hub.service import Upload
-from server_hub.worker_fleet import WorkerFleet
+from server_hub.workers.figures import WorkerFleet
 
 
 def msg(kind: str, device: str, **meta) -> SimpleNamespace:

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.agent import AgentConfig, EdgeAgent
-from edge_runtime.data import DataConfig
-from edge_runtime.device import EdgeDevice
-from edge_runtime.train import EdgeTrainConfig
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub.federation import FederationConfig, prepare
+from edge_runtime.device.agent import AgentConfig, EdgeAgent
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.learning.data import DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from server_hub.simulation.inproc import FederationConfig, prepare
 
 pytestmark = pytest.mark.mqtt
 DATA = DataConfig("digits")
@@ -40,7 +40,7 @@ def small(setup):
 def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
               trace: Path | None = None, seed: int = 0,
               extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, Path]:
-    cmd = [sys.executable, "-m", "server_hub.cli", "serve", "--broker", url,
+    cmd = [sys.executable, "-m", "server_hub.cli.main", "serve", "--broker", url,
            "--state-dir", str(state), "--workers", str(workers), "--worker-threads", "1",
            "--dataset", "digits", "--rounds", str(rounds), "--min-devices", "2",
            "--server-epochs", str(epochs), "--batch-size", "32", "--device", "cpu",

@@ -15,12 +15,12 @@ from probes import scrape, status
 from test_mqtt_federation import say_hello
 from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fixtures)
 
-from edge_runtime import topics, wire
-from edge_runtime.transport import LinkConfig, MqttLink
-from server_hub.access import AccessConfig, broker_access
-from server_hub.broker import free_port
-from server_hub.enrol import add_device
-from server_hub.workers import share_group_for, shared_up_filter
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol import topics, wire
+from server_hub.broker.access import AccessConfig, broker_access
+from server_hub.broker.enrol import add_device
+from server_hub.broker.mosquitto import free_port
+from server_hub.workers.service import share_group_for, shared_up_filter
 
 pytestmark = pytest.mark.mqtt
 HOSTILE = 6

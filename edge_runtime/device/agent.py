@@ -1,0 +1,311 @@
+"""`gkt-edge run`: the device side of GKT over MQTT.
+
+The paho network thread only decodes, validates and queues; the main thread trains,
+uploads and applies logits. Every upload chunk is acknowledged by the hub and resent
+until it is; logits that do not arrive are asked for again. Progress is saved after
+every round, so a restarted device resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.device.exit_codes import EXIT_AUTH
+from edge_runtime.device.throttle import DeviceSpeed, Throttle
+from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.mqtt.link import MqttLink
+from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
+from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.device_metrics import device_metrics
+from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+
+log = logging.getLogger("gkt.edge")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    codec: str = "q8"
+    state_dir: str = "gkt-edge-state"
+    max_payload: int = 256 * 1024  # must fit the broker's max packet size
+    window: int = 8  # un-acknowledged chunks in flight
+    ack_timeout: float = 5.0
+    upload_deadline: float = 600.0
+    logits_timeout: float = 30.0  # ask the hub again after this long without logits
+    evaluate_local: bool = True  # report the local classifier's test accuracy
+    mode: str = "sync"  # async: no round announcements; go again as soon as our logits come
+    speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
+
+
+def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
+    """Regroup extraction batches into upload chunks of exactly ``size`` (last may be short)."""
+    pending: list[FeatureBatch] = []
+    count = 0
+    for b in batches:
+        pending.append(b)
+        count += len(b.ids)
+        while count >= size:
+            merged = _cat(pending)
+            yield _slice(merged, 0, size)
+            rest = _slice(merged, size, count)
+            pending, count = ([rest], count - size) if count > size else ([], 0)
+    if count:
+        yield _cat(pending)
+
+
+def _cat(parts: list[FeatureBatch]) -> FeatureBatch:
+    if len(parts) == 1:
+        return parts[0]
+    return FeatureBatch(*(torch.cat([getattr(p, f) for p in parts])
+                          for f in ("ids", "features", "logits", "labels")))
+
+
+def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
+    return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
+
+
+class EdgeAgent:
+    def __init__(self, link: MqttLink, device: EdgeDevice, cfg: AgentConfig,
+                 test_loader=None) -> None:
+        self.link = link
+        self.device = device
+        self.cfg = cfg
+        self.test_loader = test_loader
+        self.state_dir = Path(cfg.state_dir)
+        self.inbox: queue.Queue[wire.Message] = queue.Queue()
+        self.rejected = 0
+        self._announcement: dict | None = None
+        self._announced = threading.Condition()
+        self._sender: ReliableSender | None = None
+        self._stop = threading.Event()
+        self.throttle = Throttle(cfg.speed, self._stop)
+        self._train_seconds: float | None = None  # of the last round, reported to the hub
+        self.auth_refused: str | None = None  # why the broker refused us, if it did
+        link.on_auth_refused = self._on_auth_refused
+
+    # -- network thread ------------------------------------------------------------------
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        msg = self._decode(topic, payload)
+        if msg is None or msg.kind != "round":
+            return
+        with self._announced:
+            self._announcement = {"round": msg.round, **msg.meta}
+            self._announced.notify_all()
+        sender = self._sender
+        if msg.meta.get("state") == "stop" and sender is not None:
+            sender.cancel()  # async: the run ended mid-upload; nobody will ack it any more
+
+    def _on_down(self, topic: str, payload: bytes) -> None:
+        msg = self._decode(topic, payload)
+        if msg is None:
+            return
+        if msg.kind == "ack":
+            sender = self._sender
+            if sender is not None:
+                for mid in msg.meta.get("msg_ids", []):
+                    sender.ack(str(mid))
+        elif msg.kind == "logits":
+            self.inbox.put(msg)
+        else:
+            self._reject(topic, f"unexpected kind {msg.kind!r}")
+
+    def _decode(self, topic: str, payload: bytes) -> wire.Message | None:
+        if not payload:  # a cleared retained message
+            return None
+        try:
+            return wire.decode_message(payload, max_bytes=self.cfg.max_payload * 4)
+        except wire.WireError as err:
+            self._reject(topic, f"{err.reason}: {err}")
+            return None
+
+    def _reject(self, topic: str, why: str) -> None:
+        self.rejected += 1
+        log.warning("rejected message on %s: %s", topic, why)
+
+    # -- main thread ---------------------------------------------------------------------
+    def _on_auth_refused(self, why: str) -> None:
+        log.error("%s: the broker refused our credentials (%s): revoked, or a wrong "
+                  "password; stopping (exit %d)", self.device.device_id, why, EXIT_AUTH)
+        self.auth_refused = why
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        sender = self._sender
+        if sender is not None:
+            sender.cancel()
+        with self._announced:
+            self._announced.notify_all()
+
+    def run(self) -> int:
+        """Serve rounds until the hub says stop or stop() is called (0), or the broker
+        refuses our credentials (EXIT_AUTH)."""
+        rc = self._serve()
+        return EXIT_AUTH if self.auth_refused else rc
+
+    def _serve(self) -> int:
+        dev = self.device
+        if dev.load(self.state_dir):
+            log.info("%s: resumed from %s (last completed round %d)", dev.device_id,
+                     self.state_dir, dev.progress.completed_round)
+        self.link.subscribe(topics.down(dev.device_id), self._on_down)
+        self.link.subscribe(topics.ROUND_TOPIC, self._on_round)
+        self._hello()
+        if self.cfg.mode == "async":
+            return self._run_async()
+        seen: tuple | None = None
+        while not self._stop.is_set():
+            ann = self._wait_announcement(seen)
+            if ann is None:
+                continue
+            seen = (ann["round"], ann.get("state"), ann.get("epoch"))
+            state, rnd = ann.get("state"), int(ann["round"])
+            if state == "stop":
+                log.info("%s: hub finished the federation", dev.device_id)
+                return 0
+            if state == "collect" and rnd > dev.progress.completed_round:
+                self._round(rnd)
+        return 0
+
+    def _run_async(self) -> int:
+        """Asynchronous GKT: train, upload, wait for our own logits, again, until stop."""
+        while not self._stop.is_set():
+            if (self._announcement or {}).get("state") == "stop":
+                log.info("%s: hub finished the federation", self.device.device_id)
+                break
+            self._round(self.device.progress.completed_round + 1)
+        return 0
+
+    def _throttled(self, items: Iterator[tuple[str, bytes]]) -> Iterator[tuple[str, bytes]]:
+        """Stretch producing and sending each message to the simulated device and link."""
+        while True:
+            t0 = time.perf_counter()
+            item = next(items, None)
+            if item is None:
+                return
+            self.throttle.after(time.perf_counter() - t0)
+            self.throttle.transfer(len(item[1]))
+            yield item
+
+    def _hello(self) -> None:
+        dev = self.device
+        meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
+                "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
+                "device_metrics": device_metrics(dev.num_samples)}
+        payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
+                                      {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
+        # Retained, so a hub that starts (or restarts) after us still learns we exist.
+        self.link.publish(topics.up(dev.device_id), payload, retain=True)
+
+    def _wait_announcement(self, seen: tuple | None) -> dict | None:
+        with self._announced:
+            while not self._stop.is_set():
+                ann = self._announcement
+                if ann is not None and (ann["round"], ann.get("state"), ann.get("epoch")) != seen:
+                    return ann
+                self._announced.wait(timeout=1.0)
+        return None
+
+    def _round(self, rnd: int) -> None:
+        dev = self.device
+        t0 = time.perf_counter()
+        stats = self.throttle.run(dev.train)
+        self._train_seconds = time.perf_counter() - t0
+        local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
+        log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
+                 rnd, stats.loss, stats.distilled, time.perf_counter() - t0)
+        try:
+            self._upload(rnd, local_acc)
+        except SendCancelled:
+            return  # stopping; this round is redone after a restart
+        if self._await_logits(rnd):
+            dev.progress.completed_round = rnd
+            dev.save(self.state_dir)
+            log.info("%s: round %d complete in %.1fs", dev.device_id, rnd,
+                     time.perf_counter() - t0)
+
+    def _per_chunk(self) -> int:
+        ncls = self.device.bank.num_classes
+        x = self.device._extract.dataset[0][0]
+        raw = 16 * x.shape[-1] * x.shape[-2] * 4 + ncls * 4 + 16  # fp32 worst case
+        sizes = wire.chunk_sizes(self.device.num_samples, raw, self.cfg.max_payload)
+        return sizes[0]
+
+    def _upload(self, rnd: int, local_acc: float | None) -> None:
+        dev = self.device
+        upload_id = f"r{rnd}-{uuid.uuid4().hex[:8]}"
+        per_chunk = self._per_chunk()
+        n_chunks = -(-dev.num_samples // per_chunk)
+
+        def messages() -> Iterator[tuple[str, bytes]]:
+            for i, batch in enumerate(rebatch(dev.features(), per_chunk)):
+                mid = f"{upload_id}:{i}"
+                yield mid, feature_chunk(dev.device_id, rnd, mid, i, n_chunks, batch,
+                                         self.cfg.codec)
+            mid = f"{upload_id}:extractor"
+            yield mid, extractor_message(dev.device_id, rnd, mid, dev.extractor_state())
+            mid = f"{upload_id}:done"
+            meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
+                    "upload_id": upload_id, "edge_accuracy": local_acc,
+                    "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
+                                                     local_acc)}
+            yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
+                                           meta=meta)
+
+        self._sender = ReliableSender(self.link, topics.up(dev.device_id),
+                                      window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
+                                      deadline=self.cfg.upload_deadline)
+        if self._stop.is_set():  # stop() came while we trained, before this sender existed
+            self._sender.cancel()
+        try:
+            self._sender.send(self._throttled(messages()))
+        finally:
+            self._sender = None
+
+    def _await_logits(self, rnd: int) -> bool:
+        """Apply logits for round ``rnd`` until every sample has one; False if the hub moved on."""
+        dev = self.device
+        missing = set(dev.sample_ids.tolist())
+        last = time.monotonic()
+        while missing and not self._stop.is_set():
+            try:
+                msg = self.inbox.get(timeout=0.5)
+            except queue.Empty:
+                ann = self._announcement or {}
+                moved_on = self.cfg.mode == "sync" and int(ann.get("round", rnd)) > rnd
+                if ann.get("state") == "stop" or moved_on:
+                    log.warning("%s: hub moved past round %d before our logits arrived",
+                                dev.device_id, rnd)
+                    return False
+                if time.monotonic() - last > self.cfg.logits_timeout:
+                    log.info("%s: asking the hub again for round %d logits (%d missing)",
+                             dev.device_id, rnd, len(missing))
+                    req = wire.encode_message("logits_request", dev.device_id, rnd, {},
+                                              msg_id=f"req-{uuid.uuid4().hex[:8]}",
+                                              meta={"round": rnd})
+                    self.link.publish(topics.up(dev.device_id), req, wait=False)
+                    last = time.monotonic()
+                continue
+            if msg.round != rnd:
+                continue
+            chunk = parse_logits(msg)
+            self.throttle.transfer(chunk.logits.numel() * 4 + len(chunk.ids) * 8)
+            try:
+                dev.receive_logits(chunk.ids, chunk.logits)
+            except ValueError as err:
+                self._reject(topics.down(dev.device_id), str(err))
+                continue
+            missing.difference_update(chunk.ids.tolist())
+            last = time.monotonic()
+        return not missing
+

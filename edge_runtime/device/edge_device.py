@@ -1,0 +1,142 @@
+"""One edge device's GKT state and steps, independent of any transport.
+
+The MQTT agent and the in-process simulator both drive this class, so the learning
+logic is tested without a network.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from edge_runtime.learning.data import Split, WithIds, make_loader
+from edge_runtime.learning.distill import LogitBank
+from edge_runtime.learning.models import EdgeResNet8
+from edge_runtime.learning.train import (
+    EdgeTrainConfig,
+    FeatureBatch,
+    TrainStats,
+    accuracy,
+    extract_features,
+    make_optimizer,
+    train_edge,
+)
+
+
+@dataclass
+class DeviceProgress:
+    device_id: str
+    completed_round: int = -1  # last round whose logits were received
+    last_stats: dict | None = None
+
+
+class EdgeDevice:
+    def __init__(
+        self,
+        device_id: str,
+        train_split: Split,
+        train_eval_split: Split,
+        sample_ids: np.ndarray,
+        num_classes: int,
+        cfg: EdgeTrainConfig,
+        seed: int = 0,
+        model_seed: int = 0,
+    ) -> None:
+        """``train_split`` may augment; ``train_eval_split`` is the same data, unaugmented.
+
+        Every device of a federation must start from the same weights (``model_seed``):
+        the server model learns one feature space, and extractors that start apart stay
+        apart (with per-device inits, digits accuracy plateaued near 0.68).
+        """
+        torch.manual_seed(model_seed)
+        self.device_id = device_id
+        self.cfg = cfg
+        self.sample_ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        self.model = EdgeResNet8(num_classes)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
+        self.bank = LogitBank(self.sample_ids, num_classes)
+        self.progress = DeviceProgress(device_id)
+        torch.manual_seed(seed)
+        self._train = make_loader(WithIds(train_split.dataset, self.sample_ids), cfg.batch_size,
+                                  shuffle=True, seed=seed)
+        self._extract = make_loader(WithIds(train_eval_split.dataset, self.sample_ids),
+                                    cfg.batch_size, shuffle=False)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.sample_ids)
+
+    def train(self) -> TrainStats:
+        stats = train_edge(self.model, self.optimizer, self._train, self.bank, self.cfg)
+        self.progress.last_stats = asdict(stats)
+        return stats
+
+    def features(self) -> Iterator[FeatureBatch]:
+        return extract_features(self.model, self._extract, self.cfg.extract_backend,
+                                self.cfg.precision)
+
+    def extractor_state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.extractor.state_dict().items()}
+
+    def receive_logits(self, ids: np.ndarray, logits: torch.Tensor) -> None:
+        self.bank.update(ids, logits)
+
+    def local_accuracy(self, test_loader) -> float:
+        return accuracy(self.model, test_loader)
+
+    # A restarted device resumes from its state directory (local files it wrote itself).
+    def save(self, state_dir: Path) -> None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
+        tensors.update({f"bank.{k}": v.contiguous() for k, v in self.bank.state().items()})
+        _replace(state_dir / "edge.safetensors", lambda p: save_file(tensors, str(p)))
+        _replace(state_dir / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+        progress = json.dumps(asdict(self.progress), indent=1)
+        _replace(state_dir / "progress.json", lambda p: p.write_text(progress))  # last: the mark
+
+    def load(self, state_dir: Path) -> bool:
+        """Restore from ``state_dir``; False if there is nothing saved there yet."""
+        path = state_dir / "edge.safetensors"
+        if not path.exists() or not (state_dir / "progress.json").exists():
+            return False  # progress.json is written last: without it the first save never ended
+        try:
+            tensors = load_file(str(path))
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
+                                        if k.startswith("model.")})
+            self.bank.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
+            opt = state_dir / "optimizer.pt"
+            if opt.exists():
+                self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
+            progress = json.loads((state_dir / "progress.json").read_text())
+            self.progress = DeviceProgress(**progress)
+        except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
+            detail = " ".join(str(err).split())[:300]
+            raise DeviceStateError(
+                f"{state_dir}: the saved device state does not fit this device ({detail}). "
+                "It was saved for another model, dataset or number of classes, or is damaged: "
+                "give another --state-dir, or delete this one to start afresh") from err
+        return True
+
+
+class DeviceStateError(ValueError):
+    """A state directory that this device cannot resume from."""
+
+
+def _replace(path: Path, write) -> None:
+    """Write a temporary file, then rename it over ``path``: a device killed mid-save
+    leaves the old file or the new one, never half of one that it could not resume from."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
+def load_edge_model_state(state_dir: Path) -> dict[str, torch.Tensor]:
+    """The edge model's weights from a device state directory (``edge.safetensors``)."""
+    tensors = load_file(str(Path(state_dir) / "edge.safetensors"))
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}

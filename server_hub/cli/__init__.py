@@ -1,0 +1,1 @@
+"""The `gkt-hub` command line: argument parsing and the subcommands. Nothing imports it."""

@@ -1,0 +1,177 @@
+"""`gkt-hub`: serve a federation, or simulate one on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from edge_runtime.learning.data import DATASETS, DataConfig
+from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.ops.config_file import (
+    ConfigError,
+    add_config_args,
+    parse_args,
+    read_file,
+    subparser,
+)
+from edge_runtime.ops.logs import add_log_args, setup_logging
+from edge_runtime.ops.service_unit import add_service_parser, print_unit
+from server_hub.cli.device import add_access_args, add_device_parser, run_device
+from server_hub.cli.mode_options import add_async_args, mode_options
+from server_hub.models import SERVER_MODELS
+from server_hub.monitoring.endpoints import add_monitoring_args, add_status_parser, run_status
+from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
+from server_hub.trainer import ServerTrainConfig
+from server_hub.workers.launch import add_worker_args
+
+ENV_PREFIX = "GKT_HUB_"  # GKT_HUB_ROUNDS=50 is --rounds 50 (flags > environment > --config)
+
+
+def add_training_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data and training")
+    g.add_argument("--dataset", choices=DATASETS, default="digits")
+    g.add_argument("--data-root", default="data", help="local root of torchvision datasets")
+    g.add_argument("--image-size", type=int, default=0,
+                   help="input size; 0 = native (32; digits 8)")
+    g.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA")
+    g.add_argument("--rounds", type=int, default=10)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--edge-epochs", type=int, default=1, help="local epochs per round (E_c)")
+    g.add_argument("--edge-lr", type=float, default=1e-3)
+    g.add_argument("--server-model", choices=sorted(SERVER_MODELS), default="resnet55")
+    g.add_argument("--server-epochs", type=int, default=3, help="hub epochs per round (E_s)")
+    g.add_argument("--server-lr", type=float, default=1e-3)
+    g.add_argument("--temperature", type=float, default=3.0)
+    g.add_argument("--alpha", type=float, default=1.0, help="weight of KD on the devices")
+    g.add_argument("--server-alpha", type=float, default=0.0,
+                   help="weight of KD from device logits on the hub (0 = CE only)")
+    g.add_argument("--device", default="auto", help="hub torch device: auto | cpu | cuda")
+
+
+def federation_config(args: argparse.Namespace) -> FederationConfig:
+    return FederationConfig(
+        state_dir=getattr(args, "state_dir", None),
+        data=DataConfig(args.dataset, args.data_root, args.image_size),
+        devices=args.devices,
+        partition=args.partition,
+        rounds=args.rounds,
+        seed=args.seed,
+        edge=EdgeTrainConfig(args.edge_epochs, args.batch_size, args.edge_lr,
+                             temperature=args.temperature, alpha=args.alpha),
+        server=ServerTrainConfig(args.server_model, args.server_epochs, args.batch_size,
+                                 args.server_lr, temperature=args.temperature,
+                                 alpha=args.server_alpha, device=args.device),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gkt-hub", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="coordinate a federation of real devices")
+    srv.add_argument("--broker", metavar="URL",
+                     help="join this broker (mqtt[s]://HOST:PORT); default: start Mosquitto")
+    srv.add_argument("--listen", default="127.0.0.1",
+                     help="address of the managed broker (0.0.0.0 for devices on the network)")
+    srv.add_argument("--port", type=int, default=1883, help="port of the managed broker")
+    srv.add_argument("--state-dir", required=True,
+                     help="checkpoints, broker config and data; a restart resumes from it")
+    srv.add_argument("--min-devices", type=int, default=1)
+    srv.add_argument("--round-deadline", type=float, default=300.0,
+                     help="seconds a round waits for uploads before going on without a device")
+    srv.add_argument("--start-timeout", type=float, default=3600.0,
+                     help="seconds to wait for the first --min-devices devices")
+    srv.add_argument("--max-payload", type=int, default=512 * 1024,
+                     help="largest message in bytes (the broker's max_packet_size)")
+    srv.add_argument("--no-progress", action="store_true")
+    add_access_args(srv)
+    add_worker_args(srv)
+    add_async_args(srv)
+    srv.set_defaults(devices=1)
+    add_training_args(srv)
+
+    sim = sub.add_parser("simulate", help="run a whole federation on this machine")
+    sim.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
+                     help="mqtt: broker + hub + one gkt-edge process per device (default); "
+                          "inproc: everything in this process")
+    sim.add_argument("--codec", default="q8", help="device feature codec: fp32|fp16|q8|q4")
+    sim.add_argument("--round-deadline", type=float, default=300.0)
+    sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
+    sim.add_argument("--devices", type=int, default=4)
+    sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
+    sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
+                                         "(default: a new temporary folder)")
+    sim.add_argument("--no-progress", action="store_true")
+    add_async_args(sim, simulate=True)
+    add_training_args(sim)
+    add_monitoring_args(srv)
+    add_monitoring_args(sim)
+    for p in (srv, sim):
+        add_config_args(p, ENV_PREFIX)
+        add_log_args(p)
+    add_status_parser(sub)
+    add_device_parser(sub)
+    add_service_parser(sub, "gkt-hub", "serve")
+    return parser
+
+
+def print_service(args: argparse.Namespace) -> int:
+    serve = subparser(build_parser(), ["serve"])
+    # 2 (bad arguments) is final; 3 (no devices yet) and 4 (broker) are worth a retry.
+    return print_unit(args, "gkt-hub", "serve", "GKT hub (gkt-hub serve)",
+                      lambda path: read_file(serve, path), (2,), stop_timeout=300.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(build_parser(), argv, ENV_PREFIX)
+    except ConfigError as err:
+        print(f"gkt-hub: error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "status":
+        return run_status(args)
+    if args.command == "service":
+        return print_service(args)
+    if hasattr(args, "log_format"):
+        setup_logging(args.log_format, args.log_level)
+        args.no_progress = args.no_progress or args.log_format == "json"  # keep lines JSON
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "device":
+        return run_device(args)
+    try:
+        cfg = federation_config(args)
+        devices = args.min_devices if args.command == "serve" else cfg.devices
+        args.mode_options = mode_options(args, devices, cfg.rounds)
+    except ValueError as err:
+        print(f"gkt-hub: error: {err}", file=sys.stderr)
+        return 2
+    if args.command == "serve" and args.workers > 1:
+        from server_hub.workers.launch import serve_workers
+
+        return serve_workers(args, cfg)
+    if args.command == "serve":
+        from server_hub.cli.serve import serve
+
+        return serve(args, cfg)
+    if args.command == "simulate":
+        from server_hub.simulation.launch import simulate_inproc, simulate_mqtt
+
+        opts = args.mode_options
+        if args.transport == "mqtt" and args.algorithm == "gkt":
+            result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
+                                   opts, monitor_args=args)
+        else:
+            if args.transport == "mqtt":
+                print(f"note: {args.algorithm} runs in-process (no network transport for it)")
+            result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts)
+        if args.json:
+            result.write_json(args.json)
+            print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""What a running hub shows: the fleet snapshot, Prometheus metrics, the status page."""

@@ -1,0 +1,184 @@
+"""What the fleet is doing, as one JSON-able snapshot for metrics, the status page and
+`gkt-hub status`.
+
+``FleetObserver`` is attached to a ``HubService`` (``service.observers``, any subclass) and
+hears about every accepted message, and about every finished round through the service's
+``on_round`` callback; everything else (round, phase, uploads, rejections, bytes) is read
+from the service when a snapshot is taken. With an async service (``service.ahub``) there
+are no rounds: a device is uploading, waiting for logits, training or gone, and its row says
+which update of it is in the bank, merged at which hub version, how stale. Device-reported
+figures arrive in the ``device_metrics`` of their hello and upload_done messages, are
+untrusted input, and are kept only if they are known names with finite numbers.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+
+from edge_runtime.protocol import wire
+from server_hub.results import RoundRecord
+
+# What devices may report about themselves (edge_runtime.protocol.device_metrics).
+DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
+MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
+INACTIVE = ("silent", "gone", "finished")  # states not counted in devices_active
+
+
+@dataclass
+class DeviceView:
+    device: str
+    first_seen: float
+    last_seen: float
+    last_round: int = -1  # last round it sent anything for
+    messages: int = 0
+    bytes_up: int = 0
+    codec: str | None = None
+    last_upload: str = ""  # upload_id of its last upload_done (duplicates are acked again)
+    reported: dict[str, float] = field(default_factory=dict)
+    update: int = -1  # async: its newest merged update
+    updated: float | None = None  # async: when that was merged
+
+
+def clean_report(meta: dict) -> dict[str, float]:
+    raw = meta.get("device_metrics")
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for k in DEVICE_METRICS:
+        v = raw.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[k] = v
+    return out
+
+
+class FleetObserver:
+    def __init__(self, clock=time.time) -> None:
+        self.clock = clock
+        self.devices: dict[str, DeviceView] = {}
+        self.history: list[dict] = []
+        self.samples_received = 0
+        self.rounds_completed = 0
+        self.started = clock()
+        self._lock = threading.Lock()
+
+    # -- called by the service (network thread / main thread) ---------------------------
+    def on_accepted(self, service, device: str, msg: wire.Message, size: int) -> None:
+        now = self.clock()
+        with self._lock:
+            view = self.devices.get(device)
+            if view is None:
+                view = self.devices[device] = DeviceView(device, now, now)
+            view.last_seen = now
+            view.messages += 1
+            if msg.kind != "hello":
+                view.bytes_up += size
+                view.last_round = max(view.last_round, msg.round)
+            upload = msg.meta.get("upload_id") if msg.kind == "upload_done" else None
+            if isinstance(upload, str) and upload != view.last_upload:
+                view.last_upload = upload
+                n = msg.meta.get("num_samples")
+                self.samples_received += n if isinstance(n, int) else 0
+            if msg.kind in ("hello", "upload_done"):
+                view.reported.update(clean_report(msg.meta))
+                if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
+                    view.codec = msg.meta["codec"][:16]
+            merged = getattr(service, "merged", {}).get(device)  # async: any kind completes
+            if merged is not None and merged != view.update:
+                view.update, view.updated = merged, now
+
+    def on_round(self, rec: RoundRecord) -> None:
+        with self._lock:
+            self.rounds_completed += 1
+            self.history.append(asdict(rec))
+            del self.history[:-MAX_HISTORY]
+
+    # -- readers (HTTP threads) ----------------------------------------------------------
+    def device_views(self) -> dict[str, DeviceView]:
+        """Copies of the devices' views, called under the lock (hub workers add the other
+        workers' views: server_hub/worker_fleet.py)."""
+        return {d: DeviceView(**asdict(v)) for d, v in self.devices.items()}
+
+    def device_state(self, service, view: DeviceView, now: float) -> str:
+        up = service.uploads.get(view.device)
+        phase = service.phase
+        if phase == "done":
+            return "finished"
+        if phase == "collect":
+            if up is not None and up.complete:
+                return "uploaded"
+            if up is not None:
+                return "uploading"
+        if phase == "train" and up is not None and up.complete:
+            return "uploaded"  # the hub trains on it now
+        if is_silent(service, view, now):
+            return "silent"
+        return "training" if phase == "collect" else "waiting"
+
+    def snapshot(self, service) -> dict:
+        now = self.clock()
+        # dict() copies are single C calls, safe while the network thread inserts
+        known = dict(service.known)
+        with self._lock:
+            views = self.device_views()
+            history = list(self.history)
+            samples, completed = self.samples_received, self.rounds_completed
+        ahub = getattr(service, "ahub", None)  # the async hub (async_service.py)
+        slots = ahub.summary() if ahub is not None else None
+        devices = []
+        for d in sorted(set(known) | set(views)):
+            v = views.get(d) or DeviceView(d, now, now)
+            hello = known.get(d, {})
+            if slots is None:
+                state, extra = self.device_state(service, v, now), {}
+            else:
+                slot = slots.get(d)
+                state, extra = async_device_state(service, v, slot, now), async_row(v, slot, now)
+            devices.append({
+                "id": d, "state": state,
+                "samples": hello.get("num_samples"), "codec": v.codec,
+                "last_seen_s": round(now - v.last_seen, 1), "last_round": v.last_round,
+                "messages": v.messages, "bytes_up": v.bytes_up, **v.reported,
+                **extra,
+            })
+        link = service.link
+        mode = {"mode": "sync"} if ahub is None else {
+            "mode": "async", "version": ahub.version, "steps": ahub.steps,
+            "max_updates": service.acfg.max_updates}
+        return {**mode,
+            "time": now, "uptime_s": round(now - self.started, 1),
+            "round": service.round, "rounds": service.cfg.rounds, "phase": service.phase,
+            "rounds_completed": completed, "samples_received": samples,
+            "devices_known": len(devices),
+            "devices_active": sum(x["state"] not in INACTIVE for x in devices),
+            "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
+            "rejected": dict(service.rejected), "devices": devices, "history": history,
+        }
+
+
+def is_silent(service, view: DeviceView, now: float) -> bool:
+    """Nothing heard from the device for two round deadlines."""
+    return now - view.last_seen > 2 * service.cfg.round_deadline
+
+
+def async_device_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
+    """uploading | waiting for logits | training (its next local round) | gone | finished."""
+    if service.phase == "done":
+        return "finished"
+    if is_silent(service, view, now):
+        return "gone"  # its features age out by the staleness rule; nobody waits for it
+    if view.device in service.uploads:  # an upload is removed from there once merged
+        return "uploading"
+    if slot is not None and slot["awaiting_logits"]:
+        return "waiting for logits"
+    return "training"
+
+
+def async_row(view: DeviceView, slot: dict | None, now: float) -> dict:
+    """Which update of the device the bank holds, merged at which hub version, how stale."""
+    keys = ("update", "version", "staleness", "weight", "bank_samples")
+    row = {k: slot[k] for k in keys} if slot else dict.fromkeys(keys)
+    row["last_update_s"] = None if view.updated is None else round(now - view.updated, 1)
+    return row
