@@ -32,8 +32,8 @@ def _status_kb(field: str) -> int:
 def _time_receive_path(totals: dict[str, float]) -> None:
     """Accumulate seconds spent in the receive path's steps (this process only)."""
     from server_hub.feature_bank import FeatureBank
+    from server_hub.intake import UploadIntake
     from server_hub.journal import UploadJournal
-    from server_hub.service import HubService
 
     def timed(name: str, fn):
         def wrapper(*args, **kwargs):
@@ -44,7 +44,7 @@ def _time_receive_path(totals: dict[str, float]) -> None:
                 totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
         return wrapper
 
-    HubService._on_up = timed("receive_s", HubService._on_up)  # the whole path, per message
+    UploadIntake.on_up = timed("receive_s", UploadIntake.on_up)  # the whole path, per message
     UploadJournal.record = timed("journal_record_s", UploadJournal.record)
     os.fsync = timed("journal_fsync_s", os.fsync)  # only the journal fsyncs while collecting
     FeatureBank.add = timed("bank_add_s", FeatureBank.add)
@@ -91,7 +91,7 @@ def hub_main(args: argparse.Namespace) -> None:
     def phase() -> str:
         if is_async:
             return "collect" if svc.ahub.version < args.devices else "train"
-        return svc.phase
+        return svc.intake.phase
 
     peak = {"rss_anon_kb": 0}
     by_phase: dict[str, dict] = {}
@@ -156,7 +156,7 @@ def hub_main(args: argparse.Namespace) -> None:
         "tracemalloc_peak_mb": round(traced_peak / 2**20, 1),
         "resident_feature_mb": round(sum(b.resident_feature_bytes() for b in banks) / 2**20, 1),
         "spilled_feature_mb": round(spilled / 2**20, 1),
-        "rejected": dict(svc.rejected),
+        "rejected": dict(svc.intake.rejected),
     }))
     if args.collect_only:
         os._exit(0)  # the round's training is not what this run measures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +10,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from server_hub.checkpoint import Checkpoint, load_optimizer_state, save_checkpoint
+from server_hub.checkpoint import (
+    Checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    load_optimizer_state,
+    save_checkpoint,
+)
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
 from server_hub.models import build_server
 from server_hub.trainer import (
@@ -21,6 +28,8 @@ from server_hub.trainer import (
     split_accuracy,
     train_server,
 )
+
+log = logging.getLogger("gkt.hub")
 
 
 @dataclass(frozen=True)
@@ -97,6 +106,16 @@ class Hub:
         opt = load_optimizer_state(ckpt.path)
         if opt is not None:
             self.optimizer.load_state_dict(opt)
+
+    def resume(self, state_dir: Path) -> int:
+        """Restore the newest checkpoint under ``state_dir``; the round to start at."""
+        found = latest_checkpoint(state_dir)
+        if found is None:
+            return 0
+        ckpt = load_checkpoint(found)
+        self.restore(ckpt)
+        log.info("resumed from %s (round %d)", found, ckpt.round)
+        return ckpt.round + 1
 
     def evaluate(self, test_loader: DataLoader, devices: list[str] | None = None) -> Evaluation:
         devices = devices if devices is not None else sorted(self.extractors)

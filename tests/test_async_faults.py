@@ -75,7 +75,7 @@ def test_a_restarted_async_hub_keeps_its_version_staleness_and_hellos(tmp_path):
         assert a.ids.tolist() == b.ids.tolist() == list(range(6))
         assert torch.equal(a.features, b.features)
     send(again, "d", [hello("d")])  # its retained hello, re-delivered: not a device restart
-    assert again.merged == {"d": 0, "e": 1} and again.rejected == {}
+    assert again.merged == {"d": 0, "e": 1} and again.intake.rejected == {}
     send(again, "d", half[1:])  # the rest of the half-done upload
     assert again.merged["d"] == 1 and again.ahub.version == 4
     assert load_state(tmp_path).slots == {"d": (1, 4), "e": (1, 3)}
@@ -138,7 +138,7 @@ def test_sigterm_stops_the_async_hub_without_ending_the_federation(tmp_path):
     rc = []
     t = threading.Thread(target=lambda: rc.append(svc.run()))
     t.start()
-    assert wait_for(svc.listening.is_set, 30)
+    assert wait_for(svc.intake.listening.is_set, 30)
     send(svc, "d", [hello("d")] + upload("d", 0))
     assert wait_for(lambda: svc.ahub.steps > 0, 60)  # training
     svc.stop()  # what serve's SIGTERM handler calls

@@ -81,7 +81,7 @@ def test_async_over_mqtt_a_vanished_device_blocks_nobody(broker, tmp_path, setup
         assert a.device.progress.completed_round >= 1
         assert len(a.device.bank) == a.device.num_samples  # a logit for every sample
         assert a.rejected == 0
-    assert set(service.rejected) <= {"stale_update"}
+    assert set(service.intake.rejected) <= {"stale_update"}
     assert records and [r.round for r in records] == list(range(len(records)))
     assert all(b.elapsed > a.elapsed for a, b in zip(records, records[1:]))
     assert records[-1].updates == service.ahub.version and records[-1].test_accuracy > 0.15

@@ -64,15 +64,15 @@ def upload(device: str, update: int, seed: int = 0) -> list[bytes]:
 
 def send(svc: AsyncHubService, device: str, payloads: list[bytes]) -> None:
     for p in payloads:
-        svc._on_up(topics.up(device), p)
+        svc.intake.on_up(topics.up(device), p)
 
 
 def test_merge_on_complete_upload_stale_resends_and_hostile_input(tmp_path):
     svc, link = service(tmp_path)
     before = {k: v.clone() for k, v in svc.hub.model.state_dict().items()}
     send(svc, "d", upload("d", 0))  # before hello
-    svc._on_up(topics.up("d"), b"\x80\x04pickle")
-    assert dict(svc.rejected) == {"unknown_device": 3, "bad_magic": 1}
+    svc.intake.on_up(topics.up("d"), b"\x80\x04pickle")
+    assert dict(svc.intake.rejected) == {"unknown_device": 3, "bad_magic": 1}
     assert svc.ahub.version == 0
     send(svc, "d", [hello("d")])
     first = upload("d", 0)
@@ -82,20 +82,20 @@ def test_merge_on_complete_upload_stale_resends_and_hostile_input(tmp_path):
     assert svc.ahub.version == 1 and svc.merged == {"d": 0}
     assert svc.ahub.slots["d"].edge_accuracy == 0.5
     send(svc, "d", first[:1])  # a resend whose ack was lost: acked again, not re-merged
-    assert svc.rejected["stale_update"] == 1 and svc.ahub.version == 1
+    assert svc.intake.rejected["stale_update"] == 1 and svc.ahub.version == 1
     assert link.acked().count(wire.decode_message(first[0], max_bytes=1 << 20).msg_id) == 2
     for k, v in svc.hub.model.state_dict().items():  # the network thread never trains
         assert torch.equal(v, before[k])
     send(svc, "d", upload("d", 1, seed=1))
     assert svc.ahub.version == 2 and svc.merged == {"d": 1}
-    assert svc.journal.rounds() == [1]  # only the newest complete upload stays on disk
+    assert svc.intake.journal.rounds() == [1]  # only the newest complete upload stays on disk
     wiped = wire.encode_message("hello", "d", 0, {}, msg_id="h2",
                                 meta={"num_samples": 6, "num_classes": 10, "codec": "fp32",
                                       "completed_round": -1})
     send(svc, "d", [hello("d")])  # its first hello again (a retained re-delivery): no effect
     assert svc.merged == {"d": 1}
     send(svc, "d", [wiped] + upload("d", 0, seed=5))  # lost its state: counts from 0 again
-    assert svc.ahub.version == 3 and svc.merged == {"d": 0} and svc.journal.rounds() == [0]
+    assert svc.ahub.version == 3 and svc.merged == {"d": 0} and svc.intake.journal.rounds() == [0]
 
 
 def test_a_restarted_async_hub_replays_the_newest_uploads(tmp_path):
@@ -103,8 +103,8 @@ def test_a_restarted_async_hub_replays_the_newest_uploads(tmp_path):
     send(svc, "d", [hello("d")] + upload("d", 0) + upload("d", 1, seed=1))
     send(svc, "e", [hello("e")] + upload("e", 0, seed=2)[:2])  # incomplete when it crashed
     again, _ = service(tmp_path)
-    for u in again.journal.rounds():  # what run() does before it waits for devices
-        again._replay(u)
+    for u in again.intake.journal.rounds():  # what run() does before it waits for devices
+        again.intake.replay(u)
     assert again.merged == {"d": 1} and "e" not in again.merged
     feats = again.ahub.slots["d"].features.features
     assert np.allclose(feats.numpy(), svc.ahub.slots["d"].features.features.numpy())

@@ -10,7 +10,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-from server_hub.service import round_decision
+from server_hub.rounds import round_decision
 from server_hub.trainer import ServerTrainConfig
 from server_hub.workers.ddp_trainer import Shard, plan_steps, step_sizes, train_server_ddp
 from server_hub.workers.distributed import merge_uploads, owned_mask

@@ -50,8 +50,8 @@ def test_broker_killed_during_uploads(broker, tmp_path, setup):
     killer_saw = {}
 
     def killer():
-        ok = wait_for(lambda: any(len(u.chunks) >= 3 for u in service.uploads.values()), 120)
-        killer_saw["chunks"] = sum(len(u.chunks) for u in service.uploads.values())
+        ok = wait_for(lambda: any(len(u.chunks) >= 3 for u in service.intake.uploads.values()), 120)
+        killer_saw["chunks"] = sum(len(u.chunks) for u in service.intake.uploads.values())
         broker.broker.kill()  # kill -9: its in-memory queues are gone
         time.sleep(1.0)
         broker.broker.start()
@@ -135,8 +135,8 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     steady_thread = threading.Thread(target=steady.run)
     hub_thread.start()
     steady_thread.start()
-    assert wait_for(lambda: service.round == 1 and len(getattr(
-        service.uploads.get("dev1"), "chunks", ())) >= 2, 240)
+    assert wait_for(lambda: service.intake.round == 1 and len(getattr(
+        service.intake.uploads.get("dev1"), "chunks", ())) >= 2, 240)
     victim.kill()  # kill -9 in the middle of its round 1 upload
     victim.wait()
     t_kill = time.monotonic()
@@ -153,4 +153,4 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     assert "dev1: resumed from" in log_text and "last completed round 0" in log_text
     progress = json.loads((state / "progress.json").read_text())
     assert progress["completed_round"] == 2  # it took part again after the restart
-    assert "dev1" in service.uploads and service.uploads["dev1"].complete
+    assert "dev1" in service.intake.uploads and service.intake.uploads["dev1"].complete

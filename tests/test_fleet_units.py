@@ -44,7 +44,7 @@ def test_async_device_states_updates_and_staleness(tmp_path):
     link.bytes_received = link.bytes_sent = 0
     now = [100.0]
     fleet = FleetObserver(clock=lambda: now[0])
-    svc.observers.append(fleet)
+    svc.add_observer(fleet)
 
     def rows() -> dict:
         return {d["id"]: d for d in fleet.snapshot(svc)["devices"]}
@@ -61,7 +61,7 @@ def test_async_device_states_updates_and_staleness(tmp_path):
     assert d["state"] == "waiting for logits" and d["last_update_s"] == 0.0
     assert (d["update"], d["version"], d["staleness"], d["weight"], d["bank_samples"]) == \
         (0, 1, 0, 1.0, 6)
-    svc._send_logits("d")  # trained on: its logits go out, it trains its next round
+    svc.send_logits("d")  # trained on: its logits go out, it trains its next round
     now[0] = 108.0
     send(svc, "e", upload("e", 0, seed=2))
     d, e = rows()["d"], rows()["e"]
@@ -81,5 +81,5 @@ def test_async_device_states_updates_and_staleness(tmp_path):
     now[0] += 2 * svc.cfg.round_deadline + 1  # silent that long: gone, and not active
     assert {x["state"] for x in rows().values()} == {"gone"}
     assert fleet.snapshot(svc)["devices_active"] == 0
-    svc.phase = "done"
+    svc.intake.phase = "done"
     assert {x["state"] for x in rows().values()} == {"finished"}

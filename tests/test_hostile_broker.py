@@ -80,11 +80,11 @@ def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path)
         hello = wire.encode_message("hello", DEV, 0, {}, msg_id="hello", meta={
             "num_samples": 6, "num_classes": 10, "codec": "q8"})
         link.publish(topics.up(DEV), hello, retain=True)
-        assert wait_for(lambda: service.round == 0 and service.phase == "collect", 60)
+        assert wait_for(lambda: service.intake.round == 0 and service.intake.phase == "collect", 60)
         round0 = upload(0, "r0-a")
         for m in round0:
             link.publish(topics.up(DEV), m)
-        assert wait_for(lambda: service.round == 1 and service.phase == "collect", 60)
+        assert wait_for(lambda: service.intake.round == 1 and service.intake.phase == "collect", 60)
         before = {k: v.clone() for k, v in service.hub.model.state_dict().items()}
         cases = hostile(1, round0, max_payload)
         for payload, _ in cases:
@@ -92,7 +92,8 @@ def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path)
         expected: dict[str, int] = {}
         for _, why in cases:
             expected[why] = expected.get(why, 0) + 1
-        assert wait_for(lambda: dict(service.rejected) == expected, 20), service.rejected
+        rejected = service.intake.rejected
+        assert wait_for(lambda: dict(rejected) == expected, 20), rejected
         for k, v in service.hub.model.state_dict().items():
             assert torch.equal(v, before[k]), k
         assert service.hub.bank.devices == []  # nothing of round 1 was stored
@@ -103,7 +104,7 @@ def test_broken_input_mid_round_is_counted_and_changes_nothing(broker, tmp_path)
         hub_thread.join(60)
         assert not hub_thread.is_alive() and [r.round for r in records] == [0, 1]
         assert service.hub.bank.get(DEV).ids.tolist() == list(range(6))  # each sample once
-        assert dict(service.rejected) == expected  # duplicates are not rejections
+        assert dict(service.intake.rejected) == expected  # duplicates are not rejections
     finally:
         link.publish(topics.up(DEV), b"", retain=True)
         link.close()

@@ -60,4 +60,4 @@ def test_32_devices_upload_at_once_every_sample_exactly_once(broker, broker_dir)
     assert len(files) == cfg.devices
     assert {f.stat().st_size for f in files} == {cfg.samples * 16 * cfg.size ** 2 * 4}
     assert sum(r.bytes_up for r in results) == records[0].upload_bytes
-    assert svc.rejected == {}
+    assert svc.intake.rejected == {}

@@ -27,7 +27,7 @@ from test_mqtt_federation import make_agent, make_hub, prepare_test, run_threads
 from edge_runtime.learning.data import DataConfig, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 from server_hub.monitoring.endpoints import start_monitoring
 from server_hub.simulation.inproc import FederationConfig, prepare
 
@@ -61,7 +61,7 @@ def fed(tmp_path_factory):
     metrics, status = mon.servers
     hub = threading.Thread(target=service.run)
     hub.start()
-    assert service.listening.wait(60)
+    assert service.intake.listening.wait(60)
     attacker = MqttLink(LinkConfig(broker.url, f"attacker-{tmp.name}"))
     attacker.connect()
     attacker.publish(topics.up("mallory"), b"\x80\x04pickle-bytes")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -31,13 +30,14 @@ def setup():
     return prepare(FederationConfig(data=DATA, devices=2))
 
 
-def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0):
+def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0, max_extensions=3):
     link = MqttLink(LinkConfig(broker.url, f"hub-{tmp_path.name}"))
     link.connect()
     hub = Hub(10, ServerTrainConfig(epochs=1, batch_size=32, device="cpu"))
     test_loader = make_loader(prepare_test(), 256, shuffle=False)
     cfg = ServiceConfig(str(tmp_path / "hub"), rounds=rounds, min_devices=min_devices,
-                        round_deadline=deadline, start_timeout=60)
+                        round_deadline=deadline, start_timeout=60,
+                        max_extensions=max_extensions)
     records = []
     return HubService(link, hub, cfg, DATA, test_loader, records.append), records
 
@@ -86,7 +86,7 @@ def test_two_devices_two_rounds_over_mqtt(broker, tmp_path, setup):
         assert len(a.device.bank) == a.device.num_samples  # a logit for every sample
         assert a.rejected == 0
         assert (tmp_path / a.device.device_id / "edge.safetensors").exists()
-    assert sum(service.rejected.values()) == 0
+    assert sum(service.intake.rejected.values()) == 0
     assert latest_checkpoint(tmp_path / "hub").name == "round-0001"
 
 
@@ -136,20 +136,20 @@ def test_hostile_input_is_rejected_and_the_hub_keeps_serving(broker, tmp_path, s
     before = {k: v.clone() for k, v in service.hub.model.state_dict().items()}
     hub_thread = threading.Thread(target=service.run)
     hub_thread.start()
-    assert service.listening.wait(60)  # non-retained junk sent earlier would reach no one
+    assert service.intake.listening.wait(60)  # non-retained junk sent earlier would reach no one
     attacker = MqttLink(LinkConfig(broker.url, f"attacker-{tmp_path.name}"))
     attacker.connect()
     cases = hostile_messages("mallory")
     for topic, payload, _ in cases:
         attacker.publish(topic, payload)
     t_end = time.monotonic() + 10
-    while sum(service.rejected.values()) < len(cases) and time.monotonic() < t_end:
+    while sum(service.intake.rejected.values()) < len(cases) and time.monotonic() < t_end:
         time.sleep(0.05)
     expected = {}
     for _, _, why in cases:
         expected[why] = expected.get(why, 0) + 1
-    assert dict(service.rejected) == expected
-    assert service.hub.bank.devices == [] and service.known == {}
+    assert dict(service.intake.rejected) == expected
+    assert service.hub.bank.devices == [] and service.intake.known == {}
     for k, v in service.hub.model.state_dict().items():
         assert torch.equal(v, before[k])
     # ... and a real device still gets a full round done.
@@ -168,7 +168,7 @@ def test_a_silent_device_does_not_block_the_round(broker, tmp_path, setup):
     t0 = time.monotonic()
     results = run_threads(("hub", service.run), ("a0", agent.run), timeout=60)
     assert results == {"hub": 0, "a0": 0}
-    assert len(records) == 1 and "ghost" in service.known
+    assert len(records) == 1 and "ghost" in service.intake.known
     assert time.monotonic() - t0 < 40
     ghost.close()
 
@@ -187,8 +187,8 @@ def test_too_few_devices_extend_the_deadline_a_bounded_number_of_times(broker, t
                                                                         setup, caplog):
     """min_devices=2 with one silent device: the deadline is extended max_extensions
     times, then the round goes on with the one device that uploaded."""
-    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=2, deadline=2.0)
-    service.cfg = replace(service.cfg, max_extensions=1)
+    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=2, deadline=2.0,
+                                max_extensions=1)
     ghost = say_hello(broker, tmp_path)
     agent = make_agent(broker, tmp_path, setup, 0)
     t0 = time.monotonic()
@@ -202,12 +202,12 @@ def test_too_few_devices_extend_the_deadline_a_bounded_number_of_times(broker, t
 
 
 def test_nobody_uploading_ends_the_hub_with_exit_3(broker, tmp_path):
-    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=1.0)
-    service.cfg = replace(service.cfg, max_extensions=1)
+    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=1.0,
+                                max_extensions=1)
     ghost = say_hello(broker, tmp_path)
     results = run_threads(("hub", service.run), timeout=60)
     assert results == {"hub": 3} and records == []
-    assert service.rejected == {}  # nothing was wrong with what came in; nothing came
+    assert service.intake.rejected == {}  # nothing was wrong with what came in; nothing came
     ghost.close()
 
 

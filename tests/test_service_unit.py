@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 from test_mqtt_federation import make_hub, run_threads
 
-from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.device import cli as edge_cli
 from edge_runtime.protocol import wire
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 
 
 def unit_for(config: Path, capsys, *extra: str) -> str:
@@ -148,7 +148,7 @@ def test_killed_device_service_restarts_resumes_and_stops_on_sigterm(broker, tmp
                           timeout=300)
     assert results["operator"][0] == 0 and results["operator"][1] >= 1
     assert results["hub"] == 0  # a stopped hub exits 0 and does not end the federation
-    assert wire.decode_message(service._announcement, max_bytes=1 << 20).meta["state"] != "stop"
+    assert wire.decode_message(service.announcer.last, max_bytes=1 << 20).meta["state"] != "stop"
     # SIGKILL counts as a failure: restarted once; SIGTERM exits 0: not restarted.
     assert results["supervisor"] == [-signal.SIGKILL, 0]
     assert [r.round for r in records][:2] == [0, 1]

@@ -1,5 +1,5 @@
 """`gkt-hub serve --metrics-port/--status-port` and `gkt-hub status`: wiring of the fleet
-observer, the Prometheus endpoint and the status page to a HubService.
+observer, the Prometheus endpoint and the status page to a hub service.
 
 Both servers are off unless a port is given, and bind to loopback unless told otherwise
 (neither has authentication: put a reverse proxy in front to show them on a network).
@@ -60,7 +60,7 @@ def start_monitoring(args: argparse.Namespace, service,
     the service has already (hub workers' rank 0 merges the other workers' into it)."""
     mon = Monitoring(fleet or FleetObserver())
     if fleet is None:
-        service.observers.append(mon.fleet)
+        service.add_observer(mon.fleet)
     listeners = [mon.fleet.on_round]
     try:
         if args.metrics_port is not None:

@@ -1,11 +1,11 @@
 """What the fleet is doing, as one JSON-able snapshot for metrics, the status page and
 `gkt-hub status`.
 
-``FleetObserver`` is attached to a ``HubService`` (``service.observers``, any subclass) and
-hears about every accepted message, and about every finished round through the service's
-``on_round`` callback; everything else (round, phase, uploads, rejections, bytes) is read
-from the service when a snapshot is taken. With an async service (``service.ahub``) there
-are no rounds: a device is uploading, waiting for logits, training or gone, and its row says
+``FleetObserver`` is attached to a service (``service.add_observer``: sync, async or a hub
+worker) and hears about every accepted message, and about every finished round through the
+service's ``on_round`` callback; everything else (round, phase, uploads, rejections, bytes)
+is read from ``service.status()`` (a ``HubStatus``) when a snapshot is taken. In async mode
+there are no rounds: a device is uploading, waiting for logits, training or gone, and its row says
 which update of it is in the bank, merged at which hub version, how stale. Device-reported
 figures arrive in the ``device_metrics`` of their hello and upload_done messages, are
 untrusted input, and are kept only if they are known names with finite numbers.
@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from edge_runtime.protocol import wire
+from server_hub.intake import HubStatus
 from server_hub.results import RoundRecord
 
 # What devices may report about themselves (edge_runtime.protocol.device_metrics).
@@ -65,7 +66,9 @@ class FleetObserver:
         self._lock = threading.Lock()
 
     # -- called by the service (network thread / main thread) ---------------------------
-    def on_accepted(self, service, device: str, msg: wire.Message, size: int) -> None:
+    def on_accepted(self, device: str, msg: wire.Message, size: int,
+                    merged: int | None = None) -> None:
+        """``merged``: async, the device's newest merged update (any kind completes one)."""
         now = self.clock()
         with self._lock:
             view = self.devices.get(device)
@@ -85,7 +88,6 @@ class FleetObserver:
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
                     view.codec = msg.meta["codec"][:16]
-            merged = getattr(service, "merged", {}).get(device)  # async: any kind completes
             if merged is not None and merged != view.update:
                 view.update, view.updated = merged, now
 
@@ -98,44 +100,43 @@ class FleetObserver:
     # -- readers (HTTP threads) ----------------------------------------------------------
     def device_views(self) -> dict[str, DeviceView]:
         """Copies of the devices' views, called under the lock (hub workers add the other
-        workers' views: server_hub/worker_fleet.py)."""
+        workers' views: server_hub/workers/figures.py)."""
         return {d: DeviceView(**asdict(v)) for d, v in self.devices.items()}
 
-    def device_state(self, service, view: DeviceView, now: float) -> str:
-        up = service.uploads.get(view.device)
-        phase = service.phase
+    def device_state(self, status: HubStatus, view: DeviceView, now: float) -> str:
+        complete = status.uploads.get(view.device)  # None: no upload this round
+        phase = status.phase
         if phase == "done":
             return "finished"
         if phase == "collect":
-            if up is not None and up.complete:
+            if complete:
                 return "uploaded"
-            if up is not None:
+            if complete is not None:
                 return "uploading"
-        if phase == "train" and up is not None and up.complete:
+        if phase == "train" and complete:
             return "uploaded"  # the hub trains on it now
-        if is_silent(service, view, now):
+        if is_silent(status, view, now):
             return "silent"
         return "training" if phase == "collect" else "waiting"
 
     def snapshot(self, service) -> dict:
         now = self.clock()
-        # dict() copies are single C calls, safe while the network thread inserts
-        known = dict(service.known)
+        status: HubStatus = service.status()
+        known = status.known
         with self._lock:
             views = self.device_views()
             history = list(self.history)
             samples, completed = self.samples_received, self.rounds_completed
-        ahub = getattr(service, "ahub", None)  # the async hub (async_service.py)
-        slots = ahub.summary() if ahub is not None else None
+        slots = status.slots if status.mode == "async" else None
         devices = []
         for d in sorted(set(known) | set(views)):
             v = views.get(d) or DeviceView(d, now, now)
             hello = known.get(d, {})
             if slots is None:
-                state, extra = self.device_state(service, v, now), {}
+                state, extra = self.device_state(status, v, now), {}
             else:
                 slot = slots.get(d)
-                state, extra = async_device_state(service, v, slot, now), async_row(v, slot, now)
+                state, extra = async_device_state(status, v, slot, now), async_row(v, slot, now)
             devices.append({
                 "id": d, "state": state,
                 "samples": hello.get("num_samples"), "codec": v.codec,
@@ -143,33 +144,33 @@ class FleetObserver:
                 "messages": v.messages, "bytes_up": v.bytes_up, **v.reported,
                 **extra,
             })
-        link = service.link
-        mode = {"mode": "sync"} if ahub is None else {
-            "mode": "async", "version": ahub.version, "steps": ahub.steps,
-            "max_updates": service.acfg.max_updates}
+        mode = {"mode": "sync"} if slots is None else {
+            "mode": "async", "version": status.version, "steps": status.steps,
+            "max_updates": status.max_updates}
         return {**mode,
             "time": now, "uptime_s": round(now - self.started, 1),
-            "round": service.round, "rounds": service.cfg.rounds, "phase": service.phase,
+            "round": status.round, "rounds": status.rounds, "phase": status.phase,
             "rounds_completed": completed, "samples_received": samples,
             "devices_known": len(devices),
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
-            "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
-            "rejected": dict(service.rejected), "devices": devices, "history": history,
+            "bytes_received": status.bytes_received, "bytes_sent": status.bytes_sent,
+            "rejected": status.rejected, "devices": devices, "history": history,
         }
 
 
-def is_silent(service, view: DeviceView, now: float) -> bool:
+def is_silent(status: HubStatus, view: DeviceView, now: float) -> bool:
     """Nothing heard from the device for two round deadlines."""
-    return now - view.last_seen > 2 * service.cfg.round_deadline
+    return now - view.last_seen > 2 * status.round_deadline
 
 
-def async_device_state(service, view: DeviceView, slot: dict | None, now: float) -> str:
+def async_device_state(status: HubStatus, view: DeviceView, slot: dict | None,
+                       now: float) -> str:
     """uploading | waiting for logits | training (its next local round) | gone | finished."""
-    if service.phase == "done":
+    if status.phase == "done":
         return "finished"
-    if is_silent(service, view, now):
+    if is_silent(status, view, now):
         return "gone"  # its features age out by the staleness rule; nobody waits for it
-    if view.device in service.uploads:  # an upload is removed from there once merged
+    if view.device in status.uploads:  # an upload is removed from there once merged
         return "uploading"
     if slot is not None and slot["awaiting_logits"]:
         return "waiting for logits"

@@ -168,7 +168,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     result.broker_bytes = {
         "hub_received": link.bytes_received, "hub_sent": link.bytes_sent,
         "broker": sys_counters,
-        "rejected": dict(service.rejected), "device_exit_codes": codes,
+        "rejected": service.status().rejected, "device_exit_codes": codes,
     }
     if rc != 0:
         raise RuntimeError(f"hub exited with code {rc}; see the logs in {work}")

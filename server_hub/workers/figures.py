@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from server_hub.intake import HubStatus
 from server_hub.monitoring.snapshot import DeviceView, FleetObserver
 
 ACTIVE = ("uploaded", "uploading", "training", "waiting")  # FleetObserver's sync states
@@ -49,12 +50,12 @@ class WorkerFleet(FleetObserver):
         self.uploads_done: frozenset[str] = frozenset()  # complete on all workers together
         self.uploading: frozenset[str] = frozenset()  # with upload messages on any worker
 
-    def counts(self, service) -> WorkerCounts:
+    def counts(self, status: HubStatus) -> WorkerCounts:
         with self._lock:
             devices = {d: replace(v, reported=dict(v.reported)) for d, v in self.devices.items()}
             samples = self.samples_received
-        return WorkerCounts(service.link.bytes_received, service.link.bytes_sent,
-                            dict(service.rejected), samples, devices)
+        return WorkerCounts(status.bytes_received, status.bytes_sent, status.rejected,
+                            samples, devices)
 
     def update(self, peers: list[WorkerCounts], complete=(), started=()) -> None:
         with self._lock:

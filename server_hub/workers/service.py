@@ -1,15 +1,16 @@
 """One of K hub workers that train one server model together (``gkt-hub serve --workers K``
-or torchrun, see server_hub/worker.py and docs/scaling.md).
+or torchrun, see server_hub/workers/launch.py and docs/scaling.md).
 
-Each worker is a ``HubService`` running the same round loop through its hooks, with a
-shared MQTT subscription (``$share/GROUP/gkt/v1/dev/+/up``): the broker hands every device
-message to one worker, which validates, stores, journals (its own journal) and
-acknowledges it as one hub would. Rounds stay consistent through collectives: while
-collecting, the workers all-gather what each holds every ``poll`` seconds and rank 0
-decides (deadline, extensions) and broadcasts the decision; a device counts when the union
-of the workers' chunks completes its upload. Then all ranks train with DDP
-(server_hub/ddp_trainer.py), each sends the logits of the samples it trained, they
-evaluate a share of the devices each, and rank 0 announces rounds and writes the checkpoint.
+Each worker runs the same ``RoundLoop`` (server_hub/rounds.py) as one hub, with its own
+``UploadIntake`` on a shared MQTT subscription (``$share/GROUP/gkt/v1/dev/+/up``): the
+broker hands every device message to one worker, which validates, stores, journals (its
+own journal) and acknowledges it as one hub would. Rounds stay consistent through
+collectives (``WorkerPeers``): while collecting, the workers all-gather what each holds
+every ``poll`` seconds and rank 0 decides (deadline, extensions) and broadcasts the
+decision; a device counts when the union of the workers' chunks completes its upload. Then
+all ranks train with DDP (``DdpTrainer``, ddp_trainer.py), each sends the logits of the
+samples it trained, they evaluate a share of the devices each, and rank 0 announces rounds
+and writes the checkpoint.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ from edge_runtime.learning.perf import keep_freed_memory, to_channels_last
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
 from server_hub.checkpoint import latest_checkpoint, load_checkpoint, load_optimizer_state
-from server_hub.hub import Evaluation
+from server_hub.hub import Evaluation, Hub
+from server_hub.intake import NoDevicesError, UploadIntake
 from server_hub.journal import UploadJournal
-from server_hub.service import HubService, NoDevicesError
+from server_hub.service import HubService, ServiceConfig
 from server_hub.trainer import (
     Rows,
     ServerStats,
@@ -77,31 +79,20 @@ def share_group_for(password: str | None) -> str:
     return "gkt-hub-" + hashlib.sha256(b"gkt share group\0" + password.encode()).hexdigest()[:16]
 
 
-class WorkerService(HubService):
-    def __init__(self, link: MqttLink, hub, cfg, data_cfg, test_loader, wcfg: WorkerConfig,
-                 on_round=None, on_status=None) -> None:
-        super().__init__(link, hub, cfg, data_cfg, test_loader, on_round, on_status)
-        self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.wcfg = wcfg
-        self.journal = UploadJournal(Path(cfg.state_dir) / "uploads" / f"rank-{self.rank}")
-        self.generator = torch.Generator().manual_seed(wcfg.seed * 1009 + self.rank)
+class WorkerPeers:
+    """The workers' agreement: state exchanged through collectives, rank 0 decides."""
+
+    def __init__(self, intake: UploadIntake, cfg: ServiceConfig, wcfg: WorkerConfig,
+                 fleet: WorkerFleet | None) -> None:
+        self.intake, self.cfg, self.wcfg, self.fleet = intake, cfg, wcfg, fleet
+        self.hub = intake.hub
+        self.rank = dist.get_rank()
+        self.leads = self.rank == 0  # rank 0 announces, records and checkpoints
+        self.log_prefix = f"rank {self.rank} "
         self.ddp: DistributedDataParallel | None = None
-        self._owned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> ids, H
-        self._merged: dict[str, MergedUpload] = {}  # the round's uploads, all workers
-        self.fleet = WorkerFleet() if wcfg.monitor else None
-        if self.fleet:  # on rank 0 also the metrics' and status page's source
-            self.observers.append(self.fleet)
+        self.merged: dict[str, MergedUpload] = {}  # the round's uploads, all workers
 
-    # -- the hooks of HubService's round loop (server_hub/service.py) ---------------------
-    @property
-    def leads(self) -> bool:  # rank 0 announces, records and checkpoints
-        return self.rank == 0
-
-    @property
-    def log_prefix(self) -> str:
-        return f"rank {self.rank} "
-
-    def _start(self) -> None:
+    def start(self) -> None:
         if self.hub.cfg.reuse_memory:
             keep_freed_memory()
         if self.hub.cfg.channels_last:  # before wrapping: DDP's buckets follow the layout
@@ -114,23 +105,19 @@ class WorkerService(HubService):
         self.ddp = DistributedDataParallel(
             self.hub.model, device_ids=[dev.index] if dev.type == "cuda" else None,
             **{no_sync: False})
-        self.link.subscribe(shared_up_filter(self.wcfg.share_group), self._on_up)
+        self.intake.listen(shared_up_filter(self.wcfg.share_group))
         if self.rank == 0:
             self._scan_retained_hellos()
         log.info("rank %d: receiving uploads through the workers' shared subscription",
                  self.rank)  # not its name: where the broker has logins, it is a secret
 
-    def _stopping(self) -> bool:
+    def stopping(self) -> bool:
         """A stop (SIGTERM) on any worker stops them all, as one hub's would."""
-        if any(all_gather(self._stop.is_set())):
-            self._stop.set()
-        return self._stop.is_set()
+        if any(all_gather(self.intake.stopped.is_set())):
+            self.intake.stopped.set()
+        return self.intake.stopped.is_set()
 
-    def _announce(self, state: str, deadline: float | None = None) -> None:
-        if self.rank == 0:  # the hub speaks to devices with one voice
-            super()._announce(state, deadline)
-
-    def _restore(self) -> int:
+    def restore(self) -> int:
         """Rank 0 reads the newest checkpoint and broadcasts it (other machines have none)."""
         state = None
         if self.rank == 0 and (found := latest_checkpoint(Path(self.cfg.state_dir))):
@@ -152,7 +139,7 @@ class WorkerService(HubService):
         subscription (Mosquitto 2.0 sends them anyway), so with a strict broker devices that
         said hello before the hub started would go unseen: read the retained hellos once
         with a plain subscription on a short-lived connection."""
-        c = self.link.cfg
+        c = self.intake.link.cfg
         scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", c.username, c.password,
                                    c.ca_file, c.cert_file, c.key_file, session_expiry=0,
                                    max_packet_size=c.max_packet_size))
@@ -164,7 +151,7 @@ class WorkerService(HubService):
                 except wire.WireError:
                     kind = None  # counted by the worker that receives it
                 if kind == "hello":
-                    self._on_up(topic, payload)
+                    self.intake.on_up(topic, payload)
 
         try:
             scan.subscribe(topics.UP_WILDCARD, on_up)
@@ -175,38 +162,41 @@ class WorkerService(HubService):
         finally:
             scan.close()
 
-    # -- the workers' shared view --------------------------------------------------------
     def _sync(self) -> tuple[dict[str, MergedUpload], int, bool]:
         """All-gather what every rank holds; adopt the union of hellos, so a chunk from a
         device whose hello reached another worker is accepted here."""
-        with self._cond:
-            view = {"known": dict(self.known), "stop": self._stop.is_set(),
+        intake = self.intake
+        with intake.cond:
+            view = {"known": dict(intake.known), "stop": intake.stopped.is_set(),
                     "uploads": {d: {**asdict(u), "chunks": sorted(u.chunks)}
-                                for d, u in self.uploads.items()}}
-        view["counts"] = self._peer_counts()
+                                for d, u in intake.uploads.items()}}
+        view["counts"] = self.peer_counts()
         views = all_gather(view)
-        with self._cond:
+        with intake.cond:
             for v in views:
                 for d, hello in v["known"].items():
-                    self.known.setdefault(d, hello)
-            self._cond.notify_all()
+                    intake.known.setdefault(d, hello)
+            intake.cond.notify_all()
         done, got = merge_uploads([v["uploads"] for v in views])
         if self.fleet and self.rank == 0:
             self.fleet.update([v["counts"] for v in views[1:]], done,
                               {d for v in views for d in v["uploads"]})
         return done, got, any(v["stop"] for v in views)
 
-    def _peer_counts(self) -> WorkerCounts | None:
+    def peer_counts(self) -> WorkerCounts | None:
         """This worker's traffic counts for rank 0's figures (rank 0 keeps its own)."""
-        return self.fleet.counts(self) if self.fleet and self.rank else None
+        if not (self.fleet and self.rank):
+            return None
+        return self.fleet.counts(self.intake.status("sync", self.cfg.rounds,
+                                                    self.cfg.round_deadline))
 
-    def _wait_for_devices(self) -> None:
+    def wait_for_devices(self, on_status) -> None:
         t_end = time.monotonic() + self.cfg.start_timeout
         while True:
             _, _, stop = self._sync()
-            n = len(self.known)  # may differ across ranks by now: rank 0's view decides
+            n = len(self.intake.known)  # may differ across ranks by now: rank 0's decides
             if self.rank == 0:
-                self.on_status(f"waiting for devices: {n}/{self.cfg.min_devices}")
+                on_status(f"waiting for devices: {n}/{self.cfg.min_devices}")
             ready, late = broadcast((n >= self.cfg.min_devices or stop,
                                      time.monotonic() > t_end))
             if ready:
@@ -216,24 +206,43 @@ class WorkerService(HubService):
                                      f"within {self.cfg.start_timeout:.0f}s")
             time.sleep(self.wcfg.poll)
 
-    def _open_round(self, rnd: int) -> None:
-        super()._open_round(rnd)
+    def open_round(self, rnd: int) -> None:
+        self.intake.open_round(rnd)
         if self.fleet:  # last round's complete uploads are not this round's
             self.fleet.update(self.fleet.peers)
         dist.barrier()  # every worker takes round-rnd uploads before a device hears of it
 
-    def _round_view(self) -> tuple[dict[str, MergedUpload], int, bool]:
+    def view(self) -> tuple[dict[str, MergedUpload], int, bool]:
         done, got, stop = self._sync()
         if stop:
-            self._stop.set()
-        self._merged = done
+            self.intake.stopped.set()
+        self.merged = done
         return done, got, stop
 
-    def _agree(self, decision: str | None) -> str:
+    def agree(self, decision: str | None) -> str:
         return broadcast(decision)  # rank 0's, decided on its clock
 
-    def _pause(self, view: tuple) -> None:
+    def pause(self, view: tuple) -> None:
         time.sleep(self.wcfg.poll)
+
+    def total_bytes_down(self, down: int) -> int:
+        ends = all_gather((down, self.peer_counts()))
+        if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
+            self.fleet.update([c for _, c in ends[1:]], self.merged)
+        return sum(d for d, _ in ends)
+
+
+class DdpTrainer:
+    """The workers' server step (DDP over each rank's shard), logits and evaluation."""
+
+    def __init__(self, intake: UploadIntake, peers: WorkerPeers, wcfg: WorkerConfig,
+                 test_loader) -> None:
+        self.intake, self.peers, self.wcfg = intake, peers, wcfg
+        self.hub: Hub = intake.hub
+        self.test_loader = test_loader
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.generator = torch.Generator().manual_seed(wcfg.seed * 1009 + self.rank)
+        self._owned: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # device -> ids, H
 
     def _shard(self, done: dict[str, MergedUpload]) -> tuple[Shard, list[int], tuple]:
         """This rank's samples of the complete uploads, minus any a lower rank also holds.
@@ -241,8 +250,9 @@ class WorkerService(HubService):
         at a time."""
         devices = sorted(done)
         held = set(self.hub.bank.devices)
+        uploads = self.intake.uploads
         mine = {d: self.hub.bank.get(d) for d in devices if d in held
-                and getattr(self.uploads.get(d), "upload_id", None) == done[d].upload_id}
+                and getattr(uploads.get(d), "upload_id", None) == done[d].upload_id}
         ids_by_rank = all_gather({d: f.ids.numpy() for d, f in mine.items()})
         parts = []
         for i, d in enumerate(devices):
@@ -267,34 +277,29 @@ class WorkerService(HubService):
     def _gather_extractors(self, devices: list[str]) -> None:
         """Every rank gets every device's extractor (for its share of the evaluation, and
         so rank 0's checkpoint has them all)."""
+        uploads = self.intake.uploads
         mine = {d: self.hub.extractors[d] for d in devices
-                if d in self.hub.extractors and self.uploads.get(d) and self.uploads[d].extractor}
+                if d in self.hub.extractors and uploads.get(d) and uploads[d].extractor}
         for part in all_gather(mine):
             self.hub.extractors.update(part)
 
-    def _train_round(self, rnd: int, devices: list[str]) -> tuple[ServerStats, str]:
-        self._gather_extractors(devices)
-        shard, counts, shape = self._shard(self._merged)
-        trace = SampleTrace(devices) if self.wcfg.trace_dir else None
-        stats = train_server_ddp(self.ddp, self.hub.optimizer, shard, counts, shape,
+    def train(self, rnd: int, done: dict[str, MergedUpload]) -> tuple[ServerStats, str]:
+        self._gather_extractors(sorted(done))
+        shard, counts, shape = self._shard(done)
+        trace = SampleTrace(sorted(done)) if self.wcfg.trace_dir else None
+        stats = train_server_ddp(self.peers.ddp, self.hub.optimizer, shard, counts, shape,
                                  self.hub.cfg, self.generator, trace and trace.record)
         if trace:
             trace.write(Path(self.wcfg.trace_dir) / f"rank-{self.rank}.jsonl", rnd)
         return stats, f"{len(shard.labels)} of {stats.samples} samples here"
 
-    def _round_logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
+    def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, torch.Tensor]]:
         """The logits of the samples this rank trained, from this rank (a device's logits may
         come from several workers; it applies them by sample id)."""
         return {d: (ids.numpy(), server_logits(self.hub.model, feats))
                 for d, (ids, feats) in self._owned.items()}
 
-    def _bytes_down(self, down: int) -> int:
-        ends = all_gather((down, self._peer_counts()))
-        if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
-            self.fleet.update([c for _, c in ends[1:]], self._merged)
-        return sum(d for d, _ in ends)
-
-    def _evaluate_devices(self, devices: list[str]) -> Evaluation:
+    def evaluate(self, devices: list[str]) -> Evaluation:
         share = [d for d in devices[self.rank::self.world] if d in self.hub.extractors]
         mine = {d: split_accuracy(extractor_from_state(self.hub.extractors[d]), self.hub.model,
                                   self.test_loader) for d in share}
@@ -302,3 +307,22 @@ class WorkerService(HubService):
         for part in all_gather(mine):
             merged.update(part)
         return Evaluation(dict(sorted(merged.items())))
+
+
+class WorkerService(HubService):
+    """One hub worker: a ``HubService`` whose intake listens on the shared subscription and
+    whose round loop runs with the workers' peers and DDP trainer."""
+
+    def __init__(self, link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg, test_loader,
+                 wcfg: WorkerConfig, on_round=None, on_status=None) -> None:
+        self.rank = dist.get_rank()
+        journal = UploadJournal(Path(cfg.state_dir) / "uploads" / f"rank-{self.rank}")
+        intake = UploadIntake(link, hub, journal, cfg.max_payload)
+        self.fleet = WorkerFleet() if wcfg.monitor else None
+        if self.fleet:  # on rank 0 also the metrics' and status page's source
+            intake.observers.append(self.fleet)
+        peers = WorkerPeers(intake, cfg, wcfg, self.fleet)
+        # rank 0 alone announces: the hub speaks to devices with one voice
+        self.assemble(link, hub, cfg, data_cfg, intake, peers,
+                      DdpTrainer(intake, peers, wcfg, test_loader), on_round, on_status,
+                      speaks=self.rank == 0)

@@ -1,0 +1,268 @@
+"""The synchronous round loop: announce, collect, train, send logits, evaluate, checkpoint.
+
+``RoundLoop`` runs on the main thread while the ``UploadIntake`` (intake.py) fills the
+round from the network thread. What differs between one hub process and K hub workers
+(server_hub/workers/) is held by two small collaborators:
+
+- ``peers``: how the processes that receive uploads agree (restore, subscribe, wait for
+  devices, the round's view, the decision, stopping). ``LocalPeers`` is one process;
+  ``workers.service.WorkerPeers`` exchanges state through collectives, rank 0 decides.
+- ``trainer``: the server training step, the logits to send and the evaluation.
+  ``LocalTrainer`` uses the ``Hub``; ``workers.service.DdpTrainer`` trains with DDP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import numpy as np
+
+from edge_runtime.mqtt.link import MqttLink
+from edge_runtime.protocol import topics, wire
+from server_hub.hub import Evaluation, Hub
+from server_hub.intake import NoDevicesError, UploadIntake
+from server_hub.results import RoundRecord
+from server_hub.trainer import ServerStats
+
+if TYPE_CHECKING:
+    from server_hub.service import ServiceConfig
+
+log = logging.getLogger("gkt.hub")
+
+EXIT_OK, EXIT_NO_DEVICES = 0, 3
+REANNOUNCE_S = 5.0
+
+
+class Announcer:
+    """Publishes the retained round announcement devices follow (only the leader speaks)."""
+
+    def __init__(self, link: MqttLink, intake: UploadIntake, speaks: bool = True) -> None:
+        self.link, self.intake, self.speaks = link, intake, speaks
+        self.last: bytes | None = None
+
+    def announce(self, state: str, deadline: float | None = None) -> None:
+        if not self.speaks:
+            return
+        meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
+        rnd = self.intake.round
+        payload = wire.encode_message("round", "hub", max(rnd, 0), {},
+                                      msg_id=f"round-{rnd}-{state}", meta=meta)
+        self.last = payload
+        self.link.publish(topics.ROUND_TOPIC, payload, retain=True)
+
+    def reannounce(self) -> None:
+        """Publish the same announcement again: a broker killed before its autosave loses
+        retained messages, and devices that join later need it. Same epoch, so devices
+        that saw it already ignore it."""
+        if self.last is not None and self.link.connected:
+            self.link.publish(topics.ROUND_TOPIC, self.last, retain=True, wait=False)
+
+
+class Peers(Protocol):
+    leads: bool  # this process announces rounds, records them and checkpoints
+    log_prefix: str
+
+    def restore(self) -> int: ...
+    def start(self) -> None: ...
+    def stopping(self) -> bool: ...
+    def wait_for_devices(self, on_status: Callable[[str], None]) -> None: ...
+    def open_round(self, rnd: int) -> None: ...
+    def view(self) -> tuple[dict, int, bool]: ...
+    def agree(self, decision: str | None) -> str: ...
+    def pause(self, view: tuple) -> None: ...
+    def total_bytes_down(self, down: int) -> int: ...
+
+
+class Trainer(Protocol):
+    def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]: ...
+    def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]: ...
+    def evaluate(self, devices: list[str]) -> Evaluation: ...
+
+
+class LocalPeers:
+    """One hub process: it alone receives, decides and leads."""
+
+    leads = True
+    log_prefix = ""
+
+    def __init__(self, intake: UploadIntake, cfg: ServiceConfig) -> None:
+        self.intake, self.cfg = intake, cfg
+
+    def restore(self) -> int:
+        return self.intake.hub.resume(Path(self.cfg.state_dir))
+
+    def start(self) -> None:
+        self.intake.listen()
+
+    def stopping(self) -> bool:
+        return self.intake.stopped.is_set()
+
+    def wait_for_devices(self, on_status: Callable[[str], None]) -> None:
+        self.intake.wait_for_devices(self.cfg.min_devices, self.cfg.start_timeout, on_status)
+
+    def open_round(self, rnd: int) -> None:
+        self.intake.open_round(rnd)
+
+    def view(self) -> tuple[dict, int, bool]:
+        with self.intake.cond:
+            return self.intake.view()
+
+    def agree(self, decision: str | None) -> str:
+        assert decision is not None
+        return decision
+
+    def pause(self, view: tuple) -> None:
+        """Wait until a message changes the view (at most 1 s)."""
+        with self.intake.cond:
+            self.intake.cond.wait_for(lambda: self.intake.view() != view, timeout=1.0)
+
+    def total_bytes_down(self, down: int) -> int:
+        return down
+
+
+class LocalTrainer:
+    """The server step, logits and evaluation of one hub process (``Hub``)."""
+
+    def __init__(self, hub: Hub, test_loader) -> None:
+        self.hub, self.test_loader = hub, test_loader
+
+    def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]:
+        stats = self.hub.train(sorted(done))
+        return stats, f"{stats.samples} samples"
+
+    def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]:
+        out = {}
+        for d in devices:
+            ids, z = self.hub.logits_for(d)
+            out[d] = (ids.numpy(), z)
+        return out
+
+    def evaluate(self, devices: list[str]) -> Evaluation:
+        return self.hub.evaluate(self.test_loader, devices)
+
+
+class RoundLoop:
+    """Runs the rounds; the leader applies the rules (min devices, deadline, extensions)."""
+
+    def __init__(self, intake: UploadIntake, announcer: Announcer, peers: Peers,
+                 trainer: Trainer, cfg: ServiceConfig, data_cfg,
+                 report: Callable[[RoundRecord], None],
+                 on_status: Callable[[str], None]) -> None:
+        self.intake, self.announcer, self.peers, self.trainer = intake, announcer, peers, trainer
+        self.cfg, self.data_cfg = cfg, data_cfg
+        self.report, self.on_status = report, on_status
+        self.started = time.perf_counter()  # records' elapsed: the time axis of plots
+
+    def run(self) -> int:
+        start = self.peers.restore()
+        self.peers.start()
+        try:
+            self.peers.wait_for_devices(self.on_status)
+            for rnd in range(start, self.cfg.rounds):
+                if self.peers.stopping():
+                    break
+                self.run_round(rnd)
+        except NoDevicesError as err:
+            if not self.intake.stopped.is_set():
+                log.error("%s", err)
+                return EXIT_NO_DEVICES
+        if self.intake.stopped.is_set():  # SIGTERM: not the end of the federation: no "stop"
+            log.info("stopped; a restart resumes after the last checkpoint")
+            return EXIT_OK
+        self.intake.phase = "done"
+        self.announcer.announce("stop")
+        return EXIT_OK
+
+    def collect(self, rnd: int) -> dict:
+        """Open round ``rnd`` and wait for uploads; the complete uploads by device."""
+        self.peers.open_round(rnd)
+        deadline = time.time() + self.cfg.round_deadline
+        self.announcer.announce("collect", deadline)
+        extensions, last_announce = 0, time.monotonic()
+        known = self.intake.known
+        while True:
+            view = self.peers.view()
+            done, got, stop = view
+            decision = "stop" if stop else None
+            if decision is None and self.peers.leads:
+                if time.monotonic() - last_announce > REANNOUNCE_S:
+                    self.announcer.reannounce()
+                    last_announce = time.monotonic()
+                self.on_status(f"round {rnd}: {len(done)}/{len(known)} devices uploaded, "
+                               f"{got / 1e6:.1f} MB in")
+                decision = round_decision(len(done), set(done) >= set(known),
+                                          self.cfg.min_devices, time.time() >= deadline,
+                                          extensions < self.cfg.max_extensions)
+                if decision == "extend":
+                    extensions += 1
+                    deadline = time.time() + self.cfg.round_deadline
+                    log.warning("round %d: %d of %d required devices uploaded; extending the "
+                                "deadline (%d/%d)", rnd, len(done), self.cfg.min_devices,
+                                extensions, self.cfg.max_extensions)
+                    self.announcer.announce("collect", deadline)
+                elif decision == "go" and len(done) < self.cfg.min_devices:
+                    log.warning("round %d: going on with %d devices (< min %d)", rnd,
+                                len(done), self.cfg.min_devices)
+                elif decision == "go" and set(done) < set(known):
+                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
+                                len(done), len(known))
+            decision = self.peers.agree(decision)
+            if decision == "go":
+                break
+            if decision == "stop":
+                raise NoDevicesError("stopped")
+            if decision == "fail":
+                raise NoDevicesError(f"round {rnd}: no device uploaded before the deadline")
+            self.peers.pause(view)
+        with self.intake.cond:
+            self.intake.phase = "train"
+        return done
+
+    def run_round(self, rnd: int) -> None:
+        t0 = time.perf_counter()
+        down0 = self.intake.bytes_down
+        done = self.collect(rnd)
+        devices = sorted(done)
+        t_collect = time.perf_counter()
+        self.announcer.announce("train")
+        self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
+        stats, trained = self.trainer.train(rnd, done)
+        t_train = time.perf_counter()
+        self.intake.sent = {}  # only this round's logits are sent again on request
+        for d, (ids, z) in self.trainer.logits(devices).items():
+            self.intake.send_logits(d, rnd, ids, z)
+        seconds = time.perf_counter() - t0
+        ev = self.trainer.evaluate(devices)
+        log.info("%sround %d: collect %.1fs, train %.1fs (%s), logits %.1fs, eval %.1fs",
+                 self.peers.log_prefix, rnd, t_collect - t0, t_train - t_collect, trained,
+                 t0 + seconds - t_train, time.perf_counter() - t0 - seconds)
+        down = self.peers.total_bytes_down(self.intake.bytes_down - down0)
+        if self.peers.leads:
+            accs = [u.edge_accuracy for u in done.values() if u.edge_accuracy is not None]
+            rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
+                              round(seconds, 3), float(np.mean(accs)) if accs else None,
+                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
+            hub = self.intake.hub
+            hub.save(Path(self.cfg.state_dir), hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
+        self.intake.journal.drop(rnd)
+        if self.peers.leads:
+            self.report(rec)
+
+
+def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
+                   extensions_left: bool) -> str:
+    """What a collecting round does next: wait | go | extend | fail."""
+    enough = done >= min_devices
+    if enough and all_done:
+        return "go"
+    if not deadline_passed:
+        return "wait"
+    if enough:
+        return "go"
+    if extensions_left:
+        return "extend"
+    return "go" if done else "fail"
