@@ -20,6 +20,7 @@ from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.limits import max_packet_size, rows_per_message
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
@@ -116,7 +117,7 @@ class UploadIntake:
             return
         try:
             device = topics.device_from_topic(topic)
-            msg = wire.decode_message(payload, max_bytes=self.max_payload)
+            msg = wire.decode_message(payload, max_bytes=max_packet_size(self.max_payload))
             if msg.device != device:
                 raise wire.WireError("spoofed", f"header names device {msg.device!r} "
                                                 f"on {device!r}'s topic")
@@ -234,7 +235,7 @@ class UploadIntake:
     # -- main thread ---------------------------------------------------------------------
     def send_logits(self, device: str, rnd: int, ids, logits, wait: bool = True) -> None:
         """Send a device its server logits (kept for a re-request)."""
-        per_chunk = max(1, (self.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
+        per_chunk = rows_per_message(self.max_payload, 8 + 4 * self.hub.num_classes)
         msgs = logits_messages(device, rnd, ids, logits, per_chunk)
         self.sent[device] = (rnd, msgs)
         for m in msgs:

@@ -23,6 +23,7 @@ import numpy as np
 
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol import topics, wire
+from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.hub import Evaluation, Hub
 from server_hub.intake import NoDevicesError, UploadIntake
 from server_hub.results import RoundRecord
@@ -33,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gkt.hub")
 
-EXIT_OK, EXIT_NO_DEVICES = 0, 3
 REANNOUNCE_S = 5.0
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus, UploadIntake
 from server_hub.journal import UploadJournal
@@ -28,7 +29,7 @@ class ServiceConfig:
     round_deadline: float = 300.0  # seconds a round waits for uploads
     max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
     start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
-    max_payload: int = 256 * 1024  # largest message we accept or send (broker's packet limit)
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (edge_runtime.protocol.limits)
 
 
 class HubService:

@@ -86,6 +86,43 @@ def _gather(bank: FeatureBank, devices: list[str]):
     )
 
 
+def server_autocast(cfg: ServerTrainConfig, dev: torch.device):
+    """bf16 autocast of the server's forward pass: always on a CUDA hub, on a CPU hub as
+    ``cfg.cpu_precision`` says."""
+    amp = dev.type == "cuda" or resolve_precision(cfg.cpu_precision) == "bf16"
+    return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def server_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ServerTrainConfig,
+                hb: torch.Tensor, yb: torch.Tensor, z_c: torch.Tensor,
+                weights: torch.Tensor | None = None,
+                scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step of the server on a batch already on the model's device; (mean
+    loss, logits), both detached. The loss is cross-entropy (each sample's scaled by
+    ``weights``, async staleness) plus ``cfg.alpha`` x KD from the devices' logits ``z_c``;
+    the gradient is that of ``scale`` x the loss (hub workers weight their share of a
+    global batch). The single hub, the workers and async mode all train through here."""
+    dev = hb.device
+    if cfg.channels_last:
+        hb = channels_last_input(hb)
+    model.train()
+    with server_autocast(cfg, dev):
+        z_s = model(hb)
+    z = z_s.float()
+    if weights is None:
+        loss = F.cross_entropy(z, yb)
+        kd_weight = cfg.alpha
+    else:
+        loss = (weights * F.cross_entropy(z, yb, reduction="none")).mean()
+        kd_weight = cfg.alpha * weights.mean()
+    if cfg.alpha > 0:
+        loss = loss + kd_weight * kd_loss(z, z_c, cfg.temperature)
+    optimizer.zero_grad(set_to_none=True)
+    (loss * scale if scale != 1.0 else loss).backward()
+    optimizer.step()
+    return loss.detach(), z_s.detach()
+
+
 def train_server(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -102,27 +139,16 @@ def train_server(
         to_channels_last(model)
     h, z_c, y = _gather(bank, devices)
     n = len(y)
-    amp = dev.type == "cuda" or resolve_precision(cfg.cpu_precision) == "bf16"
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed batch shapes: pick the fastest kernels
-    model.train()
     total = correct = seen = 0
     for _ in range(cfg.epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, cfg.batch_size):
             idx = order[start : start + cfg.batch_size]
             hb, yb = h[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
-            if cfg.channels_last:
-                hb = channels_last_input(hb)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                z_s = model(hb)
-                loss = F.cross_entropy(z_s, yb)
-                if cfg.alpha > 0:
-                    loss = loss + cfg.alpha * kd_loss(z_s, z_c[idx].to(dev), cfg.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
+            loss, z_s = server_step(model, optimizer, cfg, hb, yb, z_c[idx].to(dev))
+            total += float(loss) * len(idx)
             correct += int((z_s.argmax(1) == yb).sum())
             seen += len(idx)
     return ServerStats(total / max(seen, 1), correct / max(seen, 1), n, cfg.epochs)

@@ -27,6 +27,7 @@ from test_mqtt_federation import make_agent, make_hub, prepare_test, run_threads
 from edge_runtime.learning.data import DataConfig, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics
+from server_hub.assembly.options import MonitorOptions
 from server_hub.cli import main as hub_cli
 from server_hub.monitoring.endpoints import start_monitoring
 from server_hub.simulation.inproc import FederationConfig, prepare
@@ -56,8 +57,7 @@ def fed(tmp_path_factory):
         scrapes.append(scrape(metrics.port))
 
     service.on_round = on_round  # as serve passes it; monitoring chains its own before it
-    mon = start_monitoring(argparse.Namespace(metrics_port=0, metrics_host="127.0.0.1",
-                                              status_port=0, status_host="127.0.0.1"), service)
+    mon = start_monitoring(MonitorOptions(metrics_port=0, status_port=0), service)
     metrics, status = mon.servers
     hub = threading.Thread(target=service.run)
     hub.start()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from edge_runtime.learning.models import FEATURE_CHANNELS
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.codecs import encode_array
+from edge_runtime.protocol.limits import HEADER_ROOM
 from edge_runtime.protocol.wire import WireError, chunk_sizes, decode_message, encode_message
 
 MAX = 1 << 22
@@ -366,7 +367,7 @@ def test_reason_codes_are_documented():
 
 def test_chunk_sizes_fit_the_packet_limit():
     sizes = chunk_sizes(1000, 4152, 256 * 1024)
-    assert sum(sizes) == 1000 and max(sizes) * 4152 <= 256 * 1024 - wire.HEADER_ROOM
+    assert sum(sizes) == 1000 and max(sizes) * 4152 <= 256 * 1024 - HEADER_ROOM
     assert sizes[:-1] == [sizes[0]] * (len(sizes) - 1) and 0 < sizes[-1] <= sizes[0]
     assert chunk_sizes(0, 100, 1 << 20) == []
     assert chunk_sizes(3, 100, 1 << 20) == [3]

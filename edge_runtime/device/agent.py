@@ -27,6 +27,7 @@ from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
 
 log = logging.getLogger("gkt.edge")
@@ -37,7 +38,7 @@ class AgentConfig:
     device_id: str
     codec: str = "q8"
     state_dir: str = "gkt-edge-state"
-    max_payload: int = 256 * 1024  # must fit the broker's max packet size
+    max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (protocol/limits.py)
     window: int = 8  # un-acknowledged chunks in flight
     ack_timeout: float = 5.0
     upload_deadline: float = 600.0
@@ -123,7 +124,7 @@ class EdgeAgent:
         if not payload:  # a cleared retained message
             return None
         try:
-            return wire.decode_message(payload, max_bytes=self.cfg.max_payload * 4)
+            return wire.decode_message(payload, max_bytes=max_packet_size(self.cfg.max_payload))
         except wire.WireError as err:
             self._reject(topic, f"{err.reason}: {err}")
             return None

@@ -22,6 +22,7 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -46,19 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--dataset", default="digits")
     run.add_argument("--data-root", default="data")
     run.add_argument("--image-size", type=int, default=0)
-    run.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA")
+    run.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA")
     run.add_argument("--shard", type=int, default=0, help="this device's part of the partition")
     run.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
     run.add_argument("--seed", type=int, default=0, help="partition seed, same on every device")
     run.add_argument("--model-seed", type=int, default=0,
                      help="initial weights; must be the same on every device")
-    run.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    run.add_argument("--edge-epochs", type=int, default=1, help="local epochs per round (E_c)")
     run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--lr", type=float, default=1e-3)
+    run.add_argument("--edge-lr", type=float, default=1e-3)
     run.add_argument("--temperature", type=float, default=3.0)
     run.add_argument("--alpha", type=float, default=1.0)
-    run.add_argument("--max-payload", type=int, default=256 * 1024,
-                     help="bytes per message; must fit the broker's max_packet_size")
+    run.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
+                     help="largest message in bytes; the broker allows this + 4 KB")
     run.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (0 = torch's default: one per core)")
     run.add_argument("--extract-backend", default="folded",
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         from edge_runtime.protocol.codecs import get_codec
 
         get_codec(cfg.codec)
-        edge_cfg = EdgeTrainConfig(args.epochs, args.batch_size, args.lr,
+        edge_cfg = EdgeTrainConfig(args.edge_epochs, args.batch_size, args.edge_lr,
                                    temperature=args.temperature, alpha=args.alpha,
                                    extract_backend=args.extract_backend,
                                    precision=args.precision)
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                         seed=args.seed + args.shard, model_seed=args.model_seed)
     try:
         link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
-                                   max_packet_size=cfg.max_payload + 1024,
+                                   max_packet_size=max_packet_size(cfg.max_payload),
                                    **login_fields(args)))
     except (ValueError, OSError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)

@@ -35,6 +35,7 @@ from edge_runtime.protocol.codecs import (
     get_codec,
 )
 from edge_runtime.protocol.errors import WireError
+from edge_runtime.protocol.limits import rows_per_message
 from edge_runtime.protocol.schema import (  # noqa: F401 (part of wire's API)
     _INT32,
     _MSG_ID,
@@ -52,7 +53,6 @@ MAGIC = b"GKT"
 PROTOCOL_VERSION = 1
 MAX_HEADER = 64 * 1024
 MAX_ELEMENTS = 8 * 1024 * 1024  # default cap on decoded elements per message (32 MB fp32)
-HEADER_ROOM = 8192  # bytes ``chunk_sizes`` leaves for framing and header
 KINDS = ("hello", "features", "upload_done", "extractor", "ack", "logits", "logits_request",
          "round")
 REASONS = ("bad_magic", "bad_version", "bad_header", "unknown_kind", "schema", "checksum",
@@ -186,20 +186,14 @@ def decode_message(data: bytes, *, max_bytes: int, max_elements: int = MAX_ELEME
     return replace(msg, tensors=arrays)
 
 
-def chunk_sizes(n_samples: int, bytes_per_sample: int, max_payload: int,
-                header_room: int = HEADER_ROOM) -> list[int]:
-    """Samples per message so that each message of ``bytes_per_sample`` per sample plus
-    ``header_room`` fits ``max_payload`` (the broker's packet limit): full chunks, then the
-    rest. ValueError if a single sample does not fit."""
+def chunk_sizes(n_samples: int, bytes_per_sample: int, max_payload: int) -> list[int]:
+    """Samples per message so that each message of ``bytes_per_sample`` per sample fits
+    ``max_payload`` (limits.py): full chunks, then the rest. ValueError if a single sample
+    does not fit."""
     if n_samples < 0 or bytes_per_sample <= 0:
         raise ValueError(f"need n_samples >= 0 and bytes_per_sample > 0, got {n_samples} "
                          f"and {bytes_per_sample}")
-    room = max_payload - header_room
-    if bytes_per_sample > room:
-        raise ValueError(f"one sample ({bytes_per_sample} bytes) plus {header_room} bytes of "
-                         f"header does not fit a {max_payload}-byte message; raise the "
-                         "broker's max packet size or choose a smaller codec")
-    per = room // bytes_per_sample
+    per = rows_per_message(max_payload, bytes_per_sample)
     return [min(per, n_samples - s) for s in range(0, n_samples, per)]
 
 

@@ -17,14 +17,18 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from edge_runtime.learning.distill import kd_loss
-from edge_runtime.learning.perf import channels_last_input, to_channels_last
+from edge_runtime.learning.perf import to_channels_last
 from server_hub.async_mode.rules import AsyncConfig, due_devices, staleness_weight, steps_for
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
 from server_hub.hub import Evaluation, Hub
-from server_hub.trainer import Rows, extractor_from_state, server_logits, split_accuracy
+from server_hub.trainer import (
+    Rows,
+    extractor_from_state,
+    server_logits,
+    server_step,
+    split_accuracy,
+)
 
 
 @dataclass
@@ -41,21 +45,10 @@ class Slot:
 def weighted_server_step(hub: Hub, h: torch.Tensor, y: torch.Tensor, w: torch.Tensor,
                          z_c: torch.Tensor) -> float:
     """One optimizer step on a batch, each sample's loss scaled by its staleness weight."""
-    cfg, model, dev = hub.cfg, hub.model, hub.device
-    hb, yb, wb = h.to(dev).float(), y.to(dev), w.to(dev)
-    if cfg.channels_last:
-        hb = channels_last_input(hb)
-    model.train()
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-        z_s = model(hb)
-        loss = (wb * F.cross_entropy(z_s.float(), yb, reduction="none")).mean()
-        if cfg.alpha > 0:
-            loss = loss + cfg.alpha * wb.mean() * kd_loss(z_s.float(), z_c.to(dev),
-                                                          cfg.temperature)
-    hub.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    hub.optimizer.step()
-    return float(loss.detach())
+    dev = hub.device
+    loss, _ = server_step(hub.model, hub.optimizer, hub.cfg, h.to(dev).float(), y.to(dev),
+                          z_c.to(dev), weights=w.to(dev))
+    return float(loss)
 
 
 class AsyncHub:

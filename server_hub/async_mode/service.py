@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from edge_runtime.protocol import wire
+from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.async_mode.hub import AsyncHub
 from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.async_mode.state import AsyncState, load_state, save_state
 from server_hub.intake import HubStatus, NoDevicesError, Upload, UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.results import RoundRecord
-from server_hub.rounds import EXIT_NO_DEVICES, EXIT_OK, REANNOUNCE_S, Announcer
+from server_hub.rounds import REANNOUNCE_S, Announcer
 
 log = logging.getLogger("gkt.hub")
 

@@ -12,6 +12,7 @@ import shlex
 import socket
 import sys
 
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_NOT_FOUND
 from server_hub.broker.enrol import (
     EnrolError,
     SecurityPaths,
@@ -59,7 +60,7 @@ def run_device(args: argparse.Namespace) -> int:
         if args.verb == "revoke":
             if not revoke_device(args.state_dir, args.device_id):
                 print(f"gkt-hub: device {args.device_id!r} is not enrolled", file=sys.stderr)
-                return 1
+                return EXIT_NOT_FOUND
             print(f"revoked {args.device_id}; it can no longer connect")
             return 0
         rows = list_devices(args.state_dir)
@@ -71,7 +72,7 @@ def run_device(args: argparse.Namespace) -> int:
         return 0
     except (EnrolError, ValueError) as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGS
 
 
 def _add(args: argparse.Namespace) -> int:

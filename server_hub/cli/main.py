@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from edge_runtime.learning.data import DATASETS, DataConfig
@@ -17,24 +18,34 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_OK
+from server_hub.assembly.options import BrokerOptions, HubOptions, MonitorOptions, WorkerOptions
 from server_hub.cli.device import add_access_args, add_device_parser, run_device
+from server_hub.cli.feature_args import (
+    add_monitoring_args,
+    add_status_parser,
+    add_worker_args,
+    run_status,
+)
 from server_hub.cli.mode_options import add_async_args, mode_options
 from server_hub.models import SERVER_MODELS
-from server_hub.monitoring.endpoints import add_monitoring_args, add_status_parser, run_status
+from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
 from server_hub.trainer import ServerTrainConfig
-from server_hub.workers.launch import add_worker_args
 
 ENV_PREFIX = "GKT_HUB_"  # GKT_HUB_ROUNDS=50 is --rounds 50 (flags > environment > --config)
 
 
-def add_training_args(p: argparse.ArgumentParser) -> None:
+def add_training_args(p: argparse.ArgumentParser, simulate: bool = False) -> None:
+    """Data and training flags; the edge ones have gkt-edge's names and defaults."""
     g = p.add_argument_group("data and training")
     g.add_argument("--dataset", choices=DATASETS, default="digits")
     g.add_argument("--data-root", default="data", help="local root of torchvision datasets")
     g.add_argument("--image-size", type=int, default=0,
                    help="input size; 0 = native (32; digits 8)")
-    g.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA")
+    if simulate:  # serve's devices split their data themselves (gkt-edge --partition)
+        g.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA")
     g.add_argument("--rounds", type=int, default=10)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch-size", type=int, default=32)
@@ -55,7 +66,7 @@ def federation_config(args: argparse.Namespace) -> FederationConfig:
         state_dir=getattr(args, "state_dir", None),
         data=DataConfig(args.dataset, args.data_root, args.image_size),
         devices=args.devices,
-        partition=args.partition,
+        partition=getattr(args, "partition", FederationConfig.partition),
         rounds=args.rounds,
         seed=args.seed,
         edge=EdgeTrainConfig(args.edge_epochs, args.batch_size, args.edge_lr,
@@ -64,6 +75,30 @@ def federation_config(args: argparse.Namespace) -> FederationConfig:
                                  args.server_lr, temperature=args.temperature,
                                  alpha=args.server_alpha, device=args.device),
     )
+
+
+def monitor_options(args: argparse.Namespace) -> MonitorOptions:
+    return MonitorOptions(args.metrics_port, args.metrics_host, args.status_port,
+                          args.status_host, args.monitor_linger)
+
+
+def hub_options(args: argparse.Namespace) -> tuple[FederationConfig, HubOptions, BrokerOptions]:
+    """`gkt-hub serve`'s typed options (also the torchrun entry's); ValueError names a bad
+    option."""
+    fed = federation_config(args)
+    service = ServiceConfig(args.state_dir, rounds=fed.rounds, min_devices=args.min_devices,
+                            round_deadline=args.round_deadline,
+                            start_timeout=args.start_timeout,
+                            max_payload=args.max_payload)
+    workers = WorkerOptions(args.workers, args.share_group, args.worker_threads, args.trace_dir)
+    opts = HubOptions(service, mode_options(args, args.min_devices, fed.rounds),
+                      monitor_options(args), workers, progress=not args.no_progress)
+    user = args.broker_user
+    broker = BrokerOptions(args.broker, user,
+                           os.environ.get("GKT_BROKER_PASSWORD") if user else None,
+                           args.listen, args.port, args.tls, args.tls_port,
+                           tuple(args.tls_host), args.insecure)
+    return fed, opts, broker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a round waits for uploads before going on without a device")
     srv.add_argument("--start-timeout", type=float, default=3600.0,
                      help="seconds to wait for the first --min-devices devices")
-    srv.add_argument("--max-payload", type=int, default=512 * 1024,
-                     help="largest message in bytes (the broker's max_packet_size)")
+    srv.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
+                     help="largest message in bytes; the broker allows this + 4 KB")
     srv.add_argument("--no-progress", action="store_true")
     add_access_args(srv)
     add_worker_args(srv)
@@ -104,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
     add_async_args(sim, simulate=True)
-    add_training_args(sim)
+    add_training_args(sim, simulate=True)
     add_monitoring_args(srv)
     add_monitoring_args(sim)
     for p in (srv, sim):
@@ -128,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parse_args(build_parser(), argv, ENV_PREFIX)
     except ConfigError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGS
     if args.command == "status":
         return run_status(args)
     if args.command == "service":
@@ -142,27 +177,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "device":
         return run_device(args)
     try:
-        cfg = federation_config(args)
-        devices = args.min_devices if args.command == "serve" else cfg.devices
-        args.mode_options = mode_options(args, devices, cfg.rounds)
+        if args.command == "serve":
+            fed, opts, broker = hub_options(args)
+        else:
+            cfg = federation_config(args)
+            opts = mode_options(args, cfg.devices, cfg.rounds)
     except ValueError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
-        return 2
-    if args.command == "serve" and args.workers > 1:
-        from server_hub.workers.launch import serve_workers
-
-        return serve_workers(args, cfg)
+        return EXIT_BAD_ARGS
     if args.command == "serve":
         from server_hub.cli.serve import serve
 
-        return serve(args, cfg)
+        return serve(fed, opts, broker)
     if args.command == "simulate":
         from server_hub.simulation.launch import simulate_inproc, simulate_mqtt
 
-        opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_args=args)
+                                   opts, monitor_options(args))
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")
@@ -170,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             result.write_json(args.json)
             print(f"wrote {args.json}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -3,18 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
 
-from edge_runtime.device.throttle import DeviceSpeed
+from server_hub.assembly.options import ModeOptions
 from server_hub.async_mode.rules import MODES, AsyncConfig
 from server_hub.simulation.speeds import build_fleet
-
-
-@dataclass(frozen=True)
-class ModeOptions:
-    mode: str = "sync"
-    acfg: AsyncConfig | None = None  # set when mode is async
-    fleet: list[DeviceSpeed] = field(default_factory=list)  # simulate only; empty: as is
 
 
 def add_async_args(p: argparse.ArgumentParser, simulate: bool = False) -> None:
@@ -60,16 +52,3 @@ def mode_options(args: argparse.Namespace, devices: int, rounds: int) -> ModeOpt
                        max_updates=args.max_updates or (0 if args.duration else rounds * devices),
                        duration=args.duration)
     return ModeOptions("async", acfg, fleet)
-
-
-def hub_service(opts: ModeOptions | None, link, hub, cfg, data_cfg, test_loader, on_round=None,
-                on_status=None):
-    """The synchronous HubService, or the asynchronous one."""
-    if opts is not None and opts.mode == "async":
-        from server_hub.async_mode.service import AsyncHubService
-
-        return AsyncHubService(link, hub, cfg, opts.acfg, data_cfg, test_loader, on_round,
-                               on_status)
-    from server_hub.service import HubService
-
-    return HubService(link, hub, cfg, data_cfg, test_loader, on_round, on_status)

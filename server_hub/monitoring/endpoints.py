@@ -1,5 +1,5 @@
-"""`gkt-hub serve --metrics-port/--status-port` and `gkt-hub status`: wiring of the fleet
-observer, the Prometheus endpoint and the status page to a hub service.
+"""Monitoring of a running hub: wiring of the fleet observer, the Prometheus endpoint and
+the status page to a hub service, and the text `gkt-hub status` prints.
 
 Both servers are off unless a port is given, and bind to loopback unless told otherwise
 (neither has authentication: put a reverse proxy in front to show them on a network).
@@ -7,31 +7,13 @@ Both servers are off unless a port is given, and bind to loopback unless told ot
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
+from server_hub.assembly.options import MonitorOptions
 from server_hub.monitoring.snapshot import FleetObserver
 
 log = logging.getLogger("gkt.hub")
-EXIT_UNREACHABLE = 4
-
-
-def add_monitoring_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("monitoring (off unless a port is given)")
-    g.add_argument("--metrics-port", type=int, default=None,
-                   help="serve Prometheus metrics on this port (/metrics)")
-    g.add_argument("--metrics-host", default="127.0.0.1", help="address of --metrics-port")
-    g.add_argument("--status-port", type=int, default=None,
-                   help="serve the live status page (/) and /status.json on this port")
-    g.add_argument("--status-host", default="127.0.0.1", help="address of --status-port")
-    g.add_argument("--monitor-linger", type=float, default=0.0, metavar="SECONDS",
-                   help="after the last round keep serving both this long, so a scrape "
-                        "sees the end (SIGTERM ends it sooner)")
 
 
 @dataclass
@@ -54,7 +36,7 @@ class MonitoringError(RuntimeError):
     """A metrics or status port that cannot be served (taken, or a bad address)."""
 
 
-def start_monitoring(args: argparse.Namespace, service,
+def start_monitoring(opts: MonitorOptions, service,
                      fleet: FleetObserver | None = None) -> Monitoring:
     """Attach the observers to ``service`` and start the servers asked for; ``fleet``: one
     the service has already (hub workers' rank 0 merges the other workers' into it)."""
@@ -63,21 +45,21 @@ def start_monitoring(args: argparse.Namespace, service,
         service.add_observer(mon.fleet)
     listeners = [mon.fleet.on_round]
     try:
-        if args.metrics_port is not None:
+        if opts.metrics_port is not None:
             from server_hub.monitoring.metrics import (
                 HubMetrics,  # prometheus_client: the [hub] extra
             )
 
             metrics = HubMetrics(service, mon.fleet)
             listeners.append(metrics.on_round)
-            port = metrics.serve(args.metrics_port, args.metrics_host)
+            port = metrics.serve(opts.metrics_port, opts.metrics_host)
             mon.servers.append(metrics)
-            log.info("metrics on http://%s:%d/metrics", args.metrics_host, port)
-        if args.status_port is not None:
+            log.info("metrics on http://%s:%d/metrics", opts.metrics_host, port)
+        if opts.status_port is not None:
             from server_hub.monitoring.status_page import StatusServer
 
-            status = StatusServer(lambda: mon.fleet.snapshot(service), args.status_port,
-                                  args.status_host)
+            status = StatusServer(lambda: mon.fleet.snapshot(service), opts.status_port,
+                                  opts.status_host)
             mon.servers.append(status)
             log.info("status page on %s", status.url)
     except OSError as err:
@@ -93,14 +75,6 @@ def start_monitoring(args: argparse.Namespace, service,
 
     service.on_round = on_round
     return mon
-
-
-def add_status_parser(sub) -> None:
-    p = sub.add_parser("status", help="print a running hub's status (from its --status-port)")
-    p.add_argument("--url", default="http://127.0.0.1:8080",
-                   help="the hub's status server, as given to serve --status-port")
-    p.add_argument("--json", action="store_true", help="print the raw /status.json")
-    p.add_argument("--timeout", type=float, default=5.0)
 
 
 def _num(v: float | None, spec: str) -> str:
@@ -142,15 +116,3 @@ def format_status(s: dict) -> str:
                   f"{_num(r.get('edge_accuracy'), '.4f'):>10}  {r['seconds']:>7.1f}"
                   for r in s["history"][-20:]]
     return "\n".join(lines)
-
-
-def run_status(args: argparse.Namespace) -> int:
-    url = args.url.rstrip("/") + "/status.json"
-    try:
-        with urllib.request.urlopen(url, timeout=args.timeout) as resp:
-            snap = json.load(resp)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        print(f"gkt-hub: error: cannot read {url}: {err}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    print(json.dumps(snap, indent=1) if args.json else format_status(snap))
-    return 0

@@ -14,8 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.device.throttle import DeviceSpeed
-from edge_runtime.learning.data import DataConfig
-from server_hub.cli.mode_options import ModeOptions, hub_service
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
 from server_hub.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.simulation.inproc import RUNNERS, FederationConfig, prepare
 from server_hub.simulation.throttled import run_gkt_async_fleet, run_gkt_sync_fleet
@@ -69,8 +69,8 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             "--data-root", d.root, "--image-size", str(d.image_size),
             "--partition", cfg.partition, "--shard", str(shard), "--num-shards", str(cfg.devices),
             "--seed", str(cfg.seed), "--model-seed", str(cfg.seed),
-            "--epochs", str(cfg.edge.epochs), "--batch-size", str(cfg.edge.batch_size),
-            "--lr", str(cfg.edge.lr), "--temperature", str(cfg.edge.temperature),
+            "--edge-epochs", str(cfg.edge.epochs), "--batch-size", str(cfg.edge.batch_size),
+            "--edge-lr", str(cfg.edge.lr), "--temperature", str(cfg.edge.temperature),
             "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload),
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
@@ -81,18 +81,16 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
-                  opts: ModeOptions | None = None, monitor_args=None) -> RunResult:
-    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
-    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints)."""
-    from edge_runtime.learning.data import load_split, make_loader
-    from edge_runtime.mqtt.link import LinkConfig, MqttLink
+                  opts: ModeOptions | None = None,
+                  monitor: MonitorOptions | None = None) -> RunResult:
+    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT."""
+    from server_hub.assembly.hub_run import run_hub
     from server_hub.broker.mosquitto import (
         BrokerConfig,
         ManagedBroker,
         free_port,
         read_sys_counters,
     )
-    from server_hub.hub import Hub
     from server_hub.service import ServiceConfig
 
     opts = opts or ModeOptions()
@@ -103,9 +101,10 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # the broker runs as user mosquitto and must reach its folder
     (work / "logs").mkdir(parents=True, exist_ok=True)
-    max_payload = 256 * 1024
+    max_payload = DEFAULT_MAX_PAYLOAD
     broker = ManagedBroker(BrokerConfig(str(work / "broker"), port=free_port(),
-                                        max_packet_size=2 * max_payload), supervise=True)
+                                        max_packet_size=max_packet_size(max_payload)),
+                           supervise=True)
     broker.start()
     names = [f"dev{i}" for i in range(cfg.devices)]
     print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
@@ -118,42 +117,22 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
                              max_payload, opts.mode, fleet[i])
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
-    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
-    test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
-    link = MqttLink(LinkConfig(broker.url, client_id="gkt-hub", max_packet_size=2 * max_payload))
-    link.connect()
-    bar = tqdm(total=cfg.rounds if opts.mode == "sync" else None, desc=f"gkt/mqtt/{opts.mode}",
-               unit="round", disable=not show_progress, leave=False)
-    bar.write(HEADER)
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}
     result = RunResult("gkt", cfg.data.dataset, cfg.devices, config, transport="mqtt",
                        mode=opts.mode)
-
-    def on_round(rec: RoundRecord) -> None:
-        result.rounds.append(rec)
-        bar.write(format_row(rec))
-        bar.update(1)
-
-    svc_cfg = ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
-                            round_deadline=round_deadline, start_timeout=120,
-                            max_payload=2 * max_payload)
-    service = hub_service(opts, link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
-                         cfg.data, test_loader, on_round,
-                         on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    hub_opts = HubOptions(
+        ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
+                      round_deadline=round_deadline, start_timeout=120,
+                      max_payload=max_payload),
+        opts, monitor or MonitorOptions(), progress=show_progress, signals=False,
+        spill_features=False)
     sys_counters: dict[str, int] = {}
-    monitor = None
     try:
-        if monitor_args is not None:
-            from server_hub.monitoring.endpoints import start_monitoring
-
-            monitor = start_monitoring(monitor_args, service)
-        rc = service.run()
+        outcome = run_hub(cfg, hub_opts, broker.url, on_round=result.rounds.append,
+                          desc=f"gkt/mqtt/{opts.mode}")
         sys_counters = read_sys_counters(broker.url)
     finally:
-        bar.close()
-        if monitor:
-            monitor.close()
         codes = []
         for p, logf in procs:
             try:
@@ -162,16 +141,17 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                 p.terminate()
                 codes.append(p.wait())
             logf.close()
-        link.close()
         broker.stop()
+    status = outcome.status
     result.codec = codec
     result.broker_bytes = {
-        "hub_received": link.bytes_received, "hub_sent": link.bytes_sent,
+        "hub_received": status.bytes_received if status else 0,
+        "hub_sent": status.bytes_sent if status else 0,
         "broker": sys_counters,
-        "rejected": service.status().rejected, "device_exit_codes": codes,
+        "rejected": status.rejected if status else {}, "device_exit_codes": codes,
     }
-    if rc != 0:
-        raise RuntimeError(f"hub exited with code {rc}; see the logs in {work}")
+    if outcome.code != 0:
+        raise RuntimeError(f"hub exited with code {outcome.code}; see the logs in {work}")
     final = result.final()
     print(f"final test accuracy {final['test_accuracy']:.4f} after {cfg.rounds} rounds; "
           f"{final['upload_bytes'] / 1e6:.2f} MB up, {final['download_bytes'] / 1e6:.2f} MB down; "

@@ -26,12 +26,9 @@ from typing import Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from edge_runtime.learning.distill import kd_loss
-from edge_runtime.learning.perf import channels_last_input
-from server_hub.trainer import Rows, ServerStats, ServerTrainConfig
+from server_hub.trainer import Rows, ServerStats, ServerTrainConfig, server_autocast, server_step
 
 
 @dataclass
@@ -72,7 +69,6 @@ def train_server_ddp(
     dev = next(model.parameters()).device
     per_rank, global_sizes = plan_steps(counts, cfg.batch_size)
     mine = per_rank[rank]
-    amp = dev.type == "cuda"
     dummy = torch.zeros(1, *feature_shape, device=dev)
     h, y, z_c = shard.features, shard.labels, shard.logits.float()
     sums = torch.zeros(3, dtype=torch.float64)  # loss * samples, correct, samples
@@ -82,27 +78,22 @@ def train_server_ddp(
         for b, b_all in zip(mine, global_sizes):
             idx = order[start : start + b]
             start += b
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                if b:
-                    model.train()
-                    hb, yb = h[idx].float().to(dev, non_blocking=True), y[idx].to(dev)
-                    z_s = model(channels_last_input(hb) if cfg.channels_last else hb)
-                    loss_sum = F.cross_entropy(z_s, yb, reduction="sum")
-                    if cfg.alpha > 0:
-                        loss_sum = loss_sum + cfg.alpha * b * kd_loss(
-                            z_s, z_c[idx].to(dev), cfg.temperature)
-                    loss = loss_sum * (world / b_all)
-                else:
-                    model.eval()
-                    loss = model(dummy).sum() * 0.0
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
             if b:
-                sums += torch.tensor([float(loss_sum.detach()),
+                hb, yb = h[idx].float().to(dev, non_blocking=True), y[idx].to(dev)
+                # the mean loss of b samples, weighted b x W / B_s: see the module docstring
+                loss, z_s = server_step(model, optimizer, cfg, hb, yb, z_c[idx].to(dev),
+                                        scale=b * world / b_all)
+                sums += torch.tensor([float(loss) * b,
                                       int((z_s.argmax(1) == yb).sum()), b], dtype=torch.float64)
                 if on_step is not None:
                     on_step(epoch, shard.keys[idx])
+            else:  # nothing here this step: a zero-weight forward for DDP's all-reduce
+                model.eval()
+                with server_autocast(cfg, dev):
+                    loss = model(dummy).sum() * 0.0
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     model.train()
     dist.all_reduce(sums)
     average_batchnorm_stats(model)

@@ -11,7 +11,6 @@ devices); rank 0 announces rounds and writes checkpoints to its --state-dir.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import signal
@@ -19,139 +18,72 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS
+from server_hub.assembly.options import BrokerOptions, HubOptions
 from server_hub.simulation.inproc import FederationConfig
 
 log = logging.getLogger("gkt.hub")
 
 
-def add_worker_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("several hub workers (docs/scaling.md)")
-    g.add_argument("--workers", type=_positive, default=1,
-                   help="hub processes on this machine training one server model with DDP "
-                        "(1 = a single process, no torch.distributed)")
-    g.add_argument("--share-group", default=None,
-                   help="MQTT v5 shared-subscription group the workers split uploads in "
-                        "(default: derived from the hub's broker password, so a device "
-                        "cannot join it; 'gkt-hub' on a broker without logins)")
-    g.add_argument("--worker-threads", type=int, default=0,
-                   help="torch CPU threads per worker (0 = cores / workers on this machine)")
-    g.add_argument("--broker-user", help="MQTT user name of the hub (every worker) on a "
-                                         "--broker that needs a login (password: "
-                                         "$GKT_BROKER_PASSWORD)")
-    g.add_argument("--trace-dir", help="write the (device, sample id) each worker trained, "
-                                       "per epoch, as JSON lines here (an audit)")
-
-
-def _positive(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
-    return n
-
-
-def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
+def run_worker(fed: FederationConfig, opts: HubOptions, url: str,
                login: tuple[str | None, str | None] = (None, None),
                init_method: str = "env://", rank: int | None = None,
                world: int | None = None) -> int:
-    """One worker: join the process group, connect to the broker, serve rounds."""
+    """One worker: join the process group, then run the hub's round loop as a worker."""
     import torch
 
-    from edge_runtime.learning.data import DataConfig, load_split, make_loader
-    from edge_runtime.mqtt.link import LinkConfig, MqttLink
-    from server_hub.hub import Hub
-    from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
-    from server_hub.results import HEADER, format_row
-    from server_hub.service import ServiceConfig
+    from server_hub.assembly.hub_run import Rank, run_hub
     from server_hub.trainer import pick_device
-    from server_hub.workers.distributed import backend_for, broadcast, init_group, local_rank
-    from server_hub.workers.service import WorkerConfig, WorkerService, share_group_for
+    from server_hub.workers.distributed import backend_for, init_group, local_rank
 
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world or 1))
-    torch.set_num_threads(args.worker_threads or max(1, (os.cpu_count() or 1) // per_node))
-    device = pick_device(cfg.server.device)
-    server_cfg = cfg.server
+    torch.set_num_threads(opts.workers.threads or max(1, (os.cpu_count() or 1) // per_node))
+    device = pick_device(fed.server.device)
+    server_cfg = fed.server
     if device.type == "cuda":
         lr = int(os.environ.get("LOCAL_RANK", rank or 0))
         torch.cuda.set_device(lr)
         server_cfg = replace(server_cfg, device=f"cuda:{lr}")
     rank, world = init_group(backend_for(device), init_method, rank, world)
-    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
+    if rank == 0:
+        print(f"{world} hub workers (rank {rank} local {local_rank()}), "
+              f"{torch.get_num_threads()} threads each, broker {url}", flush=True)
     try:
-        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
-    except FileNotFoundError as err:  # every worker evaluates a share of the devices
-        log.error("rank %d: %s", rank, err)
-        return 2
-    link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{rank}", username=login[0],
-                               password=login[1], max_packet_size=args.max_payload + 4096))
-    monitor_on = args.metrics_port is not None or args.status_port is not None
-    monitor = None
-    try:
-        link.connect()
-        features = Path(args.state_dir) / "features" / f"rank-{rank}"  # its own spill files
-        svc = WorkerService(
-            link, Hub(cfg.data.num_classes, server_cfg, cfg.seed, feature_dir=features),
-            ServiceConfig(args.state_dir, rounds=cfg.rounds, min_devices=args.min_devices,
-                          round_deadline=args.round_deadline, start_timeout=args.start_timeout,
-                          max_payload=args.max_payload + 4096),
-            cfg.data, test_loader,
-            WorkerConfig(args.share_group or share_group_for(login[1]), seed=cfg.seed,
-                         trace_dir=args.trace_dir,
-                         monitor=monitor_on),
-            on_round=lambda rec: print(format_row(rec), flush=True))
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: svc.stop())
-        ok = True
-        if monitor_on and rank == 0:  # rank 0 serves the whole hub's figures
-            try:
-                monitor = start_monitoring(args, svc, svc.fleet)
-            except MonitoringError as err:
-                log.error("%s", err)
-                ok = False
-        if monitor_on and not broadcast(ok):
-            return 2  # every worker stops, not only rank 0
-        if rank == 0:
-            print(f"{world} hub workers (rank {rank} local {local_rank()}), "
-                  f"{torch.get_num_threads()} threads each, broker {url}", flush=True)
-            print(HEADER, flush=True)
-        code = svc.run()
-        if monitor:
-            monitor.linger(args.monitor_linger, svc)
-        return code
+        # one line per round on stdout: K progress bars would garble each other
+        return run_hub(fed, replace(opts, progress=False), url, login,
+                       worker=Rank(rank, world, server_cfg)).code
     finally:
-        if monitor:
-            monitor.close()
-        link.close()
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _spawned(index: int, args: argparse.Namespace, cfg: FederationConfig, url: str,
-             login: tuple, init_method: str, world: int) -> None:
+def _spawned(index: int, fed: FederationConfig, opts: HubOptions, url: str, login: tuple,
+             init_method: str, world: int) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{index} %(name)s: %(message)s")
-    sys.exit(run_worker(args, cfg, url, login, init_method, index, world))
+    sys.exit(run_worker(fed, opts, url, login, init_method, index, world))
 
 
-def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
+def serve_workers(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions) -> int:
     """``gkt-hub serve --workers K``: the managed (or given) broker, K spawned workers."""
     import torch.multiprocessing as mp
 
+    from server_hub.assembly.hub_run import BrokerSetupError, open_broker
     from server_hub.broker.mosquitto import free_port
-    from server_hub.cli.serve import BrokerSetupError, open_broker
 
-    state = Path(args.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    state = Path(opts.service.state_dir)
     try:  # the managed broker has the same access rules as one hub
-        broker, url, access = open_broker(args, state)
+        broker, url, access = open_broker(broker_opts, state, opts.service.max_payload)
     except BrokerSetupError as err:
         log.error("%s", err)
         return err.exit_code
     login = (access.username, access.password)
     init_method = f"tcp://127.0.0.1:{free_port()}"
     forwarded: list[int] = []
+    workers = opts.workers.workers
     try:
-        ctx = mp.start_processes(_spawned, nprocs=args.workers, join=False,
-                                 args=(args, cfg, url, login, init_method, args.workers))
+        ctx = mp.start_processes(_spawned, nprocs=workers, join=False,
+                                 args=(fed, opts, url, login, init_method, workers))
 
         def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
             forwarded.append(sig)
@@ -178,21 +110,18 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """torchrun entry: the gkt-hub serve options; --broker is required (no managed one)."""
-    from server_hub.cli.main import build_parser, federation_config
+    from server_hub.cli.main import build_parser, hub_options
 
     args = build_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     if args.broker is None:
         print("server_hub.workers.launch: error: --broker URL is required under torchrun",
               file=sys.stderr)
-        return 2
+        return EXIT_BAD_ARGS
     rank = os.environ.get("RANK", "?")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
-    return run_worker(args, federation_config(args), args.broker, _login(args))
-
-
-def _login(args: argparse.Namespace) -> tuple[str | None, str | None]:
-    return args.broker_user, os.environ.get("GKT_BROKER_PASSWORD") if args.broker_user else None
+    fed, opts, broker_opts = hub_options(args)
+    return run_worker(fed, opts, broker_opts.url, (broker_opts.username, broker_opts.password))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Building a running hub from typed options (the one path serve, workers and simulate use)."""

@@ -1,0 +1,169 @@
+"""The one way a hub is put together and run: `gkt-hub serve` (cli/serve.py), each hub worker
+(workers/launch.py) and `gkt-hub simulate --transport mqtt` (simulation/launch.py) all call
+``run_hub`` with their typed options.
+
+``run_hub`` loads the test split, connects the MQTT link, builds the service (sync, async or
+a hub worker), installs the signal handlers, shows progress, starts monitoring, runs, and
+closes what it opened. ``open_broker`` starts (or joins) the broker first.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from edge_runtime.learning.data import DataConfig, load_split, make_loader
+from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from edge_runtime.protocol.limits import max_packet_size
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_BROKER
+from server_hub.assembly.options import BrokerOptions, HubOptions
+from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, broker_access
+from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
+from server_hub.hub import Hub
+from server_hub.intake import HubStatus
+from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
+from server_hub.results import HEADER, RoundRecord, format_row
+from server_hub.simulation.inproc import FederationConfig
+from server_hub.trainer import ServerTrainConfig
+
+log = logging.getLogger("gkt.hub")
+
+
+class BrokerSetupError(RuntimeError):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def open_broker(opts: BrokerOptions, state: Path,
+                max_payload: int) -> tuple[ManagedBroker | None, str, BrokerAccess]:
+    """(managed broker or None, URL for the hub, hub login): the broker at ``opts.url``, or
+    a started Mosquitto with the state dir's access rules. BrokerSetupError carries the
+    exit code."""
+    if opts.url is not None:
+        return None, opts.url, BrokerAccess(username=opts.username, password=opts.password)
+    try:
+        access = broker_access(AccessConfig(str(state), opts.listen, opts.tls, opts.tls_port,
+                                            opts.tls_hosts, opts.insecure))
+    except AccessError as err:
+        raise BrokerSetupError(str(err), EXIT_BAD_ARGS) from None
+    bcfg = BrokerConfig(str(state / "broker"), host=opts.listen, port=opts.port,
+                        max_packet_size=max_packet_size(max_payload), **access.broker_fields)
+    broker = ManagedBroker(bcfg, supervise=True)
+    try:
+        broker.start()
+    except (FileNotFoundError, RuntimeError) as err:
+        raise BrokerSetupError(str(err), EXIT_BROKER) from None
+    url = f"mqtt://127.0.0.1:{opts.port}" if opts.listen == "0.0.0.0" else broker.url
+    return broker, url, access
+
+
+@dataclass(frozen=True)
+class HubOutcome:
+    code: int  # the program's exit code (server_hub/exit_codes.py)
+    status: HubStatus | None = None  # the service's last status (None: it never started)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among hub workers (server_hub/workers/launch.py)."""
+
+    rank: int
+    world: int
+    server: ServerTrainConfig  # its torch device (cuda:LOCAL_RANK)
+
+
+def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
+            login: tuple[str | None, str | None] = (None, None),
+            on_round: Callable[[RoundRecord], None] | None = None, desc: str = "gkt-hub",
+            worker: Rank | None = None) -> HubOutcome:
+    """Run a hub against the broker at ``url`` until its rounds (or updates) are done."""
+    where = f"rank {worker.rank}: " if worker else ""
+    plain = DataConfig(fed.data.dataset, fed.data.root, fed.data.image_size, augment=False)
+    try:  # every hub worker evaluates a share of the devices
+        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    except FileNotFoundError as err:
+        log.error("%s%s", where, err)
+        return HubOutcome(EXIT_BAD_ARGS)
+    link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{worker.rank}" if worker else "gkt-hub",
+                               username=login[0], password=login[1],
+                               max_packet_size=max_packet_size(opts.service.max_payload)))
+    try:
+        link.connect()
+    except (ConnectionError, ValueError) as err:
+        log.error("%s%s", where, err)
+        return HubOutcome(EXIT_BROKER)
+    sync = opts.mode.mode == "sync"
+    bar = tqdm(total=fed.rounds if sync else None, desc=desc, unit="round",
+               disable=not opts.progress, leave=False)
+    write = bar.write if opts.progress else (lambda line: print(line, flush=True))
+    if worker is None or worker.rank == 0:
+        write(HEADER)
+
+    def on_record(rec: RoundRecord) -> None:
+        write(format_row(rec))
+        bar.set_postfix(acc=f"{rec.test_accuracy:.3f}")
+        bar.update(1)
+        if on_round:
+            on_round(rec)
+
+    svc = _service(fed, opts, link, test_loader, login, worker, on_record,
+                   lambda s: bar.set_postfix_str(s, refresh=True))
+    if opts.signals:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: svc.stop())
+    monitor = None
+    try:
+        ok = True
+        if opts.monitor.enabled and (worker is None or worker.rank == 0):
+            try:  # hub workers: rank 0 serves the whole hub's figures
+                monitor = start_monitoring(opts.monitor, svc, getattr(svc, "fleet", None))
+            except MonitoringError as err:
+                log.error("%s", err)
+                ok = False
+        if worker is not None and opts.monitor.enabled:
+            from server_hub.workers.distributed import broadcast
+
+            ok = broadcast(ok)  # every worker stops, not only rank 0
+        if not ok:
+            return HubOutcome(EXIT_BAD_ARGS, svc.status())
+        code = svc.run()
+        if monitor:
+            monitor.linger(opts.monitor.linger, svc)
+        return HubOutcome(code, svc.status())
+    finally:
+        if monitor:
+            monitor.close()
+        bar.close()
+        link.close()
+
+
+def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loader,
+             login: tuple, worker: Rank | None, on_round, on_status):
+    """The synchronous HubService, the asynchronous one, or a hub worker."""
+    features = Path(opts.service.state_dir) / "features" if opts.spill_features else None
+    if worker is not None and features is not None:
+        features = features / f"rank-{worker.rank}"  # its own spill files
+    hub = Hub(fed.data.num_classes, worker.server if worker else fed.server, fed.seed,
+              feature_dir=features)
+    if worker is not None:
+        from server_hub.workers.service import WorkerConfig, WorkerService, share_group_for
+
+        w = opts.workers
+        wcfg = WorkerConfig(w.share_group or share_group_for(login[1]), seed=fed.seed,
+                            trace_dir=w.trace_dir, monitor=opts.monitor.enabled)
+        return WorkerService(link, hub, opts.service, fed.data, test_loader, wcfg, on_round,
+                             on_status)
+    if opts.mode.mode == "async":
+        from server_hub.async_mode.service import AsyncHubService
+
+        return AsyncHubService(link, hub, opts.service, opts.mode.acfg, fed.data, test_loader,
+                               on_round, on_status)
+    from server_hub.service import HubService
+
+    return HubService(link, hub, opts.service, fed.data, test_loader, on_round, on_status)
