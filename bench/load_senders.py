@@ -19,11 +19,15 @@ import numpy as np
 import torch
 
 from edge_runtime.learning.models import FeatureExtractor
-from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender
 from edge_runtime.protocol import topics, wire
-from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+from edge_runtime.protocol.messages import (
+    FeatureBatch,
+    extractor_message,
+    feature_chunk,
+    parse_logits,
+)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,13 @@ from dataclasses import dataclass
 import torch
 
 from edge_runtime.learning.models import FEATURE_CHANNELS, EdgeResNet8
-from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.protocol.codecs import FEATURE_CODECS
-from edge_runtime.protocol.messages import extractor_message, feature_chunk, logits_messages
+from edge_runtime.protocol.messages import (
+    FeatureBatch,
+    extractor_message,
+    feature_chunk,
+    logits_messages,
+)
 
 CHUNK_SAMPLES = 64  # samples per measured message; headers are amortised over them
 

@@ -89,8 +89,7 @@ def two_chunk_upload(device: str, update: int, seed: int) -> tuple[torch.Tensor,
     """(feature maps, messages) of an upload of 6 samples in two chunks."""
     from test_async_service import upload
 
-    from edge_runtime.learning.train import FeatureBatch
-    from edge_runtime.protocol.messages import feature_chunk
+    from edge_runtime.protocol.messages import FeatureBatch, feature_chunk
 
     feats = torch.rand(6, 16, 8, 8, generator=torch.Generator().manual_seed(seed))
     ids, uid = torch.arange(6), f"r{update}-{seed}"

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from edge_runtime.learning.models import FeatureExtractor
-from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.protocol import topics, wire
-from edge_runtime.protocol.messages import extractor_message, feature_chunk
+from edge_runtime.protocol.messages import FeatureBatch, extractor_message, feature_chunk
 from server_hub.async_mode.rules import AsyncConfig
 from server_hub.async_mode.service import AsyncHubService
 from server_hub.hub import Hub

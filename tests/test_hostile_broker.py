@@ -15,10 +15,9 @@ from test_mqtt_federation import make_hub
 from test_wire import edit_spec, frame, replace_blob, split
 
 from edge_runtime.learning.models import FeatureExtractor
-from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
-from edge_runtime.protocol.messages import extractor_message, feature_chunk
+from edge_runtime.protocol.messages import FeatureBatch, extractor_message, feature_chunk
 
 pytestmark = pytest.mark.mqtt
 DEV = "mallory"

@@ -12,9 +12,10 @@ import torch
 from edge_runtime.device.agent import AgentConfig, EdgeAgent, rebatch
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.learning.data import DataConfig, make_loader
-from edge_runtime.learning.train import EdgeTrainConfig, FeatureBatch
+from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.messages import FeatureBatch
 from server_hub.checkpoint import latest_checkpoint
 from server_hub.hub import Hub
 from server_hub.service import HubService, ServiceConfig

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.protocol.messages import FeatureBatch
 
 
 def ort_session(model: nn.Module, example: torch.Tensor):

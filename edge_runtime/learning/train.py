@@ -20,6 +20,7 @@ from edge_runtime.learning.perf import (
     resolve_precision,
     to_channels_last,
 )
+from edge_runtime.protocol.messages import FeatureBatch  # noqa: F401 (the device imports it here)
 
 EXTRACT_BACKENDS = ("folded", "eager", "onnxruntime")
 
@@ -96,16 +97,6 @@ def train_edge(
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
     return TrainStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, distilled)
-
-
-@dataclass(frozen=True)
-class FeatureBatch:
-    """What a device uploads for a batch of its samples, keyed by sample id."""
-
-    ids: torch.Tensor  # int64 [k]
-    features: torch.Tensor  # float32 [k, 16, S, S], post-ReLU
-    logits: torch.Tensor  # float32 [k, C]
-    labels: torch.Tensor  # int64 [k]
 
 
 def extract_features(model: nn.Module, loader: DataLoader, backend: str = "folded",

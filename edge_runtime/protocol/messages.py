@@ -7,10 +7,19 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.protocol import wire
 
 LOGITS_CODEC = "fp32"
+
+
+@dataclass(frozen=True)
+class FeatureBatch:
+    """What a device uploads for a batch of its samples, keyed by sample id."""
+
+    ids: torch.Tensor  # int64 [k]
+    features: torch.Tensor  # float32 [k, 16, S, S], post-ReLU
+    logits: torch.Tensor  # float32 [k, C]
+    labels: torch.Tensor  # int64 [k]
 
 
 @dataclass(frozen=True)
