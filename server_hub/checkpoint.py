@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 
 @dataclass
 class Checkpoint:
+    """A saved round: server weights, every device's extractor, and what made them."""
+
     path: Path
     meta: dict
     server: dict[str, torch.Tensor]

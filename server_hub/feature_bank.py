@@ -19,6 +19,8 @@ COMPACT_ROWS = 1024  # rows copied at a time when a spill file is rewritten
 
 @dataclass
 class DeviceFeatures:
+    """One device's uploaded samples: ids, feature maps, its logits and labels."""
+
     ids: torch.Tensor  # int64 [n]
     features: torch.Tensor  # [n, 16, S, S] (memory-mapped when spilled)
     logits: torch.Tensor  # float32 [n, C] (device logits, for optional KD on the hub)

@@ -44,6 +44,9 @@ class Evaluation:
 
 
 class Hub:
+    """The hub's GKT state (server model, optimizer, feature bank, device extractors)
+    and its steps: receive, train, logits per device, evaluate, save and restore."""
+
     def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0,
                  feature_dir: str | Path | None = None) -> None:
         """``feature_dir``: spill received feature maps there (bounded hub memory)."""

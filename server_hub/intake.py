@@ -61,7 +61,6 @@ class HubStatus:
     rejected: dict[str, int]
     bytes_received: int
     bytes_sent: int
-    merged: dict[str, int] = field(default_factory=dict)  # async: device -> newest update
     version: int | None = None  # async: the hub version
     steps: int | None = None
     max_updates: int | None = None

@@ -17,6 +17,9 @@ from pathlib import Path
 
 
 class UploadJournal:
+    """Accepted upload messages on disk, per round and device, so a crashed hub
+    replays them instead of asking devices to upload again."""
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._seq = itertools.count()

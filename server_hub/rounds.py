@@ -26,7 +26,7 @@ from edge_runtime.protocol import topics, wire
 from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.hub import Evaluation, Hub
 from server_hub.intake import NoDevicesError, UploadIntake
-from server_hub.results import RoundRecord
+from server_hub.monitoring.results import RoundRecord
 from server_hub.trainer import ServerStats
 
 if TYPE_CHECKING:
@@ -63,6 +63,8 @@ class Announcer:
 
 
 class Peers(Protocol):
+    """How the processes receiving uploads agree on a round (one hub or K workers)."""
+
     leads: bool  # this process announces rounds, records them and checkpoints
     log_prefix: str
 
@@ -78,6 +80,8 @@ class Peers(Protocol):
 
 
 class Trainer(Protocol):
+    """The round's server step, the logits to send and the evaluation."""
+
     def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]: ...
     def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]: ...
     def evaluate(self, devices: list[str]) -> Evaluation: ...

@@ -17,12 +17,14 @@ from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus, UploadIntake
 from server_hub.journal import UploadJournal
-from server_hub.results import RoundRecord
+from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import Announcer, LocalPeers, LocalTrainer, Peers, RoundLoop, Trainer
 
 
 @dataclass(frozen=True)
 class ServiceConfig:
+    """Round rules and limits of a hub service (sync rounds; async uses the limits)."""
+
     state_dir: str
     rounds: int = 10
     min_devices: int = 1

@@ -24,6 +24,8 @@ from server_hub.models import FullResNet
 
 @dataclass(frozen=True)
 class ServerTrainConfig:
+    """How the hub trains the server model (model, epochs, optimizer, KD, speed)."""
+
     model: str = "resnet55"
     epochs: int = 2
     batch_size: int = 64
@@ -51,6 +53,8 @@ def pick_device(name: str) -> torch.device:
 
 @dataclass(frozen=True)
 class ServerStats:
+    """Loss and accuracy of a server training pass."""
+
     loss: float
     accuracy: float
     samples: int

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from server_hub.results import RoundRecord, format_row
+from server_hub.monitoring.results import RoundRecord, format_row
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "arm64-check"
 

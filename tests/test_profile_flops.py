@@ -71,7 +71,7 @@ def test_wrappers_leave_the_mode_alone():
     assert net.training
 
 
-# The figures in DESIGN.md / the README, per 32x32 image, 10 classes.
+# The figures in the README (The models), per 32x32 image, 10 classes.
 KNOWN = {
     "resnet8": (10_586, 9_618_048),
     "resnet55": (590_858, 86_772_224),

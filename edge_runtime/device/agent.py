@@ -76,6 +76,9 @@ def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
 
 
 class EdgeAgent:
+    """A device's side of the federation over MQTT: hello, follow round announcements,
+    train, upload features reliably, apply the hub's logits, save progress."""
+
     def __init__(self, link: MqttLink, device: EdgeDevice, cfg: AgentConfig,
                  test_loader=None) -> None:
         self.link = link

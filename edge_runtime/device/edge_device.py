@@ -37,6 +37,9 @@ class DeviceProgress:
 
 
 class EdgeDevice:
+    """A device's GKT state and steps without any transport: local data, the edge model
+    (extractor + classifier), local training with the hub's logits, feature extraction."""
+
     def __init__(
         self,
         device_id: str,

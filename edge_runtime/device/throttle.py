@@ -19,6 +19,8 @@ _UNITS = {"": 1.0, "K": 1e3, "M": 1e6, "G": 1e9}
 
 @dataclass(frozen=True)
 class DeviceSpeed:
+    """A simulated device's slowdown of compute and its link's bandwidth."""
+
     compute: float = 1.0  # slowdown factor against this machine: 5 = five times slower
     bandwidth: float = 0.0  # link bytes/s, each way; 0 = not throttled
 

@@ -31,6 +31,8 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "cinic10": 10}
 
 @dataclass(frozen=True)
 class DataConfig:
+    """Which dataset, where, at what size, with or without augmentation."""
+
     dataset: str = "digits"
     root: str = "data"  # local root for torchvision datasets; digits ship with the package
     image_size: int = 0  # 0 = the dataset's native size (32; digits: 8)

@@ -27,6 +27,8 @@ EXTRACT_BACKENDS = ("folded", "eager", "onnxruntime")
 
 @dataclass(frozen=True)
 class EdgeTrainConfig:
+    """How a device trains its model each round (epochs, batch, optimizer, KD)."""
+
     epochs: int = 1
     batch_size: int = 64
     lr: float = 1e-3

@@ -1,6 +1,6 @@
 """A thin wrapper over paho-mqtt (MQTT v5).
 
-Facts this module encodes (each learned from a failure, see DESIGN.md):
+Facts this module encodes (each learned from a failure):
 - TCP_NODELAY on the socket, or a QoS 1 round trip costs 40-90 ms instead of ~1 ms;
 - paho does not enforce the broker's maximum packet size, and an oversized QoS 1 message
   loops forever in reconnects, so we refuse it here (the broker's limit, learned from
@@ -40,6 +40,8 @@ DEFAULT_MAX_PACKET_SIZE = 512 * 1024  # the managed broker's default too
 
 @dataclass(frozen=True)
 class LinkConfig:
+    """Where and how an ``MqttLink`` connects (URL, login, TLS files, limits)."""
+
     url: str  # mqtt://host:port or mqtts://host:port
     client_id: str
     username: str | None = None

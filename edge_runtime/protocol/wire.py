@@ -72,6 +72,8 @@ __all__ = ["WireError", "TensorSpec", "Message", "encode_message", "decode_messa
 
 @dataclass(frozen=True)
 class TensorSpec:
+    """A tensor's name, dtype, shape and codec in a message header."""
+
     name: str
     dtype: str  # what the tensor decodes to
     shape: tuple[int, ...]

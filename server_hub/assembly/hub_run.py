@@ -27,7 +27,7 @@ from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
-from server_hub.results import HEADER, RoundRecord, format_row
+from server_hub.monitoring.results import HEADER, RoundRecord, format_row
 from server_hub.simulation.inproc import FederationConfig
 from server_hub.trainer import ServerTrainConfig
 
@@ -35,6 +35,8 @@ log = logging.getLogger("gkt.hub")
 
 
 class BrokerSetupError(RuntimeError):
+    """The broker could not be started or joined; ``exit_code`` is the program's."""
+
     def __init__(self, message: str, exit_code: int) -> None:
         super().__init__(message)
         self.exit_code = exit_code
@@ -65,6 +67,8 @@ def open_broker(opts: BrokerOptions, state: Path,
 
 @dataclass(frozen=True)
 class HubOutcome:
+    """How a hub run ended."""
+
     code: int  # the program's exit code (server_hub/exit_codes.py)
     status: HubStatus | None = None  # the service's last status (None: it never started)
 

@@ -12,6 +12,8 @@ from server_hub.service import ServiceConfig
 
 @dataclass(frozen=True)
 class ModeOptions:
+    """Sync rounds or async mode, and (simulate only) the simulated devices' speeds."""
+
     mode: str = "sync"
     acfg: AsyncConfig | None = None  # set when mode is async
     fleet: list[DeviceSpeed] = field(default_factory=list)  # simulate only; empty: as is

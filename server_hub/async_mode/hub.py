@@ -52,6 +52,9 @@ def weighted_server_step(hub: Hub, h: torch.Tensor, y: torch.Tensor, w: torch.Te
 
 
 class AsyncHub:
+    """The async hub's state: each device's newest merged upload (its slot), the hub
+    version, and continuous training on the staleness-weighted bank."""
+
     def __init__(self, hub: Hub, cfg: AsyncConfig) -> None:
         self.hub = hub
         self.cfg = cfg

@@ -19,6 +19,8 @@ MODES = ("sync", "async")
 
 @dataclass(frozen=True)
 class AsyncConfig:
+    """Async mode's rules: staleness weighting, when logits go out, evaluation, the end."""
+
     decay: float = 0.95  # weight per hub version of age
     max_staleness: int = 50  # hub versions; older features are not trained on (0 = never drop)
     logits_after: float = 1.0  # passes over the bank between a device's upload and its logits

@@ -23,7 +23,7 @@ from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.async_mode.state import AsyncState, load_state, save_state
 from server_hub.intake import HubStatus, NoDevicesError, Upload, UploadIntake
 from server_hub.journal import UploadJournal
-from server_hub.results import RoundRecord
+from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import REANNOUNCE_S, Announcer
 
 log = logging.getLogger("gkt.hub")
@@ -74,7 +74,7 @@ class AsyncHubService:
 
     def status(self) -> HubStatus:
         return self.intake.status(self.mode, self.cfg.rounds, self.cfg.round_deadline,
-                                  merged=dict(self.merged), version=self.ahub.version,
+                                  version=self.ahub.version,
                                   steps=self.ahub.steps, max_updates=self.acfg.max_updates,
                                   slots=self.ahub.summary())
 

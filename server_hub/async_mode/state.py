@@ -23,6 +23,8 @@ FILE = "async-state.json"
 
 @dataclass
 class AsyncState:
+    """The counters a restarted async hub needs (hub version, slots, hellos acted on)."""
+
     version: int = 0
     slots: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> (update, version)
     hellos: dict[str, str] = field(default_factory=dict)  # device -> msg_id acted on

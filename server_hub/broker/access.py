@@ -24,6 +24,8 @@ class AccessError(ValueError):
 
 @dataclass(frozen=True)
 class AccessConfig:
+    """Who may reach the managed broker: listen address, TLS, and --insecure."""
+
     state_dir: str
     listen: str = "127.0.0.1"
     tls: bool = False
@@ -34,6 +36,8 @@ class AccessConfig:
 
 @dataclass(frozen=True)
 class BrokerAccess:
+    """The managed broker's access fields and the hub's own login."""
+
     broker_fields: dict = field(default_factory=dict)  # for BrokerConfig
     username: str | None = None  # the hub's own login
     password: str | None = None

@@ -1,8 +1,9 @@
 """A Mosquitto broker managed by the hub: generated config, start, supervise, stop.
 
-Facts encoded here (DESIGN.md): ``max_packet_size 0`` is rejected by Mosquitto 2.0.11,
-so a zero limit is omitted; ``max_queued_messages 0`` is never written; persistence is
-written only at ``autosave_interval`` or a clean shutdown (so ``stop`` sends SIGTERM).
+Facts encoded here (each learned from a failure): ``max_packet_size 0`` is rejected by
+Mosquitto 2.0.11, so a zero limit is omitted; ``max_queued_messages 0`` is never written;
+persistence is written only at ``autosave_interval`` or a clean shutdown (so ``stop``
+sends SIGTERM).
 
 Started as root, Mosquitto drops to the user ``mosquitto``. We keep that (the broker
 parses untrusted network input; it should not do so as root), so its state directory is

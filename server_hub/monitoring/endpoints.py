@@ -18,6 +18,8 @@ log = logging.getLogger("gkt.hub")
 
 @dataclass
 class Monitoring:
+    """The fleet observer and the servers started for it (metrics, status page)."""
+
     fleet: FleetObserver
     servers: list = field(default_factory=list)
 

@@ -11,8 +11,8 @@ from prometheus_client import CollectorRegistry, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from server_hub.monitoring.results import RoundRecord
 from server_hub.monitoring.snapshot import FleetObserver
-from server_hub.results import RoundRecord
 
 ROUND_BUCKETS = (1, 2, 5, 10, 30, 60, 120, 300, 600, 1200, 3600, float("inf"))
 DEVICE_GAUGES = {  # reported name -> (metric, help)
@@ -24,6 +24,8 @@ DEVICE_GAUGES = {  # reported name -> (metric, help)
 
 
 class FleetCollector(Collector):
+    """Prometheus metrics computed from a fleet snapshot at each scrape."""
+
     def __init__(self, service, fleet: FleetObserver) -> None:
         self.service, self.fleet = service, fleet
 

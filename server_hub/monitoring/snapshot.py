@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 
 from edge_runtime.protocol import wire
 from server_hub.intake import HubStatus
-from server_hub.results import RoundRecord
+from server_hub.monitoring.results import RoundRecord
 
 # What devices may report about themselves (edge_runtime.protocol.device_metrics).
 DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
@@ -30,6 +30,8 @@ INACTIVE = ("silent", "gone", "finished")  # states not counted in devices_activ
 
 @dataclass
 class DeviceView:
+    """What the hub has seen of one device."""
+
     device: str
     first_seen: float
     last_seen: float
@@ -56,6 +58,8 @@ def clean_report(meta: dict) -> dict[str, float]:
 
 
 class FleetObserver:
+    """Hears every accepted message and finished round; builds the fleet snapshot."""
+
     def __init__(self, clock=time.time) -> None:
         self.clock = clock
         self.devices: dict[str, DeviceView] = {}

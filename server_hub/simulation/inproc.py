@@ -19,7 +19,7 @@ from edge_runtime.learning.train import EdgeTrainConfig, accuracy, make_optimize
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import FULL_MODELS
-from server_hub.results import RoundRecord, RunResult
+from server_hub.monitoring.results import RoundRecord, RunResult
 from server_hub.trainer import ServerTrainConfig
 
 ALGORITHMS = ("gkt", "fedavg", "centralized")
@@ -27,6 +27,8 @@ ALGORITHMS = ("gkt", "fedavg", "centralized")
 
 @dataclass(frozen=True)
 class FederationConfig:
+    """One federation: data, devices, partition, rounds, seed and both sides' training."""
+
     data: DataConfig = field(default_factory=DataConfig)
     devices: int = 4
     partition: str = "dirichlet:0.5"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from edge_runtime.device.throttle import DeviceSpeed
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
-from server_hub.results import HEADER, RoundRecord, RunResult, format_row
+from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.simulation.inproc import RUNNERS, FederationConfig, prepare
 from server_hub.simulation.throttled import run_gkt_async_fleet, run_gkt_sync_fleet
 

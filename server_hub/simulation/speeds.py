@@ -39,7 +39,7 @@ PEAKS_ENTRY_POINT = "gkt_edge_toolkit.cpu_peaks"  # device_profiles/cpu_peaks.py
 
 def catalog_peaks(ids: list[str]) -> list[float]:
     """CPU peaks of catalog ids, from the installed package that provides the entry point
-    (device_profiles; server_hub never imports it: the layering of DESIGN.md). Every
+    (device_profiles; server_hub never imports it: tests/test_layering.py). Every
     distribution is searched: a stale egg-info in a source checkout would hide it from
     ``entry_points()``, which keeps the first metadata found per package name."""
     for dist in distributions():
@@ -68,5 +68,3 @@ def build_fleet(n: int, speeds: str | None = None, profiles: str | None = None,
     return [DeviceSpeed(f, b) for f, b in zip(factors, links)]
 
 
-def is_uniform(fleet: list[DeviceSpeed]) -> bool:
-    return all(s == DeviceSpeed() for s in fleet)

@@ -28,7 +28,7 @@ from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import build_server
-from server_hub.results import RoundRecord, RunResult
+from server_hub.monitoring.results import RoundRecord, RunResult
 from server_hub.simulation.inproc import (
     FederationConfig,
     Progress,

@@ -44,6 +44,8 @@ def merge_views(a: DeviceView, b: DeviceView) -> DeviceView:
 
 
 class WorkerFleet(FleetObserver):
+    """A worker's fleet observer; rank 0's also merges the other workers' counts."""
+
     def __init__(self, clock=time.time) -> None:
         super().__init__(clock)
         self.peers: list[WorkerCounts] = []  # the other workers' latest (rank 0)

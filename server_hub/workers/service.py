@@ -57,6 +57,8 @@ log = logging.getLogger("gkt.hub")
 
 @dataclass(frozen=True)
 class WorkerConfig:
+    """Hub workers' settings: subscription group, exchange period, seed, audit trace."""
+
     share_group: str = "gkt-hub"  # MQTT v5 shared-subscription group of the workers
     poll: float = 0.2  # seconds between the workers' round-state exchanges
     seed: int = 0

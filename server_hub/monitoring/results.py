@@ -9,6 +9,8 @@ from pathlib import Path
 
 @dataclass
 class RoundRecord:
+    """One round's (async: one evaluation's) figures, as printed, plotted and saved."""
+
     round: int
     test_accuracy: float  # mean over devices of extractor_k + server (GKT), or global model
     upload_bytes: int  # what the devices sent this round
@@ -22,6 +24,8 @@ class RoundRecord:
 
 @dataclass
 class RunResult:
+    """A whole run: its configuration and round records (``--json``)."""
+
     algorithm: str
     dataset: str
     devices: int
