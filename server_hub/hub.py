@@ -29,8 +29,6 @@ from server_hub.trainer import (
     train_server,
 )
 
-log = logging.getLogger("gkt.hub")
-
 
 @dataclass(frozen=True)
 class Evaluation:
@@ -117,7 +115,7 @@ class Hub:
             return 0
         ckpt = load_checkpoint(found)
         self.restore(ckpt)
-        log.info("resumed from %s (round %d)", found, ckpt.round)
+        logging.getLogger("gkt.hub").info("resumed from %s (round %d)", found, ckpt.round)
         return ckpt.round + 1
 
     def evaluate(self, test_loader: DataLoader, devices: list[str] | None = None) -> Evaluation:

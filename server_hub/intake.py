@@ -67,6 +67,25 @@ class HubStatus:
     slots: dict | None = None  # async: AsyncHub.summary()
 
 
+class IntakeControls:
+    """What every service (sync, async, hub worker) offers besides ``run`` and ``status``;
+    they all receive through ``self.intake``."""
+
+    intake: UploadIntake
+
+    def stop(self) -> None:
+        """End the run after the current step (SIGTERM); a restart resumes."""
+        self.intake.stop()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether ``stop`` was called within ``timeout`` seconds."""
+        return self.intake.stopped.wait(timeout)
+
+    def add_observer(self, observer) -> None:
+        """``observer.on_accepted(device, msg, size, merged)`` after each accepted message."""
+        self.intake.observers.append(observer)
+
+
 class NoDevicesError(RuntimeError):
     """Too few devices joined or uploaded before a deadline (or the hub was stopped)."""
 

@@ -15,7 +15,7 @@ from typing import Callable
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from server_hub.hub import Hub
-from server_hub.intake import HubStatus, UploadIntake
+from server_hub.intake import HubStatus, IntakeControls, UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import Announcer, LocalPeers, LocalTrainer, Peers, RoundLoop, Trainer
@@ -34,7 +34,7 @@ class ServiceConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (edge_runtime.protocol.limits)
 
 
-class HubService:
+class HubService(IntakeControls):
     """One hub process running synchronous rounds over an MQTT link.
 
     ``intake`` receives (network thread), ``loop`` runs the rounds (``run``, main thread);
@@ -70,17 +70,6 @@ class HubService:
 
     def run(self) -> int:
         return self.loop.run()
-
-    def stop(self) -> None:
-        self.intake.stop()
-
-    def wait_stopped(self, timeout: float) -> bool:
-        """Whether ``stop`` was called within ``timeout`` seconds."""
-        return self.intake.stopped.wait(timeout)
-
-    def add_observer(self, observer) -> None:
-        """``observer.on_accepted(device, msg, size, merged)`` after each accepted message."""
-        self.intake.observers.append(observer)
 
     def status(self) -> HubStatus:
         return self.intake.status(self.mode, self.cfg.rounds, self.cfg.round_deadline)

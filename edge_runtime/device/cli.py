@@ -17,8 +17,6 @@ from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
     parse_args,
-    read_file,
-    subparser,
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
@@ -84,9 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
 def print_service(args: argparse.Namespace) -> int:
     from edge_runtime.ops.service_unit import print_unit
 
-    run = subparser(build_parser(), ["run"])
-    return print_unit(args, "gkt-edge", "run", "GKT edge device (gkt-edge run)",
-                      lambda path: read_file(run, path), NO_RESTART, stop_timeout=90.0)
+    return print_unit(args, build_parser(), "gkt-edge", "run",
+                      "GKT edge device (gkt-edge run)", NO_RESTART, stop_timeout=90.0)
 
 
 def login_fields(args: argparse.Namespace) -> dict:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_runtime.device.exit_codes import EXIT_USAGE, NO_RESTART
+from edge_runtime.ops.config_file import read_file, subparser
 
 
 @dataclass(frozen=True)
@@ -85,13 +86,14 @@ def add_service_parser(sub, program: str, command: str) -> None:
                      help=f"path of {program} (default: the one of this installation)")
 
 
-def print_unit(args: argparse.Namespace, program: str, command: str, description: str,
-               check_config, no_restart: tuple[int, ...], stop_timeout: float) -> int:
-    """Print the unit for ``args`` (from add_service_parser); 2 if ``check_config(path)``
-    (which reads the config as the service will) raises ValueError."""
+def print_unit(args: argparse.Namespace, parser: argparse.ArgumentParser, program: str,
+               command: str, description: str, no_restart: tuple[int, ...],
+               stop_timeout: float) -> int:
+    """Print the unit for ``args`` (from add_service_parser); 2 if the config does not read
+    as options of ``parser``'s ``command`` (read as the service will)."""
     path = Path(args.unit_config).resolve()
     try:
-        check_config(str(path))  # fail now, not at boot
+        read_file(subparser(parser, [command]), str(path))  # fail now, not at boot
     except ValueError as err:
         print(f"{program}: error: {err}", file=sys.stderr)
         return EXIT_USAGE

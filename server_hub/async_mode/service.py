@@ -21,7 +21,7 @@ from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.async_mode.hub import AsyncHub
 from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.async_mode.state import AsyncState, load_state, save_state
-from server_hub.intake import HubStatus, NoDevicesError, Upload, UploadIntake
+from server_hub.intake import HubStatus, IntakeControls, NoDevicesError, Upload, UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import REANNOUNCE_S, Announcer
@@ -29,7 +29,7 @@ from server_hub.rounds import REANNOUNCE_S, Announcer
 log = logging.getLogger("gkt.hub")
 
 
-class AsyncHubService:
+class AsyncHubService(IntakeControls):
     """One hub process training continuously on whatever uploads have been merged.
 
     ``intake`` receives (its ``accept`` is ``_accept_update`` here), ``run`` trains,
@@ -60,17 +60,6 @@ class AsyncHubService:
         # device -> msg_id of the last hello acted on (kept on disk: retained hellos are
         # re-delivered to a restarted hub and must not look like devices that lost state)
         self.hellos: dict[str, str] = dict(self._saved.hellos)
-
-    def stop(self) -> None:
-        self.intake.stop()
-
-    def wait_stopped(self, timeout: float) -> bool:
-        """Whether ``stop`` was called within ``timeout`` seconds."""
-        return self.intake.stopped.wait(timeout)
-
-    def add_observer(self, observer) -> None:
-        """``observer.on_accepted(device, msg, size, merged)`` after each accepted message."""
-        self.intake.observers.append(observer)
 
     def status(self) -> HubStatus:
         return self.intake.status(self.mode, self.cfg.rounds, self.cfg.round_deadline,

@@ -13,8 +13,6 @@ from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
     parse_args,
-    read_file,
-    subparser,
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
@@ -152,10 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_service(args: argparse.Namespace) -> int:
-    serve = subparser(build_parser(), ["serve"])
     # 2 (bad arguments) is final; 3 (no devices yet) and 4 (broker) are worth a retry.
-    return print_unit(args, "gkt-hub", "serve", "GKT hub (gkt-hub serve)",
-                      lambda path: read_file(serve, path), (2,), stop_timeout=300.0)
+    return print_unit(args, build_parser(), "gkt-hub", "serve", "GKT hub (gkt-hub serve)",
+                      (EXIT_BAD_ARGS,), stop_timeout=300.0)
 
 
 def main(argv: list[str] | None = None) -> int:
