@@ -356,7 +356,8 @@ def read_sys_counters(url: str, wait: float = 4.0) -> dict[str, int]:
     from edge_runtime.mqtt.link import LinkConfig, MqttLink
 
     values: dict[str, int] = {}
-    link = MqttLink(LinkConfig(url, client_id=f"gkt-sys-{os.getpid()}", session_expiry=0))
+    link = MqttLink(LinkConfig(url, client_id=f"gkt-sys-{os.getpid()}", session_expiry=0,
+                               max_packet_size=16384))  # $SYS counters are a few bytes
     link.connect()
 
     def on(topic: str, payload: bytes) -> None:
