@@ -30,19 +30,22 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str) -> dict[str, str]:
+def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str,
+                   run_id: str | None = None) -> dict[str, str]:
     """Metadata for one graph from the checkpoint's ``meta.json`` and how it was exported."""
     ncls = int(meta["num_classes"])
     norm = meta["normalization"]
+    run = run_id or meta.get("run_id") or ""
     props = {
         "graph": spec.kind,
+        "run_id": run,
         "toolkit_version": __version__,
         "dataset": meta["dataset"],
         "round": "" if spec.round is None else str(spec.round),
         "device": spec.device or "",
         "server_model": meta["server_model"] if spec.kind in ("server", "composed") else "",
         "num_classes": str(ncls),
-        "classes": json.dumps(class_names(meta["dataset"], ncls)),
+        "classes": json.dumps(meta.get("classes") or class_names(meta["dataset"], ncls)),
         "input_name": spec.input_name,
         "input_shape": json.dumps(["batch", *spec.input_shape]),
         "input_size": str(int(meta["image_size"])),
@@ -53,7 +56,14 @@ def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str) -> di
         "opset": str(opset),
         "exporter": exporter,
     }
+    if spec.kind in IMAGE_INPUT:  # everything that turns an image file into the input
+        props["preprocess"] = json.dumps(preprocess_of(meta).to_dict())
     return {k: v for k, v in props.items() if v != ""}
+
+
+def accuracy_metadata(accuracy: float, samples: int) -> dict[str, str]:
+    """What the verified graph scored on the hub's test split (its evaluation data)."""
+    return {"test_accuracy": f"{accuracy:.6f}", "test_samples": str(samples)}
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:

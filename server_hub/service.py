@@ -93,6 +93,7 @@ class HubService:
         self._stop = threading.Event()
         self.started = time.perf_counter()  # records' elapsed: the time axis of plots
         self.observers: list = []  # on_accepted(service, device, msg, size)
+        self.delivery = None  # a delivery.models.ModelDelivery: devices get their models
 
     # -- network thread ------------------------------------------------------------------
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
@@ -129,6 +130,10 @@ class HubService:
             return
         if msg.kind == "logits_request":
             self._resend_logits(device, msg.round)
+            return
+        if msg.kind in ("model_request", "model_ack"):
+            if self.delivery is not None:
+                self.delivery.on_message(device, msg)
             return
         if msg.kind not in ("features", "extractor", "upload_done"):
             raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent to the hub")
@@ -264,6 +269,9 @@ class HubService:
             log.info("stopped; a restart resumes after the last checkpoint")
             return EXIT_OK
         self.phase = "done"
+        if self.delivery is not None and self.leads:  # before "stop": devices exit on it
+            self.on_status("delivering models")
+            self.delivery.deliver(sorted(self.known))
         self._announce("stop")
         return EXIT_OK
 

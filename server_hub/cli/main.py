@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-payload", type=int, default=512 * 1024,
                      help="largest message in bytes (the broker's max_packet_size)")
     srv.add_argument("--no-progress", action="store_true")
+    srv.add_argument("--no-model-delivery", action="store_true",
+                     help="do not send devices their composed model (ONNX) at the end")
     add_access_args(srv)
     add_worker_args(srv)
     add_async_args(srv)
@@ -103,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument("--no-model-delivery", action="store_true",
+                     help="do not send devices their composed model (ONNX) at the end")
     add_async_args(sim, simulate=True)
     add_training_args(sim)
     add_monitoring_args(srv)
@@ -162,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
         opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_args=args)
+                                   opts, monitor_args=args,
+                                   deliver_models=not args.no_model_delivery)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")

@@ -19,6 +19,7 @@ from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, broker_access
 from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
 from server_hub.cli.mode_options import hub_service
+from server_hub.delivery.models import model_delivery
 from server_hub.hub import Hub
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
 from server_hub.results import HEADER, RoundRecord, format_row
@@ -101,6 +102,8 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
                                     max_payload=args.max_payload + 4096),
                       cfg.data, test_loader, on_round,
                       on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    if not getattr(args, "no_model_delivery", False):
+        svc.delivery = model_delivery(link, state, cfg.data.root, args.max_payload)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: svc.stop())
     monitor = None

@@ -81,9 +81,11 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
-                  opts: ModeOptions | None = None, monitor_args=None) -> RunResult:
+                  opts: ModeOptions | None = None, monitor_args=None,
+                  deliver_models: bool = True) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
-    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints)."""
+    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints).
+    ``deliver_models``: at the end each device gets its composed model (needs [export])."""
     from edge_runtime.learning.data import load_split, make_loader
     from edge_runtime.mqtt.link import LinkConfig, MqttLink
     from server_hub.broker.mosquitto import (
@@ -141,6 +143,10 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     service = hub_service(opts, link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
                          cfg.data, test_loader, on_round,
                          on_status=lambda s: bar.set_postfix_str(s, refresh=True))
+    if deliver_models:
+        from server_hub.delivery.models import model_delivery
+
+        service.delivery = model_delivery(link, work, cfg.data.root, max_payload)
     sys_counters: dict[str, int] = {}
     monitor = None
     try:
