@@ -11,7 +11,8 @@ import json
 import onnx
 
 from edge_runtime import __version__
-from export.graphs import GraphSpec
+from edge_runtime.learning.preprocess import Preprocess
+from export.graphs import IMAGE_INPUT, GraphSpec
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -30,6 +31,27 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
+# what pixels mean, where a dataset fixes it and a user could not guess it from the spec
+INPUT_NOTES = {
+    "digits": "light strokes on a dark background (scikit-learn's digits): invert dark ink "
+              "on paper before predicting",
+}
+
+
+# edge_runtime.learning.preprocess, steps 1-2, in words for a program written elsewhere
+CHANNELS = ("RGB, 8 bits per channel, EXIF orientation applied; grey repeats its channel 3 "
+            "times; 16-bit grey is scaled to 8 bits; transparent pixels go over white")
+
+
+def preprocess_of(meta: dict) -> Preprocess:
+    """The preprocessing the checkpoint's model was trained with: the run spec's, or for
+    the bundled datasets their input size and normalization (square images: no crop)."""
+    if meta.get("preprocess"):
+        return Preprocess.from_dict(meta["preprocess"])
+    norm = meta["normalization"]
+    return Preprocess(int(meta["image_size"]), tuple(norm["mean"]), tuple(norm["std"]))
+
+
 def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str,
                    run_id: str | None = None) -> dict[str, str]:
     """Metadata for one graph from the checkpoint's ``meta.json`` and how it was exported."""
@@ -39,6 +61,7 @@ def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str,
     props = {
         "graph": spec.kind,
         "run_id": run,
+        "input_notes": INPUT_NOTES.get(meta["dataset"], ""),
         "toolkit_version": __version__,
         "dataset": meta["dataset"],
         "round": "" if spec.round is None else str(spec.round),
@@ -58,6 +81,7 @@ def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str,
     }
     if spec.kind in IMAGE_INPUT:  # everything that turns an image file into the input
         props["preprocess"] = json.dumps(preprocess_of(meta).to_dict())
+        props["channels"] = CHANNELS
     return {k: v for k, v in props.items() if v != ""}
 
 

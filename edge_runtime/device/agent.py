@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.exit_codes import EXIT_AUTH
+from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.mqtt.link import MqttLink
