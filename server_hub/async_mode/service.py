@@ -189,6 +189,8 @@ class AsyncHubService(HubService):
         if self.ahub.version != last["v"]:  # what was merged since the last evaluation
             self._evaluate(t_start, last, losses)
         self.phase = "done"
+        if self.delivery is not None:  # before "stop": devices exit on it
+            self.delivery.deliver(sorted(self.known))
         self._announce("stop")
         return EXIT_OK
 
