@@ -26,8 +26,8 @@ PREDICT_PROCESS = Quantity(
     66 * MIB, "measured on x86_64: peak RSS of python + numpy + PIL + onnxruntime 1.32 "
               "with a composed model loaded and run once (no torch)")
 INT8_SPEED_RATIO = Quantity(
-    1.0, "placeholder until bench/bench_predict.py is run: fp32 / int8 latency, composed "
-         "model, batch 32, 1 thread, this x86 CPU")
+    1.03, "measured by bench/bench_predict.py (bench/results/predict.json): fp32 / int8 "
+          "latency of the composed model, batch 32, 1 thread, AMD EPYC x86 (AVX-512 VNNI)")
 VARIANTS = {"fp32": 4, "int8": 1}  # bytes per weight
 
 
