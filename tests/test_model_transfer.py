@@ -112,3 +112,19 @@ def test_store_keeps_the_newest_round_per_variant_and_replaces_atomically(tmp_pa
     leftovers = [f for f in os.listdir(p5.parent) if f.startswith(".")]
     assert leftovers == []  # no temporary file left behind
     assert current_model(tmp_path / "nothing") is None
+
+
+def test_the_hub_reaches_the_exporter_through_a_declared_entry_point():
+    """server_hub never imports export/: pyproject declares what find_exporter loads."""
+    import importlib
+    from pathlib import Path
+
+    import tomllib
+
+    from server_hub.delivery.models import EXPORT_ENTRY_POINT
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    (value,) = pyproject["project"]["entry-points"][EXPORT_ENTRY_POINT].values()
+    module, _, name = value.partition(":")
+    assert getattr(importlib.import_module(module), name).__name__ == "export_for_delivery"
+    assert pyproject["project"]["optional-dependencies"]["predict"] == ["onnxruntime>=1.17"]
