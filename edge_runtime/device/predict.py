@@ -107,10 +107,11 @@ def load_model(path: Path, threads: int = 0) -> Model:
     except Exception as err:  # onnxruntime's own exception types, none from a common base
         raise ModelError(f"{path}: onnxruntime cannot load it: {str(err)[:300]}") from None
     meta = dict(session.get_modelmeta().custom_metadata_map)
-    if "preprocess" not in meta or "classes" not in meta:
-        raise ModelError(f"{path}: its metadata has no preprocess/classes (graph "
-                         f"{meta.get('graph', '?')!r}); predict takes image classifiers "
-                         "exported by this toolkit (composed or edge graphs)")
+    if "preprocess" not in meta or "classes" not in meta or len(
+            session.get_outputs()[0].shape) != 2:  # an extractor's output is H, not logits
+        raise ModelError(f"{path}: not an image classifier exported by this toolkit (graph "
+                         f"{meta.get('graph', '?')!r}; no preprocess/classes metadata or no "
+                         "logits output): predict takes composed or edge graphs")
     try:
         spec = Preprocess.from_dict(json.loads(meta["preprocess"]))
         classes = [str(c) for c in json.loads(meta["classes"])]
