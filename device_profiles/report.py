@@ -29,6 +29,7 @@ from device_profiles.estimate import (
     value_per_dollar,
 )
 from device_profiles.flops import FVCORE_CONVENTION, TORCH_CONVENTION
+from device_profiles.inference import COMPOSED, inference_rows
 from device_profiles.memory import MeasuredPeak, RuntimeFootprint
 from device_profiles.model_zoo import MODELS, ModelProfile
 from device_profiles.this_machine import THIS_MACHINE_ID
@@ -192,6 +193,10 @@ def build_report(inp: ReportInputs) -> dict[str, Any]:
         "devices": [spec_to_dict(d) for d in inp.devices],
         "estimates": gkt,
         "fedavg_estimates": fedavg,
+        # the delivered composed model, run with gkt-edge predict (docs/predict.md)
+        "inference": (inference_rows(inp.devices, inp.profiles[COMPOSED],
+                                     efficiency_for(COMPOSED, 1, cal))
+                      if COMPOSED in inp.profiles else []),
         "best": {
             "value": _best(gkt, "samples_per_s_per_100usd"),
             "value_cpu": _best([e for e in gkt if e["target"] == "cpu"],

@@ -11,7 +11,8 @@ import json
 import onnx
 
 from edge_runtime import __version__
-from export.graphs import GraphSpec
+from edge_runtime.learning.preprocess import Preprocess
+from export.graphs import IMAGE_INPUT, GraphSpec
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -30,19 +31,44 @@ def class_names(dataset: str, num_classes: int) -> list[str]:
     return [str(i) for i in range(num_classes)]
 
 
-def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str) -> dict[str, str]:
+# what pixels mean, where a dataset fixes it and a user could not guess it from the spec
+INPUT_NOTES = {
+    "digits": "light strokes on a dark background (scikit-learn's digits): invert dark ink "
+              "on paper before predicting",
+}
+
+
+# edge_runtime.learning.preprocess, steps 1-2, in words for a program written elsewhere
+CHANNELS = ("RGB, 8 bits per channel, EXIF orientation applied; grey repeats its channel 3 "
+            "times; 16-bit grey is scaled to 8 bits; transparent pixels go over white")
+
+
+def preprocess_of(meta: dict) -> Preprocess:
+    """The preprocessing the checkpoint's model was trained with: the run spec's, or for
+    the bundled datasets their input size and normalization (square images: no crop)."""
+    if meta.get("preprocess"):
+        return Preprocess.from_dict(meta["preprocess"])
+    norm = meta["normalization"]
+    return Preprocess(int(meta["image_size"]), tuple(norm["mean"]), tuple(norm["std"]))
+
+
+def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str,
+                   run_id: str | None = None) -> dict[str, str]:
     """Metadata for one graph from the checkpoint's ``meta.json`` and how it was exported."""
     ncls = int(meta["num_classes"])
     norm = meta["normalization"]
+    run = run_id or meta.get("run_id") or ""
     props = {
         "graph": spec.kind,
+        "run_id": run,
+        "input_notes": INPUT_NOTES.get(meta["dataset"], ""),
         "toolkit_version": __version__,
         "dataset": meta["dataset"],
         "round": "" if spec.round is None else str(spec.round),
         "device": spec.device or "",
         "server_model": meta["server_model"] if spec.kind in ("server", "composed") else "",
         "num_classes": str(ncls),
-        "classes": json.dumps(class_names(meta["dataset"], ncls)),
+        "classes": json.dumps(meta.get("classes") or class_names(meta["dataset"], ncls)),
         "input_name": spec.input_name,
         "input_shape": json.dumps(["batch", *spec.input_shape]),
         "input_size": str(int(meta["image_size"])),
@@ -53,7 +79,15 @@ def graph_metadata(spec: GraphSpec, meta: dict, opset: int, exporter: str) -> di
         "opset": str(opset),
         "exporter": exporter,
     }
+    if spec.kind in IMAGE_INPUT:  # everything that turns an image file into the input
+        props["preprocess"] = json.dumps(preprocess_of(meta).to_dict())
+        props["channels"] = CHANNELS
     return {k: v for k, v in props.items() if v != ""}
+
+
+def accuracy_metadata(accuracy: float, samples: int) -> dict[str, str]:
+    """What the verified graph scored on the hub's test split (its evaluation data)."""
+    return {"test_accuracy": f"{accuracy:.6f}", "test_samples": str(samples)}
 
 
 def set_metadata(model: onnx.ModelProto, props: dict[str, str]) -> None:

@@ -19,8 +19,15 @@ import onnx
 import onnxruntime as ort
 import torch
 
-from export.graphs import IMAGE_INPUT, GraphSpec, build_specs, extractor_module, load_edge_state
-from export.metadata import graph_metadata, set_metadata
+from export.graphs import (
+    IMAGE_INPUT,
+    KINDS,
+    GraphSpec,
+    build_specs,
+    extractor_module,
+    load_edge_state,
+)
+from export.metadata import accuracy_metadata, graph_metadata, set_metadata
 from export.onnx_export import ExportOptions, export_graph
 from export.quantize import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig, quantize_int8
 from export.report import ExportReport, GraphReport, Int8Report, Parity
@@ -66,8 +73,13 @@ class ExportConfig:
     latency_runs: int = 20
     rtol: float = RTOL
     atol: float = ATOL
+    kinds: tuple[str, ...] = KINDS  # which kinds of graph to write (model delivery: composed)
+    run_id: str | None = None  # the run the checkpoint belongs to (else its meta's run_id)
 
     def __post_init__(self) -> None:
+        unknown = set(self.kinds) - set(KINDS)
+        if unknown or not self.kinds:
+            raise ValueError(f"unknown graph kinds {sorted(unknown)}; choose from {KINDS}")
         if self.quantize not in (None, *QUANTIZE):
             raise ValueError(f"unknown quantization {self.quantize!r}; choose from {QUANTIZE}")
         if self.quantize and self.export.opset < QDQ_MIN_OPSET:
@@ -114,7 +126,7 @@ def _first(batches: Batches, n: int) -> torch.Tensor:
 
 def _latency(session: ort.InferenceSession, spec: GraphSpec, data: _Data,
              cfg: ExportConfig) -> dict[str, float]:
-    out = {}
+    out: dict[str, float] = {}
     for b in cfg.latency_batches:
         x = _first(_batches(spec, data, max(cfg.latency_batches)), b).numpy()
         out[str(b)] = round(median_ms(lambda x=x: run(session, x), cfg.latency_runs), 4)
@@ -158,13 +170,17 @@ def _export_one(spec: GraphSpec, ckpt: Checkpoint, data: _Data, cfg: ExportConfi
                 out: Path) -> GraphReport:
     opts = cfg.export
     model = export_graph(spec, next(iter(_batches(spec, data, 2)))[0], opts)
-    set_metadata(model, graph_metadata(spec, ckpt.meta, opts.opset, opts.resolved_exporter))
+    set_metadata(model, graph_metadata(spec, ckpt.meta, opts.opset, opts.resolved_exporter,
+                                       cfg.run_id))
     partial = _partial(out, spec.name)
     onnx.save(model, str(partial))
     res = _check(partial, torch_predict(spec.module, torch.float64),
                  _batches(spec, data, cfg.batch_size), cfg,
                  lambda c: check_parity(spec.name, c, spec.is_classifier, cfg.rtol, cfg.atol),
                  baseline=torch_predict(spec.module))
+    if res.error is None and spec.is_classifier:  # what it scored, in the file itself
+        set_metadata(model, accuracy_metadata(res.cmp.accuracy_cand(), res.cmp.samples))
+        onnx.save(model, str(partial))
     path = _finish(out, spec.name, res.error)
     cmp, classifier = res.cmp, spec.is_classifier
     report = GraphReport(
@@ -198,6 +214,9 @@ def _quantize_one(spec: GraphSpec, fp32: Path, fp32_session: ort.InferenceSessio
     res = _check(partial, lambda x: run(fp32_session, x.numpy()),
                  _batches(spec, data, cfg.batch_size), cfg,
                  lambda c: check_int8(spec.name, c, cfg.max_int8_drop))
+    if res.error is None:
+        set_metadata(model, accuracy_metadata(res.cmp.accuracy_cand(), res.cmp.samples))
+        onnx.save(model, str(partial))
     path = _finish(out, stem, res.error)
     cmp = res.cmp
     log.info("%s int8: %s", spec.name, res.error or f"accuracy {cmp.accuracy_cand():.4f}")
@@ -218,7 +237,7 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     ckpt = resolve_checkpoint(Path(cfg.checkpoint))
     devices = list(cfg.devices) or sorted(ckpt.extractors)
     edges = [load_edge_state(Path(d)) for d in cfg.edge_states]
-    specs = build_specs(ckpt, devices, edges)
+    specs = [s for s in build_specs(ckpt, devices, edges) if s.kind in cfg.kinds]
     dcfg = data_config(ckpt.meta, cfg.data_root)
     test_x, test_y = load_images(dcfg, train=False, limit=cfg.test_samples)
     calib = (load_images(dcfg, train=True, limit=cfg.quant.calibration_samples)[0]

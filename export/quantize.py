@@ -6,8 +6,9 @@ DequantizeLinear around float ops), so any runtime can load it; onnxruntime fuse
 pairs into int8 kernels at load time on the target.
 
 Activations are uint8 by default (weights int8, "U8S8"): measured on x86 (AVX-512 VNNI),
-onnxruntime fuses every Conv and Add into QLinearConv/QLinearAdd and runs the digits
-ResNet-56 2.8x faster than fp32 at batch 64, while int8 activations left 22 of 58 convs
+onnxruntime fuses every Conv and Add into QLinearConv/QLinearAdd (one run measured the
+digits ResNet-56 2.8x faster than fp32 at batch 64; later runs on the same machine at
+32x32 measured 0.40-1.09x: docs/export.md), while int8 activations left 22 of 58 convs
 in float with 36 layout Transposes around the rest, slower than fp32. TensorRT (Jetson)
 takes symmetric int8 activations only: ``activations="int8"`` (zero point 0) is for it.
 """

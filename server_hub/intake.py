@@ -119,6 +119,7 @@ class UploadIntake:
         self.accept: Callable[[str, wire.Message, bytes, bool], None] = self.accept_round_upload
         self.on_hello: Callable[[str, wire.Message], None] | None = None
         self.merged_update: Callable[[str], int | None] = lambda device: None
+        self.delivery = None  # a delivery.models.ModelDelivery: devices get their models
 
     def listen(self, topic_filter: str = topics.UP_WILDCARD) -> None:
         self.link.subscribe(topic_filter, self.on_up)
@@ -164,6 +165,9 @@ class UploadIntake:
                 self.on_hello(device, msg)
         elif msg.kind == "logits_request":
             self._resend_logits(device, msg.round)
+        elif msg.kind in ("model_request", "model_ack"):
+            if self.delivery is not None:
+                self.delivery.on_message(device, msg)
         elif msg.kind in UPLOAD_KINDS:
             self.accept(device, msg, msg_bytes, replay)
         else:

@@ -178,6 +178,10 @@ class RoundLoop:
             log.info("stopped; a restart resumes after the last checkpoint")
             return EXIT_OK
         self.intake.phase = "done"
+        delivery = self.intake.delivery
+        if delivery is not None and self.announcer.speaks:  # before "stop": devices exit on it
+            self.on_status("delivering models")
+            delivery.deliver(sorted(self.intake.known))
         self.announcer.announce("stop")
         return EXIT_OK
 

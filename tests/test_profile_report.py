@@ -121,3 +121,24 @@ def test_unmeasured_report_says_how_to_calibrate():
     assert r["calibration"] is None and r["measured_peak"] is None
     assert all(e["trust"].startswith("factor 3") for e in r["estimates"])
     assert "gkt-profile calibrate" in render_markdown(r)
+
+
+def test_inference_cost_of_the_delivered_composed_model_per_device(report):
+    """gkt-profile: what running the composed model costs on each device, fp32 and int8."""
+    rows = {(e["device"], e["variant"]): e for e in report["inference"]}
+    assert {v for _, v in rows} == {"fp32", "int8"}
+    assert {d for d, _ in rows} == {d["id"] for d in report["devices"]}
+    composed = next(m for m in report["models"] if m["name"] == "resnet56")
+    pi, orin = rows[("rpi4b-4gb", "fp32")], rows[("jetson-orin-nano", "fp32")]
+    assert pi["flops_per_image"] == 2 * composed["forward_macs"]
+    # int8 weights take a quarter of the bytes: 3 bytes a parameter less
+    int8 = rows[("rpi4b-4gb", "int8")]
+    assert pi["memory_bytes"] - int8["memory_bytes"] == 3 * composed["params"]
+    # same efficiency (calibrated), so images/s scale with the CPU peak
+    peaks = {d["id"]: d["cpu_peak_gflops"]["value"] for d in report["devices"]}
+    assert orin["images_per_second"] / pi["images_per_second"] == pytest.approx(
+        peaks["jetson-orin-nano"] / peaks["rpi4b-4gb"])
+    assert pi["images_per_second"] == pytest.approx(
+        peaks["rpi4b-4gb"] * 1e9 * 0.1217 / pi["flops_per_image"])
+    assert all(e["fits"] for e in report["inference"])  # ~70 MB: every catalog device
+    assert "Running the delivered composed model" in render_markdown(report)

@@ -21,6 +21,7 @@ import torch
 
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH
+from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.mqtt.link import MqttLink
@@ -96,6 +97,7 @@ class EdgeAgent:
         self._train_seconds: float | None = None  # of the last round, reported to the hub
         self.auth_refused: str | None = None  # why the broker refused us, if it did
         link.on_auth_refused = self._on_auth_refused
+        self.models = ModelReceiver(link, device.device_id, self.state_dir)  # delivered models
 
     # -- network thread ------------------------------------------------------------------
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -120,6 +122,11 @@ class EdgeAgent:
                     sender.ack(str(mid))
         elif msg.kind == "logits":
             self.inbox.put(msg)
+        elif msg.kind == "model":
+            try:
+                self.models.on_model(msg)
+            except (wire.WireError, OSError) as err:
+                self._reject(topic, f"model: {err}")
         else:
             self._reject(topic, f"unexpected kind {msg.kind!r}")
 

@@ -1,7 +1,9 @@
-"""`gkt-edge`: run a device of a GKT federation.
+"""`gkt-edge`: run a device of a GKT federation; predict with the model it was given.
 
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
-2 bad arguments or config, 4 cannot reach the broker. Options can come from
+2 bad arguments or config, 4 cannot reach the broker. predict: 0 done (unreadable files
+are skipped), 1 no image could be read, 2 no usable model. fetch-model: 0 stored, 1 none
+arrived in time. Options can come from
 `--config FILE` (TOML) and GKT_EDGE_* variables; flags > environment > file > defaults.
 """
 
@@ -75,8 +77,95 @@ def build_parser() -> argparse.ArgumentParser:
                      help="simulate a link of this many bytes/s, e.g. 400K, 2M (0 = as is)")
     add_config_args(run, ENV_PREFIX)
     add_log_args(run)
+    add_predict_parser(sub)
+    fetch = sub.add_parser("fetch-model", help="ask the hub for this device's current model "
+                                               "(stored in the state dir, for predict)")
+    fetch.add_argument("--hub", required=True, metavar="URL")
+    fetch.add_argument("--device-id", required=True)
+    fetch.add_argument("--state-dir", default=None,
+                       help="where models are kept (default: ./gkt-edge-state/DEVICE_ID)")
+    for name in ("--username", "--password", "--password-file", "--ca-file"):
+        fetch.add_argument(name, help="as for `gkt-edge run`")
+    fetch.add_argument("--timeout", type=float, default=300.0,
+                       help="seconds to wait (the hub may export the model first)")
+    fetch.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD)
+    add_log_args(fetch)
     add_service_parser(sub, "gkt-edge", "run")
     return p
+
+
+def add_predict_parser(sub) -> None:
+    pr = sub.add_parser("predict", help="classify images with the model the hub delivered "
+                                        "(needs onnxruntime: the [predict] extra)")
+    src = pr.add_mutually_exclusive_group(required=True)
+    src.add_argument("--state-dir", help="a device state dir: its newest delivered model")
+    src.add_argument("--model", metavar="FILE.onnx", help="an exported model file")
+    pr.add_argument("paths", nargs="+", metavar="PATH",
+                    help="image files, folders (recursive), or .csv/.txt manifests of "
+                         "path[,label] lines")
+    pr.add_argument("--int8", action="store_true",
+                    help="with --state-dir: the int8 model (docs/predict.md: which to run)")
+    pr.add_argument("--top-k", type=int, default=3, help="classes shown per image")
+    pr.add_argument("--batch-size", type=int, default=32)
+    pr.add_argument("--json", metavar="OUT", help="write every prediction as JSON")
+    pr.add_argument("--threads", type=int, default=0,
+                    help="onnxruntime threads (0 = one per core)")
+    pr.add_argument("-q", "--quiet", action="store_true",
+                    help="only the summary line (and skipped files)")
+
+
+def run_predict_command(args: argparse.Namespace) -> int:
+    from edge_runtime.device.predict import ModelError, PredictConfig, describe, run_predict
+
+    try:
+        cfg = PredictConfig(tuple(args.paths), args.model, args.state_dir, args.int8,
+                            args.top_k, args.batch_size, args.json, args.threads, args.quiet)
+        model, summary = run_predict(cfg)
+    except (ValueError, ModelError) as err:
+        print(f"gkt-edge predict: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(describe(model, summary))
+    if args.json:
+        print(f"wrote {args.json}")
+    return 0 if summary.predictions else 1
+
+
+def run_fetch_command(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from edge_runtime.device.fetch import fetch_model
+    from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
+    from edge_runtime.protocol.topics import validate_device_id
+
+    try:
+        validate_device_id(args.device_id)
+        link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}-fetch",
+                                   max_packet_size=max_packet_size(args.max_payload),
+                                   **login_fields(args)))
+    except (ValueError, OSError) as err:
+        print(f"gkt-edge fetch-model: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        link.connect()
+        state = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+        got = fetch_model(link, args.device_id, state, args.timeout,
+                          max_packet_size(args.max_payload))
+    except AuthRefusedError as err:
+        print(f"gkt-edge fetch-model: error: {err}", file=sys.stderr)
+        return EXIT_AUTH
+    except ConnectionError as err:
+        print(f"gkt-edge fetch-model: error: {err}", file=sys.stderr)
+        return EXIT_BROKER
+    finally:
+        link.close()
+    if not got:
+        print(f"gkt-edge fetch-model: no model arrived within {args.timeout:g}s: the hub has "
+              "none for this device until a round with its upload completed (or the hub "
+              "runs without the [export] extra)", file=sys.stderr)
+        return 1
+    for variant, (rnd, path) in sorted(got.items()):
+        print(f"round {rnd} {variant} model: {path}")
+    return 0
 
 
 def print_service(args: argparse.Namespace) -> int:
@@ -108,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if args.command == "service":
         return print_service(args)
+    if args.command == "predict":
+        return run_predict_command(args)
     setup_logging(args.log_format, args.log_level)
+    if args.command == "fetch-model":
+        return run_fetch_command(args)
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
     from edge_runtime.device.edge_device import DeviceStateError, EdgeDevice
     from edge_runtime.learning.data import DataConfig, load_split, make_loader

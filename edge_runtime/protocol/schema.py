@@ -22,6 +22,9 @@ MAX_ACK_IDS = 512  # 512 ids of 64 characters fit the header limit
 ROUND_STATES = ("collect", "train", "done", "stop", "async")  # async: no rounds (docs/async.md)
 _MSG_ID = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _INT32 = 2**31 - 1
+MODEL_VARIANTS = ("fp32", "int8")  # a delivered model: the composed graph, fp32 or int8 QDQ
+MAX_MODEL_BYTES = 512 * 1024 * 1024  # an ONNX protobuf cannot exceed 2 GB; ours are ~1-5 MB
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 _FEATURES = {(c, "float32") for c in FEATURE_CODECS}
@@ -33,6 +36,7 @@ _TENSORS = {  # kind -> tensor name -> (allowed (codec, dtype), rank)
                  "features": (_FEATURES, 4)},
     "logits": {"ids": (_INT64, 1), "logits": (_LOGITS, 2)},
 }
+_MODEL = {"data": ({("exact", "uint8")}, 1)}  # a slice of the ONNX file, bytes as they are
 
 
 def check_schema(m: Message) -> None:
@@ -46,7 +50,7 @@ def check_schema(m: Message) -> None:
             if len(s.shape) > 4:
                 raise WireError("shape", f"extractor: {s.name} has rank {len(s.shape)} > 4")
     else:
-        expected = _TENSORS.get(m.kind, {})
+        expected = _MODEL if m.kind == "model" else _TENSORS.get(m.kind, {})
         if set(specs) != set(expected):
             raise WireError("schema", f"{m.kind}: tensors {sorted(specs)}, expected "
                                       f"{sorted(expected)}")
@@ -67,6 +71,11 @@ def check_schema(m: Message) -> None:
             raise WireError("shape", f"features: must be [k, {FEATURE_CHANNELS}, S, S] with "
                                      f"1 <= S <= {MAX_FEATURE_SIZE}, got {list(shape)}")
     _check_meta(m.kind, m.meta)
+    if m.kind == "model":  # meta is checked: offset and total_bytes are integers
+        n = specs["data"].shape[0]
+        if n == 0 or m.meta["offset"] + n > m.meta["total_bytes"]:
+            raise WireError("shape", f"model: {n} bytes at offset {m.meta['offset']} do not "
+                                     f"fit {m.meta['total_bytes']} total bytes")
 
 
 def _check_tensor(kind: str, s: TensorSpec, allowed: set, rank: int | None) -> None:
@@ -103,6 +112,15 @@ def _check_meta(kind: str, meta: dict) -> None:
             raise WireError("schema", f"ack: msg_ids must be 1-{MAX_ACK_IDS} message ids")
     elif kind == "logits_request":
         _meta_int(kind, meta, "round", 0, _INT32)
+    elif kind in ("model", "model_ack"):
+        if meta.get("variant") not in MODEL_VARIANTS:
+            raise WireError("schema", f"{kind}: variant must be one of "
+                                      f"{', '.join(MODEL_VARIANTS)}")
+        if not isinstance(meta.get("sha256"), str) or not _SHA256.fullmatch(meta["sha256"]):
+            raise WireError("schema", f"{kind}: sha256 must be 64 lowercase hex digits")
+        _meta_int(kind, meta, "total_bytes", 1, MAX_MODEL_BYTES)
+        if kind == "model":
+            _meta_int(kind, meta, "offset", 0, MAX_MODEL_BYTES - 1)
     elif kind == "round":
         if meta.get("state") not in ROUND_STATES:
             raise WireError("schema", f"round: state must be one of {', '.join(ROUND_STATES)}")

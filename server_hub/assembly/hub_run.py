@@ -24,6 +24,7 @@ from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_BROKER
 from server_hub.assembly.options import BrokerOptions, HubOptions
 from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, broker_access
 from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
+from server_hub.delivery.models import model_delivery
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
@@ -118,6 +119,9 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
 
     svc = _service(fed, opts, link, test_loader, login, worker, on_record,
                    lambda s: bar.set_postfix_str(s, refresh=True))
+    if opts.deliver_models and worker is None:  # hub workers (--workers > 1) deliver none
+        svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
+                                             opts.service.max_payload)
     if opts.signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: svc.stop())

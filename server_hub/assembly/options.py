@@ -71,3 +71,4 @@ class HubOptions:
     progress: bool = True  # a progress bar (else only the rows of the round table)
     signals: bool = True  # SIGTERM/SIGINT stop the hub cleanly (a restart resumes)
     spill_features: bool = True  # received features to STATE/features (bounded memory)
+    deliver_models: bool = True  # at the end each device gets its composed model ([export])

@@ -192,6 +192,9 @@ class AsyncHubService(IntakeControls):
         if self.ahub.version != last["v"]:  # what was merged since the last evaluation
             self._evaluate(t_start, last, losses)
         intake.phase = "done"
+        if intake.delivery is not None:  # before "stop": devices exit on it
+            self.on_status("delivering models")
+            intake.delivery.deliver(sorted(intake.known))
         self.announcer.announce("stop")
         return EXIT_OK
 

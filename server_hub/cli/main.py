@@ -90,7 +90,8 @@ def hub_options(args: argparse.Namespace) -> tuple[FederationConfig, HubOptions,
                             max_payload=args.max_payload)
     workers = WorkerOptions(args.workers, args.share_group, args.worker_threads, args.trace_dir)
     opts = HubOptions(service, mode_options(args, args.min_devices, fed.rounds),
-                      monitor_options(args), workers, progress=not args.no_progress)
+                      monitor_options(args), workers, progress=not args.no_progress,
+                      deliver_models=not args.no_model_delivery)
     user = args.broker_user
     broker = BrokerOptions(args.broker, user,
                            os.environ.get("GKT_BROKER_PASSWORD") if user else None,
@@ -118,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     srv.add_argument("--no-progress", action="store_true")
+    srv.add_argument("--no-model-delivery", action="store_true",
+                     help="do not send devices their composed model (ONNX) at the end")
     add_access_args(srv)
     add_worker_args(srv)
     add_async_args(srv)
@@ -136,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
                                          "(default: a new temporary folder)")
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument("--no-model-delivery", action="store_true",
+                     help="do not send devices their composed model (ONNX) at the end")
     add_async_args(sim, simulate=True)
     add_training_args(sim, simulate=True)
     add_monitoring_args(srv)
@@ -191,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_options(args))
+                                   opts, monitor_options(args),
+                                   deliver_models=not args.no_model_delivery)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")

@@ -82,8 +82,10 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
                   opts: ModeOptions | None = None,
-                  monitor: MonitorOptions | None = None) -> RunResult:
-    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT."""
+                  monitor: MonitorOptions | None = None,
+                  deliver_models: bool = True) -> RunResult:
+    """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
+    ``deliver_models``: at the end each device gets its composed model (needs [export])."""
     from server_hub.assembly.hub_run import run_hub
     from server_hub.broker.mosquitto import (
         BrokerConfig,
@@ -126,7 +128,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                       round_deadline=round_deadline, start_timeout=120,
                       max_payload=max_payload),
         opts, monitor or MonitorOptions(), progress=show_progress, signals=False,
-        spill_features=False)
+        spill_features=False, deliver_models=deliver_models)
     sys_counters: dict[str, int] = {}
     try:
         outcome = run_hub(cfg, hub_opts, broker.url, on_round=result.rounds.append,
