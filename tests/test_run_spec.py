@@ -6,15 +6,17 @@ import json
 
 import pytest
 
+from edge_runtime.learning.preprocess import Preprocess
 from edge_runtime.protocol.run_spec import (
     MAX_SPEC_BYTES,
     RunSpec,
     RunSpecError,
     decode_run_spec,
     new_run_id,
+    preprocess_of,
 )
 
-PRE = {"size": 32, "mean": [0.5, 0.4, 0.3], "std": [0.25, 0.25, 0.25]}
+PRE = Preprocess(32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)).to_dict()
 
 
 def spec(**kw) -> RunSpec:
@@ -30,6 +32,7 @@ def test_round_trip_keeps_every_field():
     assert back == s
     assert back.classes == ("cat", "dog", "bird") and back.num_classes == 3
     assert json.loads(s.to_json())["version"] == 1
+    assert preprocess_of(back) == Preprocess(32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25))
 
 
 def test_new_run_ids_are_valid_and_distinct():
@@ -69,9 +72,16 @@ def test_unknown_version_is_refused_by_name():
     ({"dataset": "imagenet"}, "dataset"),
     ({"run_id": "../etc"}, "run_id"),
     ({"run_id": ""}, "run_id"),
-    ({"preprocess": {}}, "preprocess"),
-    ({"preprocess": {"size": {"nested": 1}}}, "preprocess"),
-    ({"preprocess": {"mean": list(range(100))}}, "preprocess"),
+    ({"preprocess": {}}, "preprocess size"),
+    ({"preprocess": []}, "preprocess must be an object"),
+    ({"preprocess": {**PRE, "size": {"nested": 1}}}, "preprocess size"),
+    ({"preprocess": {**PRE, "size": 10**6}}, "preprocess size"),
+    ({"preprocess": {**PRE, "mean": [0.5, 0.5]}}, "one value per RGB channel"),
+    ({"preprocess": {**PRE, "std": [0, 1, 1]}}, "std must be positive"),
+    ({"preprocess": {**PRE, "std": ["1", 1, 1]}}, "finite numbers"),
+    ({"preprocess": {**PRE, "resize": "squash"}}, "resize"),
+    ({"preprocess": {**PRE, "version": 9}}, "preprocess spec version 9"),
+    ({"preprocess": {**PRE, "evil": 1}}, "unknown preprocess fields"),
     ({"surprise": 1}, "unknown fields"),
 ])
 def test_bad_fields_are_refused_with_their_name(change, match):

@@ -31,7 +31,7 @@ EDGE_MODELS = ("resnet8",)
 OPTIMIZERS = ("adam-amsgrad",)  # the device's AmsgradAdam (edge_runtime/learning/optimizer.py)
 DATASETS = ("digits", "cifar10", "cifar100", "cinic10")  # academic datasets (learning/data.py)
 _RUN_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
-_MAX_PREPROCESS_KEYS = 32
+MAX_INPUT_SIZE = 512  # the largest feature map the wire accepts (schema.MAX_FEATURE_SIZE)
 # What a saved device state depends on: with any of these changed it cannot resume.
 IDENTITY = ("run_id", "classes", "edge_model", "model_seed", "preprocess", "dataset")
 
@@ -186,25 +186,31 @@ def _check_classes(classes: Any) -> None:
 
 
 def _check_preprocess(p: Any) -> None:
-    """JSON shape here; the values by the preprocessing's own ``from_dict`` (a device calls
-    it when it adopts the spec, the hub when it builds it)."""
-    if not isinstance(p, dict) or not p:
-        raise RunSpecError(f"preprocess must be a non-empty object, got {_short(p)}")
-    if len(p) > _MAX_PREPROCESS_KEYS:
-        raise RunSpecError(f"preprocess has {len(p)} fields")
-    for k, v in p.items():
-        if not isinstance(k, str) or len(k) > 64:
-            raise RunSpecError(f"preprocess field name {_short(k)}")
-        values = v if isinstance(v, list) else [v]
-        if len(values) > 16:
-            raise RunSpecError(f"preprocess {k} has {len(values)} values")
-        for x in values:
-            if x is not None and not isinstance(x, (str, int, float, bool)):
-                raise RunSpecError(f"preprocess {k} holds {_short(x)}")
-            if isinstance(x, float) and not math.isfinite(x):
-                raise RunSpecError(f"preprocess {k} is not finite")
-            if isinstance(x, str) and len(x) > 64:
-                raise RunSpecError(f"preprocess {k} is a {len(x)}-character string")
+    from edge_runtime.learning.preprocess import Preprocess  # torch-free: PIL and numpy
+
+    if not isinstance(p, dict):
+        raise RunSpecError(f"preprocess must be an object, got {_short(p)}")
+    if type(p.get("size")) is not int or not 1 <= p["size"] <= MAX_INPUT_SIZE:
+        raise RunSpecError(f"preprocess size must be an integer in [1, {MAX_INPUT_SIZE}], "
+                           f"got {_short(p.get('size'))}")
+    for k in ("mean", "std"):
+        v = p.get(k)
+        if not isinstance(v, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and abs(x) <= 1e3 for x in v):
+            raise RunSpecError(f"preprocess {k} must be a list of finite numbers, got "
+                               f"{_short(v)}")
+    try:
+        Preprocess.from_dict(p)
+    except (ValueError, TypeError) as err:
+        raise RunSpecError(f"preprocess: {err}") from None
+
+
+def preprocess_of(spec: RunSpec):
+    """The spec's ``Preprocess`` (validated when the spec was made)."""
+    from edge_runtime.learning.preprocess import Preprocess
+
+    return Preprocess.from_dict(spec.preprocess)
 
 
 def _choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:
