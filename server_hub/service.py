@@ -22,11 +22,14 @@ import numpy as np
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
+from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.checkpoint import latest_checkpoint, load_checkpoint
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Evaluation, Hub
 from server_hub.journal import UploadJournal
 from server_hub.results import RoundRecord
+from server_hub.run.evaluation import class_report
+from server_hub.run.spec_store import checkpoint_fields, publish_run_spec
 from server_hub.trainer import ServerStats
 
 log = logging.getLogger("gkt.hub")
@@ -44,6 +47,8 @@ class ServiceConfig:
     max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
     start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
     max_payload: int = 256 * 1024  # largest message we accept or send (broker's packet limit)
+    # announced retained; then a hello must name its run id (server_hub/run/spec_store.py)
+    run_spec: RunSpec | None = None
 
 
 @dataclass
@@ -93,6 +98,7 @@ class HubService:
         self._stop = threading.Event()
         self.started = time.perf_counter()  # records' elapsed: the time axis of plots
         self.observers: list = []  # on_accepted(service, device, msg, size)
+        self.class_report: dict | None = None  # the last evaluation's, for the status page
 
     # -- network thread ------------------------------------------------------------------
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
@@ -115,6 +121,7 @@ class HubService:
                 replay: bool = False) -> None:
         size = len(msg_bytes)
         if msg.kind == "hello":
+            check_run_id(self.cfg.run_spec, device, msg.meta)
             ncls = msg.meta.get("num_classes")
             if ncls != self.hub.num_classes:
                 raise wire.WireError("schema", f"device {device} has {ncls} classes, "
@@ -241,12 +248,16 @@ class HubService:
         that saw it already ignore it."""
         if self._announcement is not None and self.link.connected:
             self.link.publish(topics.ROUND_TOPIC, self._announcement, retain=True, wait=False)
+            if self.cfg.run_spec is not None:
+                publish_run_spec(self.link, self.cfg.run_spec, wait=False)
 
     # The round loop. Hub workers (server_hub/workers.py) run this same loop and override
     # the hooks marked "hook": how uploads are received and seen, how the decision is
     # agreed, and the training, logits and evaluation steps (besides _restore,
     # _wait_for_devices and _announce, which they do through collectives or rank 0).
     def run(self) -> int:
+        if self.leads and self.cfg.run_spec is not None:
+            publish_run_spec(self.link, self.cfg.run_spec)
         start = self._restore()
         self._start()
         self.listening.set()
@@ -392,6 +403,8 @@ class HubService:
 
     def _evaluate_devices(self, devices: list[str]) -> Evaluation:
         """Hook: test accuracy of extractor_k + server for ``devices``."""
+        if self.test_loader is None:  # no held-out data at the hub
+            return Evaluation({})
         return self.hub.evaluate(self.test_loader, devices)
 
     def _bytes_down(self, down: int) -> int:
@@ -424,14 +437,28 @@ class HubService:
         down = self._bytes_down(self.bytes_down - down0)
         if self.leads:
             accs = [u.edge_accuracy for u in done.values() if u.edge_accuracy is not None]
+            spec = self.cfg.run_spec
+            if ev.confusion is not None:
+                self.class_report = class_report(ev.confusion, spec and list(spec.classes))
             rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
                               round(seconds, 3), float(np.mean(accs)) if accs else None,
-                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
+                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3),
+                              per_class_accuracy=self.class_report and
+                              self.class_report["per_class_accuracy"])
+            meta = self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean)
             self.hub.save(Path(self.cfg.state_dir),
-                          self.hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
+                          {**meta, **(checkpoint_fields(spec) if spec else {})})
         self.journal.drop(rnd)
         if self.leads and self.on_round:
             self.on_round(rec)
+
+
+def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
+    """A hub that announced a run spec takes only devices that adopted it."""
+    if spec is not None and meta.get("run_id") != spec.run_id:
+        got = str(meta.get("run_id"))[:70]
+        raise wire.WireError("wrong_run_spec", f"device {device} runs {got}, the hub "
+                                               f"{spec.run_id}")
 
 
 def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,

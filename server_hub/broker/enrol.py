@@ -9,8 +9,8 @@ Everything lives under ``STATE/security/``:
 
 Each device's MQTT user name is its device id, and the ACL gives it exactly
 ``gkt/v1/dev/ID/up`` to write and ``gkt/v1/dev/ID/down``, ``gkt/v1/hub/round`` and
-``gkt/v1/hub/run`` to read, so valid credentials for one device cannot publish as another nor read its
-logits. A running managed broker is told to reload (SIGHUP) after every change.
+``gkt/v1/hub/run`` to read, so valid credentials for one device cannot publish as another
+nor read its logits. A running managed broker is told to reload (SIGHUP) after every change.
 """
 
 from __future__ import annotations
