@@ -19,6 +19,7 @@ from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
 from server_hub.cli.device import add_access_args, add_device_parser, run_device
 from server_hub.cli.mode_options import add_async_args, mode_options
+from server_hub.cli.run_options import add_run_args, plan_run
 from server_hub.models import SERVER_MODELS
 from server_hub.monitoring.endpoints import add_monitoring_args, add_status_parser, run_status
 from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-progress", action="store_true")
     add_async_args(sim, simulate=True)
     add_training_args(sim)
+    add_run_args(srv, serve=True)
+    add_run_args(sim, serve=False)
     add_monitoring_args(srv)
     add_monitoring_args(sim)
     for p in (srv, sim):
@@ -145,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = federation_config(args)
         devices = args.min_devices if args.command == "serve" else cfg.devices
         args.mode_options = mode_options(args, devices, cfg.rounds)
+        # what every device adopts; a hub state dir keeps its run id (serve.py)
+        args.run_plan = plan_run(args, cfg, args.codec, args.round_deadline)
     except ValueError as err:
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_args=args)
+                                   opts, monitor_args=args, plan=args.run_plan)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, broker_access
 from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
@@ -22,6 +21,7 @@ from server_hub.cli.mode_options import hub_service
 from server_hub.hub import Hub
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
 from server_hub.results import HEADER, RoundRecord, format_row
+from server_hub.run.spec_store import RunSpecConflict, settle_run_spec
 from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import FederationConfig
 
@@ -63,17 +63,21 @@ def open_broker(args: argparse.Namespace,
 def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
+    plan = args.run_plan
+    try:
+        spec = settle_run_spec(state, plan.spec)
+        test_loader = plan.test_loader(cfg)
+    except (RunSpecConflict, FileNotFoundError) as err:
+        log.error("%s", err)
+        return 2
+    log.info("run %s: %d classes, input %dx%d%s", spec.run_id, spec.num_classes,
+             spec.preprocess["size"], spec.preprocess["size"],
+             f", dataset {spec.dataset}" if spec.dataset else ", devices' own data")
     try:
         broker, url, access = open_broker(args, state)
     except BrokerSetupError as err:
         log.error("%s", err)
         return err.exit_code
-    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
-    try:
-        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
-    except FileNotFoundError as err:
-        log.error("%s", err)
-        return 2
     link = MqttLink(LinkConfig(url, client_id="gkt-hub", username=access.username,
                                password=access.password,
                                max_packet_size=args.max_payload + 4096))
@@ -92,13 +96,13 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
         bar.update(1)
 
     svc = hub_service(getattr(args, "mode_options", None), link,
-                      Hub(cfg.data.num_classes, cfg.server, cfg.seed,
+                      Hub(spec.num_classes, cfg.server, cfg.seed,
                           feature_dir=state / "features"),
                       ServiceConfig(str(state), rounds=cfg.rounds,
                                     min_devices=args.min_devices,
                                     round_deadline=args.round_deadline,
                                     start_timeout=args.start_timeout,
-                                    max_payload=args.max_payload + 4096),
+                                    max_payload=args.max_payload + 4096, run_spec=spec),
                       cfg.data, test_loader, on_round,
                       on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     for sig in (signal.SIGTERM, signal.SIGINT):

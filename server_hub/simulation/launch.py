@@ -14,9 +14,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.device.throttle import DeviceSpeed
-from edge_runtime.learning.data import DataConfig
 from server_hub.cli.mode_options import ModeOptions, hub_service
 from server_hub.results import HEADER, RoundRecord, RunResult, format_row
+from server_hub.run.plan import RunPlan, dataset_plan
 from server_hub.simulation.inproc import RUNNERS, FederationConfig, prepare
 from server_hub.simulation.throttled import run_gkt_async_fleet, run_gkt_sync_fleet
 
@@ -60,18 +60,15 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
                    state_dir: Path, max_payload: int, mode: str = "sync",
                    speed: DeviceSpeed | None = None) -> list[str]:
-    """The `gkt-edge run` command line of one simulated device."""
+    """The `gkt-edge run` command line of one simulated device: only what stays on a
+    device (its data, codec, threads, state); the rest comes with the hub's run spec."""
     d = cfg.data
     speed = speed or DeviceSpeed()
     return [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", url,
             "--device-id", name,
-            "--state-dir", str(state_dir), "--codec", codec, "--dataset", d.dataset,
-            "--data-root", d.root, "--image-size", str(d.image_size),
+            "--state-dir", str(state_dir), "--codec", codec, "--data-root", d.root,
             "--partition", cfg.partition, "--shard", str(shard), "--num-shards", str(cfg.devices),
-            "--seed", str(cfg.seed), "--model-seed", str(cfg.seed),
-            "--epochs", str(cfg.edge.epochs), "--batch-size", str(cfg.edge.batch_size),
-            "--lr", str(cfg.edge.lr), "--temperature", str(cfg.edge.temperature),
-            "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload),
+            "--seed", str(cfg.seed), "--max-payload", str(max_payload),
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
@@ -81,10 +78,11 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
-                  opts: ModeOptions | None = None, monitor_args=None) -> RunResult:
+                  opts: ModeOptions | None = None, monitor_args=None,
+                  plan: RunPlan | None = None) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
-    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints)."""
-    from edge_runtime.learning.data import load_split, make_loader
+    ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints).
+    ``plan``: the run spec devices adopt (default: ``cfg.data``'s dataset)."""
     from edge_runtime.mqtt.link import LinkConfig, MqttLink
     from server_hub.broker.mosquitto import (
         BrokerConfig,
@@ -93,15 +91,18 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         read_sys_counters,
     )
     from server_hub.hub import Hub
+    from server_hub.run.spec_store import settle_run_spec
     from server_hub.service import ServiceConfig
 
     opts = opts or ModeOptions()
+    plan = plan or dataset_plan(cfg, codec, round_deadline)
     fleet = opts.fleet or [DeviceSpeed()] * cfg.devices
     t0 = time.perf_counter()
     # Same layout as the in-process runner: checkpoints/, devices/<id>/, plus broker/, logs/.
     work = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # the broker runs as user mosquitto and must reach its folder
+    spec = settle_run_spec(work, plan.spec)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     max_payload = 256 * 1024
     broker = ManagedBroker(BrokerConfig(str(work / "broker"), port=free_port(),
@@ -118,8 +119,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
                              max_payload, opts.mode, fleet[i])
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
-    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
-    test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+    test_loader = plan.test_loader(cfg)
     link = MqttLink(LinkConfig(broker.url, client_id="gkt-hub", max_packet_size=2 * max_payload))
     link.connect()
     bar = tqdm(total=cfg.rounds if opts.mode == "sync" else None, desc=f"gkt/mqtt/{opts.mode}",
@@ -127,8 +127,8 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     bar.write(HEADER)
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}
-    result = RunResult("gkt", cfg.data.dataset, cfg.devices, config, transport="mqtt",
-                       mode=opts.mode)
+    result = RunResult("gkt", spec.dataset or "own", cfg.devices, config, transport="mqtt",
+                       mode=opts.mode, run_spec=spec.to_dict())
 
     def on_round(rec: RoundRecord) -> None:
         result.rounds.append(rec)
@@ -137,8 +137,8 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
 
     svc_cfg = ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
                             round_deadline=round_deadline, start_timeout=120,
-                            max_payload=2 * max_payload)
-    service = hub_service(opts, link, Hub(cfg.data.num_classes, cfg.server, cfg.seed), svc_cfg,
+                            max_payload=2 * max_payload, run_spec=spec)
+    service = hub_service(opts, link, Hub(spec.num_classes, cfg.server, cfg.seed), svc_cfg,
                          cfg.data, test_loader, on_round,
                          on_status=lambda s: bar.set_postfix_str(s, refresh=True))
     sys_counters: dict[str, int] = {}
@@ -165,6 +165,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         link.close()
         broker.stop()
     result.codec = codec
+    result.class_report = service.class_report
     result.broker_bytes = {
         "hub_received": link.bytes_received, "hub_sent": link.bytes_sent,
         "broker": sys_counters,

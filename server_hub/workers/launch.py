@@ -56,11 +56,12 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
     """One worker: join the process group, connect to the broker, serve rounds."""
     import torch
 
-    from edge_runtime.learning.data import DataConfig, load_split, make_loader
     from edge_runtime.mqtt.link import LinkConfig, MqttLink
+    from edge_runtime.protocol.run_spec import decode_run_spec
     from server_hub.hub import Hub
     from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
     from server_hub.results import HEADER, format_row
+    from server_hub.run.spec_store import RunSpecConflict, settle_run_spec
     from server_hub.service import ServiceConfig
     from server_hub.trainer import pick_device
     from server_hub.workers.distributed import backend_for, broadcast, init_group, local_rank
@@ -75,9 +76,18 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
         torch.cuda.set_device(lr)
         server_cfg = replace(server_cfg, device=f"cuda:{lr}")
     rank, world = init_group(backend_for(device), init_method, rank, world)
-    plain = DataConfig(cfg.data.dataset, cfg.data.root, cfg.data.image_size, augment=False)
+    plan = args.run_plan
+    try:  # rank 0 keeps the state dir's run id; every rank announces or checks that one
+        settled = settle_run_spec(args.state_dir, plan.spec).to_json() if rank == 0 else None
+    except RunSpecConflict as err:
+        log.error("%s", err)
+        settled = None
+    settled = broadcast(settled)
+    if settled is None:
+        return 2
+    spec = decode_run_spec(settled)
     try:
-        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
+        test_loader = plan.test_loader(cfg)
     except FileNotFoundError as err:  # every worker evaluates a share of the devices
         log.error("rank %d: %s", rank, err)
         return 2
@@ -89,10 +99,10 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
         link.connect()
         features = Path(args.state_dir) / "features" / f"rank-{rank}"  # its own spill files
         svc = WorkerService(
-            link, Hub(cfg.data.num_classes, server_cfg, cfg.seed, feature_dir=features),
+            link, Hub(spec.num_classes, server_cfg, cfg.seed, feature_dir=features),
             ServiceConfig(args.state_dir, rounds=cfg.rounds, min_devices=args.min_devices,
                           round_deadline=args.round_deadline, start_timeout=args.start_timeout,
-                          max_payload=args.max_payload + 4096),
+                          max_payload=args.max_payload + 4096, run_spec=spec),
             cfg.data, test_loader,
             WorkerConfig(args.share_group or share_group_for(login[1]), seed=cfg.seed,
                          trace_dir=args.trace_dir,
@@ -179,6 +189,7 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
 def main(argv: list[str] | None = None) -> int:
     """torchrun entry: the gkt-hub serve options; --broker is required (no managed one)."""
     from server_hub.cli.main import build_parser, federation_config
+    from server_hub.cli.run_options import plan_run
 
     args = build_parser().parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
     if args.broker is None:
@@ -188,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "?")
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{rank} %(name)s: %(message)s")
-    return run_worker(args, federation_config(args), args.broker, _login(args))
+    cfg = federation_config(args)
+    args.run_plan = plan_run(args, cfg, args.codec, args.round_deadline)
+    return run_worker(args, cfg, args.broker, _login(args))
 
 
 def _login(args: argparse.Namespace) -> tuple[str | None, str | None]:
