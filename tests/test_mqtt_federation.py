@@ -18,6 +18,7 @@ from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
 from server_hub.checkpoint import latest_checkpoint
 from server_hub.hub import Hub
+from server_hub.run.plan import dataset_plan
 from server_hub.service import HubService, ServiceConfig
 from server_hub.simulation.inproc import FederationConfig, prepare
 from server_hub.trainer import ServerTrainConfig
@@ -37,7 +38,8 @@ def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0):
     hub = Hub(10, ServerTrainConfig(epochs=1, batch_size=32, device="cpu"))
     test_loader = make_loader(prepare_test(), 256, shuffle=False)
     cfg = ServiceConfig(str(tmp_path / "hub"), rounds=rounds, min_devices=min_devices,
-                        round_deadline=deadline, start_timeout=60)
+                        round_deadline=deadline, start_timeout=60,
+                        run_spec=dataset_plan(FederationConfig(data=DATA)).spec)
     records = []
     return HubService(link, hub, cfg, DATA, test_loader, records.append), records
 
