@@ -13,6 +13,7 @@ import signal
 import sys
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
+from edge_runtime.learning.preprocess import RESIZE_METHODS
 from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
@@ -43,9 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
     run.add_argument("--codec", default="q8", help="feature codec: fp32 | fp16 | q8 | q4")
+    run.add_argument("--data", metavar="PATH",
+                     help="this device's own images: a folder with one subfolder per class, "
+                          "or a path,label manifest (.csv or .jsonl) (docs/own-data.md); "
+                          "without it, a shard of --dataset (benchmarks)")
+    run.add_argument("--classes", metavar="A,B,C",
+                     help="the run's class names, in the run's order (with --data)")
+    run.add_argument("--normalize", metavar="SPEC",
+                     help="with --data: per-channel 'M,M,M:S,S,S' or a dataset's "
+                          "(cifar10, digits...); default 0.5,0.5,0.5:0.25,0.25,0.25")
+    run.add_argument("--resize", choices=RESIZE_METHODS, default="center_crop",
+                     help="with --data: center_crop (shorter side to --image-size, centre "
+                          "square kept) or stretch")
+    run.add_argument("--val-fraction", type=float, default=0.1,
+                     help="with --data: images held out for the device's own accuracy")
+    run.add_argument("--skip-unknown-labels", action="store_true",
+                     help="with --data: leave out images whose label is not a run class "
+                          "(counted as skipped) instead of refusing to start")
     run.add_argument("--dataset", default="digits")
     run.add_argument("--data-root", default="data")
-    run.add_argument("--image-size", type=int, default=0)
+    run.add_argument("--image-size", type=int, default=0,
+                     help="input size (0: the dataset's own; with --data: 32)")
     run.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA")
     run.add_argument("--shard", type=int, default=0, help="this device's part of the partition")
     run.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
@@ -102,6 +121,78 @@ def login_fields(args: argparse.Namespace) -> dict:
     return {"username": username, "password": password, "ca_file": args.ca_file}
 
 
+def data_spec(args: argparse.Namespace):
+    """The run's data settings (classes, preprocessing) from this device's flags.
+
+    The seam for a hub-announced run spec: a device that adopts the hub's spec builds
+    the same ``DataSpec`` from it instead (``DataSpec.from_dict``)."""
+    from edge_runtime.learning.data import NORMALIZATION
+    from edge_runtime.learning.own_data import DataSpec
+    from edge_runtime.learning.preprocess import Preprocess
+
+    if not args.classes:
+        raise ValueError("--data needs the run's class names: --classes a,b,c (in the run's "
+                         "order, the same on every device)")
+    classes = tuple(c.strip() for c in args.classes.split(","))
+    norm = {}
+    if args.normalize in NORMALIZATION:
+        mean, std = NORMALIZATION[args.normalize]
+        norm = {"mean": mean, "std": std}
+    elif args.normalize:
+        mean_s, sep, std_s = args.normalize.partition(":")
+        try:
+            norm = {"mean": tuple(float(v) for v in mean_s.split(",")),
+                    "std": tuple(float(v) for v in std_s.split(","))}
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ValueError(f"--normalize {args.normalize!r}: give M,M,M:S,S,S or one of "
+                             f"{sorted(NORMALIZATION)}")
+    return DataSpec(classes, Preprocess(size=args.image_size or 32, resize=args.resize,
+                                        **norm))
+
+
+def own_data_device(args: argparse.Namespace, edge_cfg, state_dir: str):
+    """(device, its data source) for the device's own images (--data), scanned once now
+    (OwnDataError if there is nothing usable)."""
+    from pathlib import Path
+
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.device.own_data_source import OwnDataSource
+    from edge_runtime.learning.catalog import ImageCatalog
+    from edge_runtime.learning.own_data import OwnData, OwnDataConfig
+
+    if args.num_shards != 1 or args.shard != 0:
+        raise ValueError("--data is this device's whole training set: drop --shard and "
+                         "--num-shards (they split an academic --dataset)")
+    cfg = OwnDataConfig(args.data, data_spec(args), args.val_fraction,
+                        args.skip_unknown_labels)
+    own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / "own-data.sqlite")))
+    train, train_eval, ids, positions = own.device_args()
+    device = EdgeDevice(args.device_id, train, train_eval, ids, len(cfg.spec.classes),
+                        edge_cfg, seed=args.seed, model_seed=args.model_seed,
+                        positions=positions, ids_may_change=True)
+    return device, own
+
+
+def academic_device(args: argparse.Namespace, edge_cfg):
+    """(device, test loader) for shard --shard of --num-shards of --dataset."""
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig, load_split, make_loader
+    from edge_runtime.learning.partition import partition
+
+    data = DataConfig(args.dataset, args.data_root, args.image_size)
+    plain = DataConfig(args.dataset, args.data_root, args.image_size, augment=False)
+    train, train_eval = load_split(data, True), load_split(plain, True)
+    ids = partition(train.targets, args.num_shards, args.partition, args.seed)[args.shard]
+    test_loader = None
+    if not args.no_local_eval:
+        test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
+    device = EdgeDevice(args.device_id, train, train_eval, ids, data.num_classes, edge_cfg,
+                        seed=args.seed + args.shard, model_seed=args.model_seed)
+    return device, test_loader
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(build_parser(), argv, ENV_PREFIX)
@@ -112,28 +203,19 @@ def main(argv: list[str] | None = None) -> int:
         return print_service(args)
     setup_logging(args.log_format, args.log_level)
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
-    from edge_runtime.device.edge_device import DeviceStateError, EdgeDevice
-    from edge_runtime.learning.data import DataConfig, load_split, make_loader
-    from edge_runtime.learning.partition import partition
+    from edge_runtime.device.edge_device import DeviceStateError
     from edge_runtime.learning.train import EdgeTrainConfig
     from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
     from edge_runtime.protocol.topics import validate_device_id
 
+    state_dir = args.state_dir or f"gkt-edge-state/{args.device_id}"
     try:
         validate_device_id(args.device_id)
         if not 0 <= args.shard < args.num_shards:
             raise ValueError(f"--shard {args.shard} must be in [0, --num-shards {args.num_shards})")
-        data = DataConfig(args.dataset, args.data_root, args.image_size)
-        plain = DataConfig(args.dataset, args.data_root, args.image_size, augment=False)
-        train, train_eval = load_split(data, True), load_split(plain, True)
-        ids = partition(train.targets, args.num_shards, args.partition, args.seed)[args.shard]
-        test_loader = None
-        if not args.no_local_eval:
-            test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
         from edge_runtime.device.throttle import DeviceSpeed, parse_bandwidth
 
-        cfg = AgentConfig(args.device_id, codec=args.codec,
-                          state_dir=args.state_dir or f"gkt-edge-state/{args.device_id}",
+        cfg = AgentConfig(args.device_id, codec=args.codec, state_dir=state_dir,
                           max_payload=args.max_payload, mode=args.mode,
                           speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)))
         from edge_runtime.protocol.codecs import get_codec
@@ -143,15 +225,18 @@ def main(argv: list[str] | None = None) -> int:
                                    temperature=args.temperature, alpha=args.alpha,
                                    extract_backend=args.extract_backend,
                                    precision=args.precision)
-    except (ValueError, FileNotFoundError) as err:
+        own, test_loader = None, None
+        if args.data:
+            device, own = own_data_device(args, edge_cfg, state_dir)
+        else:
+            device, test_loader = academic_device(args, edge_cfg)
+    except (ValueError, FileNotFoundError) as err:  # OwnDataError is a ValueError
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    device = EdgeDevice(args.device_id, train, train_eval, ids, data.num_classes, edge_cfg,
-                        seed=args.seed + args.shard, model_seed=args.model_seed)
     try:
         link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
                                    max_packet_size=cfg.max_payload + 1024,
@@ -168,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_BROKER
-    agent = EdgeAgent(link, device, cfg, test_loader)
+    agent = EdgeAgent(link, device, cfg, test_loader, own_data=own)
 
     def on_signal(signum: int, _frame) -> None:
         logging.getLogger("gkt.edge").info("%s: %s, stopping (progress is saved after each "

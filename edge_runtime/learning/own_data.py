@@ -173,6 +173,7 @@ class ScanResult:
     val: LocalImages  # held out by content, so an image never changes side
     skipped: tuple[tuple[str, str], ...]  # (file or manifest line, why)
     duplicates: int  # files whose bytes another listed file already has
+    decoded: int  # images decoded by this scan (the others came from memory or the cache)
 
     @property
     def skipped_files(self) -> int:
@@ -251,7 +252,7 @@ class OwnData:
             raise OwnDataError(self._nothing_usable(len(entries), skipped))
         log.info("%s: %d images (%d newly decoded, %d duplicate files, %d skipped)",
                  self.cfg.path, len(pixels), decoded, duplicates, len(skipped))
-        return self._arrays(found, pixels, tuple(skipped), duplicates)
+        return self._arrays(found, pixels, tuple(skipped), duplicates, decoded)
 
     def _known_labels(self, listing: Listing) -> tuple[list[Entry], list[tuple[str, str]]]:
         skipped = list(listing.skipped)
@@ -298,12 +299,14 @@ class OwnData:
         return to_rgb_u8(decode_image(data, e.path), self.cfg.spec.preprocess)
 
     def _arrays(self, found: dict[bytes, int], pixels: dict[bytes, np.ndarray],
-                skipped: tuple[tuple[str, str], ...], duplicates: int) -> ScanResult:
+                skipped: tuple[tuple[str, str], ...], duplicates: int,
+                decoded: int) -> ScanResult:
         ids = self.catalog.sample_ids(found)
         self.catalog.commit()
         order = sorted(found, key=ids.__getitem__)
-        self._digests = order
-        self._pixels = np.stack([pixels[d] for d in order]).astype(np.uint8, copy=False)
+        if order != self._digests:  # else keep the array: no second copy of every image
+            self._digests = order
+            self._pixels = np.stack([pixels[d] for d in order])
         labels = np.array([found[d] for d in order], np.int64)
         sids = np.array([ids[d] for d in order], np.int64)
         held = np.array([is_held_out(d, self.cfg.val_fraction) for d in order], bool)
@@ -312,7 +315,7 @@ class OwnData:
         return ScanResult(
             LocalImages(self._pixels[~held], labels[~held], sids[~held]),
             LocalImages(self._pixels[held], labels[held], sids[held]),
-            skipped, duplicates)
+            skipped, duplicates, decoded)
 
     def _name(self, what: str, why: str) -> None:
         if (what, why) not in self._named:
