@@ -124,8 +124,9 @@ def login_fields(args: argparse.Namespace) -> dict:
 def data_spec(args: argparse.Namespace):
     """The run's data settings (classes, preprocessing) from this device's flags.
 
-    The seam for a hub-announced run spec: a device that adopts the hub's spec builds
-    the same ``DataSpec`` from it instead (``DataSpec.from_dict``)."""
+    The seam for a hub-announced run spec: a device that adopts the hub's spec builds the
+    same ``DataSpec`` from it instead (classes + ``Preprocess.from_dict``) and passes it
+    to ``own_data_device``."""
     from edge_runtime.learning.data import NORMALIZATION
     from edge_runtime.learning.own_data import DataSpec
     from edge_runtime.learning.preprocess import Preprocess
@@ -152,9 +153,10 @@ def data_spec(args: argparse.Namespace):
                                         **norm))
 
 
-def own_data_device(args: argparse.Namespace, edge_cfg, state_dir: str):
-    """(device, its data source) for the device's own images (--data), scanned once now
-    (OwnDataError if there is nothing usable)."""
+def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
+                    model_seed: int):
+    """(device, its data source) for the device's own images (--data) under the run's
+    ``spec`` (a ``DataSpec``), scanned once now (OwnDataError if nothing is usable)."""
     from pathlib import Path
 
     from edge_runtime.device.edge_device import EdgeDevice
@@ -165,12 +167,11 @@ def own_data_device(args: argparse.Namespace, edge_cfg, state_dir: str):
     if args.num_shards != 1 or args.shard != 0:
         raise ValueError("--data is this device's whole training set: drop --shard and "
                          "--num-shards (they split an academic --dataset)")
-    cfg = OwnDataConfig(args.data, data_spec(args), args.val_fraction,
-                        args.skip_unknown_labels)
+    cfg = OwnDataConfig(args.data, spec, args.val_fraction, args.skip_unknown_labels)
     own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / "own-data.sqlite")))
     train, train_eval, ids, positions = own.device_args()
     device = EdgeDevice(args.device_id, train, train_eval, ids, len(cfg.spec.classes),
-                        edge_cfg, seed=args.seed, model_seed=args.model_seed,
+                        edge_cfg, seed=args.seed, model_seed=model_seed,
                         positions=positions, ids_may_change=True)
     return device, own
 
@@ -227,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
                                    precision=args.precision)
         own, test_loader = None, None
         if args.data:
-            device, own = own_data_device(args, edge_cfg, state_dir)
+            device, own = own_data_device(args, data_spec(args), edge_cfg, state_dir,
+                                          args.model_seed)
         else:
             device, test_loader = academic_device(args, edge_cfg)
     except (ValueError, FileNotFoundError) as err:  # OwnDataError is a ValueError
