@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from edge_runtime.device import edge_device as device_mod
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.edge_device import edge_device as device_mod
 from edge_runtime.learning.data import DataConfig
 from edge_runtime.learning.train import EdgeTrainConfig
 from server_hub.simulation.inproc import FederationConfig, prepare

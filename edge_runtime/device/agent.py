@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+
+if TYPE_CHECKING:
+    from edge_runtime.device.own_data_source import OwnDataSource
 
 log = logging.getLogger("gkt.edge")
 
@@ -77,15 +81,19 @@ def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
 
 class EdgeAgent:
     def __init__(self, link: MqttLink, device: EdgeDevice, cfg: AgentConfig,
-                 test_loader=None, spec_watch=None) -> None:
-        """``spec_watch``: the adopted run's RunSpecWatch (device/adopt.py); the agent stops
+                 test_loader=None, own_data: OwnDataSource | None = None,
+                 spec_watch=None) -> None:
+        """``own_data``: the device's own images, rescanned before each round; their
+        held-out part (if any) replaces ``test_loader`` for the local accuracy.
+        ``spec_watch``: the adopted run's RunSpecWatch (device/adopt.py); the agent stops
         (exit 2) if the hub starts announcing another run."""
         self.link = link
         self.spec_watch = spec_watch
         self.adopted = spec_watch.spec if spec_watch is not None else None
         self.device = device
         self.cfg = cfg
-        self.test_loader = test_loader
+        self.own_data = own_data
+        self.test_loader = own_data.val_loader() if own_data is not None else test_loader
         self.state_dir = Path(cfg.state_dir)
         self.inbox: queue.Queue[wire.Message] = queue.Queue()
         self.rejected = 0
@@ -222,7 +230,8 @@ class EdgeAgent:
         dev = self.device
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
-                "device_metrics": device_metrics(dev.num_samples)}
+                "device_metrics": device_metrics(dev.num_samples,
+                                                 skipped_files=self._skipped_files())}
         if self.cfg.run_id is not None:
             meta["run_id"] = self.cfg.run_id
         payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
@@ -241,8 +250,14 @@ class EdgeAgent:
                     return None
         return None
 
+    def _skipped_files(self) -> int | None:
+        return self.own_data.skipped_files if self.own_data is not None else None
+
     def _round(self, rnd: int) -> None:
         dev = self.device
+        if self.own_data is not None:
+            self.own_data.refresh(dev)
+            self.test_loader = self.own_data.val_loader()
         t0 = time.perf_counter()
         stats = self.throttle.run(dev.train)
         self._train_seconds = time.perf_counter() - t0
@@ -283,7 +298,7 @@ class EdgeAgent:
             meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
                     "upload_id": upload_id, "edge_accuracy": local_acc,
                     "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
-                                                     local_acc)}
+                                                     local_acc, self._skipped_files())}
             yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
                                            meta=meta)
 

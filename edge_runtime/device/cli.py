@@ -51,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--codec", default=None,
                      help="feature codec fp32 | fp16 | q8 | q4 (default: the run's; must be "
                           "one the run allows)")
+    run.add_argument("--data", metavar="PATH",
+                     help="this device's own images: a folder with one subfolder per class, "
+                          "or a path,label manifest (.csv or .jsonl) (docs/own-data.md); "
+                          "labels are matched to the run's class names. Without it, a shard "
+                          "of the run's academic dataset (benchmarks)")
+    run.add_argument("--val-fraction", type=float, default=0.1,
+                     help="with --data: images held out for the device's own accuracy")
+    run.add_argument("--skip-unknown-labels", action="store_true",
+                     help="with --data: leave out images whose label is not a run class "
+                          "(counted as skipped) instead of refusing to start")
     bench = run.add_argument_group(
         "academic datasets (benchmarks: the hub's run spec names the dataset)")
     bench.add_argument("--dataset", default=None,
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             agent = build_agent(args, link, watch, speed)
-        except (ValueError, FileNotFoundError) as err:  # DeviceStateError included
+        except (ValueError, FileNotFoundError) as err:  # DeviceStateError, OwnDataError
             print(f"gkt-edge: error: {err}", file=sys.stderr)
             return EXIT_USAGE
         if stopping.is_set():
@@ -191,19 +201,63 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
 
     from edge_runtime.device.adopt import adopt_state_dir, edge_config, pick_codec
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
-    from edge_runtime.device.edge_device import EdgeDevice
-    from edge_runtime.learning.data import DataConfig, load_split, make_loader
-    from edge_runtime.learning.dataset_classes import dataset_classes
-    from edge_runtime.learning.partition import partition
+    from edge_runtime.learning.own_data import DataSpec
+    from edge_runtime.protocol.run_spec import preprocess_of
 
     spec = watch.spec
     logging.getLogger("gkt.edge").info(
         "%s: adopted run %s (%d classes, input %d, %d local epochs, lr %g, codec %s)",
         args.device_id, spec.run_id, spec.num_classes, spec.preprocess["size"], spec.epochs,
         spec.lr, spec.codec)
+    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+    cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
+                      state_dir=str(state_dir), max_payload=args.max_payload,
+                      upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
+                      run_id=spec.run_id)
+    edge_cfg = edge_config(spec, args.extract_backend, args.precision)
+    adopt_state_dir(state_dir, spec)
+    own, test_loader = None, None
+    if args.data:
+        device, own = own_data_device(args, DataSpec(spec.classes, preprocess_of(spec)),
+                                      edge_cfg, str(state_dir), spec.model_seed)
+    else:
+        device, test_loader = academic_device(args, spec, edge_cfg)
+    return EdgeAgent(link, device, cfg, test_loader, own_data=own, spec_watch=watch)
+
+
+def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
+                    model_seed: int):
+    """(device, its data source) for the device's own images (--data) under the run's
+    ``spec`` (a ``DataSpec``), scanned once now (OwnDataError if nothing is usable)."""
+    from pathlib import Path
+
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.device.own_data_source import OwnDataSource
+    from edge_runtime.learning.catalog import ImageCatalog
+    from edge_runtime.learning.own_data import OwnData, OwnDataConfig
+
+    if args.num_shards != 1 or args.shard != 0:
+        raise ValueError("--data is this device's whole training set: drop --shard and "
+                         "--num-shards (they split an academic --dataset)")
+    cfg = OwnDataConfig(args.data, spec, args.val_fraction, args.skip_unknown_labels)
+    own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / "own-data.sqlite")))
+    train, train_eval, ids, positions = own.device_args()
+    device = EdgeDevice(args.device_id, train, train_eval, ids, len(cfg.spec.classes),
+                        edge_cfg, seed=args.seed, model_seed=model_seed,
+                        positions=positions, ids_may_change=True)
+    return device, own
+
+
+def academic_device(args: argparse.Namespace, spec, edge_cfg):
+    """(device, test loader) for shard --shard of --num-shards of the run's dataset."""
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig, load_split, make_loader
+    from edge_runtime.learning.dataset_classes import dataset_classes
+    from edge_runtime.learning.partition import partition
+
     if spec.dataset is None:
         raise ValueError(f"run {spec.run_id} trains on the devices' own images (classes "
-                         f"{', '.join(spec.classes[:10])}...): give --data PATH")
+                         f"{', '.join(spec.classes[:10])}): give --data PATH")
     if args.dataset not in (None, spec.dataset):
         raise ValueError(f"--dataset {args.dataset}: the hub's run {spec.run_id} uses "
                          f"{spec.dataset}")
@@ -219,16 +273,9 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     test_loader = None
     if not args.no_local_eval:
         test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
-    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
-    cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
-                      state_dir=str(state_dir), max_payload=args.max_payload,
-                      upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
-                      run_id=spec.run_id)
-    edge_cfg = edge_config(spec, args.extract_backend, args.precision)
     device = EdgeDevice(args.device_id, train, train_eval, ids, spec.num_classes, edge_cfg,
                         seed=args.seed + args.shard, model_seed=spec.model_seed)
-    adopt_state_dir(state_dir, spec)
-    return EdgeAgent(link, device, cfg, test_loader, spec_watch=watch)
+    return device, test_loader
 
 
 if __name__ == "__main__":

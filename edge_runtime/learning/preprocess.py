@@ -25,6 +25,7 @@ cheap and is done per batch in training. Torch-free: PIL and numpy only.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -94,17 +95,26 @@ def load_image(path: str | Path) -> Image.Image:
     truncated or non-image file, so callers can skip it with one clear log line."""
     path = Path(path)
     try:
-        with Image.open(path) as img:
+        data = path.read_bytes()
+    except OSError as err:
+        why = "no such file" if isinstance(err, FileNotFoundError) else f"cannot read ({err})"
+        raise UnreadableImage(f"{path}: {why}") from err
+    return decode_image(data, str(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """``load_image`` for bytes already read (``name`` is what errors call them)."""
+    if not data:
+        raise UnreadableImage(f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
             img.load()  # decode now: a truncated file fails here, not in training
             return img.copy()  # the pixels and info (EXIF, palette), free of the file
-    except FileNotFoundError as err:
-        raise UnreadableImage(f"{path}: no such file") from err
     except UnidentifiedImageError as err:
-        reason = "empty file" if path.stat().st_size == 0 else "not an image PIL can read"
-        raise UnreadableImage(f"{path}: {reason}") from err
+        raise UnreadableImage(f"{name}: not an image PIL can read") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL reports truncated and corrupt data as OSError (some plugins: SyntaxError)
-        raise UnreadableImage(f"{path}: cannot decode ({err})") from err
+        raise UnreadableImage(f"{name}: cannot decode ({err})") from err
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -22,7 +22,8 @@ from edge_runtime.protocol import wire
 from server_hub.results import RoundRecord
 
 # What devices may report about themselves (edge_runtime.protocol.device_metrics).
-DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
+DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy",
+                  "skipped_files")
 MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
 INACTIVE = ("silent", "gone", "finished")  # states not counted in devices_active
 
