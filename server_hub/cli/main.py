@@ -19,7 +19,13 @@ from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
 from server_hub.cli.device import add_access_args, add_device_parser, run_device
 from server_hub.cli.mode_options import add_async_args, mode_options
-from server_hub.cli.run_options import add_run_args, plan_run
+from server_hub.cli.run_options import (
+    add_run_args,
+    add_split_parser,
+    plan_run,
+    prepare_device_data,
+    run_split,
+)
 from server_hub.models import SERVER_MODELS
 from server_hub.monitoring.endpoints import add_monitoring_args, add_status_parser, run_status
 from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
@@ -100,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)
+    own = sim.add_argument_group("devices' own image folders (docs/own-data.md)")
+    own.add_argument("--device-data", action="append", metavar="DIR",
+                     help="one device's image folder (repeat once per device; the device "
+                          "count follows): each gkt-edge process runs with --data DIR")
+    own.add_argument("--split-data", metavar="DIR",
+                     help="split DIR (one subfolder per class) into --devices folders of "
+                          "links by --partition first (as `gkt-hub split-data`), then run "
+                          "them as --device-data")
     sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
     sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
                                          "(default: a new temporary folder)")
@@ -114,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p, ENV_PREFIX)
         add_log_args(p)
     add_status_parser(sub)
+    add_split_parser(sub)
     add_device_parser(sub)
     add_service_parser(sub, "gkt-hub", "serve")
     return parser
@@ -144,13 +159,17 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "device":
         return run_device(args)
+    if args.command == "split-data":
+        return run_split(args)
     try:
+        if args.command == "simulate":
+            prepare_device_data(args)  # --split-data, --device-data: the device count
         cfg = federation_config(args)
         devices = args.min_devices if args.command == "serve" else cfg.devices
         args.mode_options = mode_options(args, devices, cfg.rounds)
         # what every device adopts; a hub state dir keeps its run id (serve.py)
         args.run_plan = plan_run(args, cfg, args.codec, args.round_deadline)
-    except ValueError as err:
+    except (ValueError, OSError) as err:  # OSError: a --split-data/--test-data folder
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return 2
     if args.command == "serve" and args.workers > 1:
@@ -167,11 +186,17 @@ def main(argv: list[str] | None = None) -> int:
         opts = args.mode_options
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_args=args, plan=args.run_plan)
+                                   opts, monitor_args=args, plan=args.run_plan,
+                                   device_data=args.device_data)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")
-            result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts)
+            try:
+                result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts,
+                                         args.run_plan, args.device_data)
+            except ValueError as err:  # own folders without --test-data, nothing usable
+                print(f"gkt-hub: error: {err}", file=sys.stderr)
+                return 2
         if args.json:
             result.write_json(args.json)
             print(f"wrote {args.json}")

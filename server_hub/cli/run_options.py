@@ -1,7 +1,8 @@
 """The run spec on the `gkt-hub` command line: classes, input, normalization, held-out data.
 
 Own data: `--classes a,b,c`, `--classes-from DIR` or `--test-data DIR` (its subfolders are
-the classes unless one of the others is given). Normalization: `--mean`/`--std`, else
+the classes unless one of the others is given; simulate: also `--split-data DIR`, or the
+union of the `--device-data` folders' subfolders). Normalization: `--mean`/`--std`, else
 measured on `--test-data`, else 0.5/0.25 per channel. Without any of these the run is an
 academic benchmark (`--dataset`), and the spec carries that dataset's class names.
 """
@@ -9,6 +10,11 @@ academic benchmark (`--dataset`), and the spec carries that dataset's class name
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
 
 from edge_runtime.learning.preprocess import RESIZE_METHODS, Preprocess
 from edge_runtime.protocol.codecs import FEATURE_CODECS
@@ -61,8 +67,14 @@ def _classes(args: argparse.Namespace) -> tuple[str, ...] | None:
         raise ValueError("give --classes or --classes-from, not both")
     if args.classes:
         return tuple(c.strip() for c in args.classes.split(",") if c.strip())
-    folder = args.classes_from or args.test_data
-    return tuple(class_folders(folder)) if folder else None
+    folder = args.classes_from or args.test_data or getattr(args, "split_data", None)
+    if folder:
+        return tuple(class_folders(folder))
+    if getattr(args, "device_data", None):
+        from server_hub.simulation.own_folders import folder_classes
+
+        return folder_classes(args.device_data)
+    return None
 
 
 def plan_run(args: argparse.Namespace, cfg: FederationConfig, codec: str,
@@ -91,3 +103,51 @@ def plan_run(args: argparse.Namespace, cfg: FederationConfig, codec: str,
                      _triple(args.std, "--std") if args.std else std, args.resize)
     return RunPlan(build_spec(cfg, classes, pre, None, codec, codecs, round_deadline,
                               args.upload_deadline), test)
+
+
+def add_split_parser(sub: argparse._SubParsersAction) -> None:
+    sp = sub.add_parser("split-data", help="split one image folder into per-device folders "
+                                           "(links) for lab trials")
+    sp.add_argument("source", help="a folder with one subfolder per class")
+    sp.add_argument("dest", help="a new (or empty) folder; gets device-0, device-1, ... and "
+                                 "split.json")
+    sp.add_argument("--devices", type=int, required=True)
+    sp.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA (per class)")
+    sp.add_argument("--seed", type=int, default=0)
+
+
+def run_split(args: argparse.Namespace) -> int:
+    from edge_runtime.learning.image_folders import split_folder
+
+    try:
+        folders = split_folder(args.source, args.dest, args.devices, args.partition, args.seed)
+    except (ValueError, OSError) as err:  # FileNotFoundError, FileExistsError included
+        print(f"gkt-hub: error: {err}", file=sys.stderr)
+        return 2
+    report = json.loads((Path(args.dest) / "split.json").read_text())
+    for row in report["devices"]:
+        print(f"{row['folder']}: {row['files']} files")
+    print(f"wrote {len(folders)} device folders under {args.dest} (split.json records the "
+          "split); on device k: gkt-edge run --data " + str(Path(args.dest) / "device-K"))
+    return 0
+
+
+def prepare_device_data(args: argparse.Namespace) -> None:
+    """`simulate --split-data`: split into STATE/device-data first; then the device count
+    is the number of --device-data folders (ValueError names a bad combination)."""
+    if args.split_data and args.device_data:
+        raise ValueError("give --split-data or --device-data, not both")
+    if args.split_data:
+        from edge_runtime.learning.image_folders import split_folder
+
+        if not args.state_dir:
+            args.state_dir = tempfile.mkdtemp(prefix="gkt-sim-")
+        dest = Path(args.state_dir) / "device-data"
+        if dest.exists():  # a rerun with the same state dir: the same split
+            shutil.rmtree(dest)
+        folders = split_folder(args.split_data, dest, args.devices, args.partition, args.seed)
+        print(f"split {args.split_data} into {len(folders)} device folders under {dest} "
+              f"({args.partition}, seed {args.seed})", flush=True)
+        args.device_data = [str(f) for f in folders]
+    if args.device_data:
+        args.devices = len(args.device_data)

@@ -24,12 +24,23 @@ log = logging.getLogger(__name__)
 
 
 def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool = True,
-                    opts: ModeOptions | None = None) -> RunResult:
-    """All devices and the hub in this process; bytes are what would cross the network."""
+                    opts: ModeOptions | None = None, plan: RunPlan | None = None,
+                    device_data: list[str] | None = None) -> RunResult:
+    """All devices and the hub in this process; bytes are what would cross the network.
+    With ``device_data`` (one folder per device) and ``plan`` (its spec and --test-data),
+    the devices' own images instead of a partition of ``cfg.data``."""
     t0 = time.perf_counter()
-    setup = prepare(cfg)
+    if device_data:
+        from server_hub.simulation.own_folders import own_setup
+
+        setup = own_setup(device_data, plan.spec, plan.test,
+                          Path(cfg.state_dir) / "baseline-cache" if cfg.state_dir else None)
+        what = f"own folders [{', '.join(device_data)}]"
+    else:
+        setup = prepare(cfg)
+        what = cfg.data.dataset
     sizes = ", ".join(str(len(s)) for s in setup.shards)
-    print(f"{algorithm} on {cfg.data.dataset} ({cfg.data.size}x{cfg.data.size}), "
+    print(f"{algorithm} on {what} ({cfg.data.size}x{cfg.data.size}), "
           f"{cfg.devices} devices [{sizes} samples], partition {cfg.partition}, "
           f"{cfg.rounds} rounds, seed {cfg.seed}")
     bar = tqdm(total=cfg.rounds, desc=algorithm, unit="round", disable=not show_progress,
@@ -59,15 +70,19 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
                    state_dir: Path, max_payload: int, mode: str = "sync",
-                   speed: DeviceSpeed | None = None) -> list[str]:
+                   speed: DeviceSpeed | None = None, data: str | None = None,
+                   hub_tests: bool = False) -> list[str]:
     """The `gkt-edge run` command line of one simulated device: only what stays on a
-    device (its data, codec, threads, state); the rest comes with the hub's run spec."""
-    d = cfg.data
+    device (its data, codec, threads, state); the rest comes with the hub's run spec.
+    ``data``: its own folder (when ``hub_tests``, nothing held out: the hub measures)."""
     speed = speed or DeviceSpeed()
+    if data is not None:
+        where = ["--data", data] + (["--val-fraction", "0"] if hub_tests else [])
+    else:
+        where = ["--data-root", cfg.data.root, "--partition", cfg.partition,
+                 "--shard", str(shard), "--num-shards", str(cfg.devices)]
     return [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", url,
-            "--device-id", name,
-            "--state-dir", str(state_dir), "--codec", codec, "--data-root", d.root,
-            "--partition", cfg.partition, "--shard", str(shard), "--num-shards", str(cfg.devices),
+            "--device-id", name, "--state-dir", str(state_dir), "--codec", codec, *where,
             "--seed", str(cfg.seed), "--max-payload", str(max_payload),
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
@@ -79,10 +94,12 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
                   opts: ModeOptions | None = None, monitor_args=None,
-                  plan: RunPlan | None = None) -> RunResult:
+                  plan: RunPlan | None = None,
+                  device_data: list[str] | None = None) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
     ``monitor_args``: the --metrics-port/--status-port options (server_hub.monitoring.endpoints).
-    ``plan``: the run spec devices adopt (default: ``cfg.data``'s dataset)."""
+    ``plan``: the run spec devices adopt (default: ``cfg.data``'s dataset).
+    ``device_data``: one image folder per device, run with `gkt-edge --data`."""
     from edge_runtime.mqtt.link import LinkConfig, MqttLink
     from server_hub.broker.mosquitto import (
         BrokerConfig,
@@ -109,15 +126,18 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                                         max_packet_size=2 * max_payload), supervise=True)
     broker.start()
     names = [f"dev{i}" for i in range(cfg.devices)]
+    size = spec.preprocess["size"]
+    data = (f"{cfg.data.dataset}, partition {cfg.partition}" if not device_data else
+            f"each device its own folder ({len(spec.classes)} classes)")
     print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
-          f"codec {codec}) on {cfg.data.dataset} "
-          f"({cfg.data.size}x{cfg.data.size}), {cfg.devices} device processes, partition "
-          f"{cfg.partition}, {cfg.rounds} rounds, seed {cfg.seed}; state and logs in {work}")
+          f"codec {codec}) on {data} ({size}x{size}), {cfg.devices} device processes, "
+          f"{cfg.rounds} rounds, seed {cfg.seed}, run {spec.run_id}; state and logs in {work}")
     procs = []
     for i, name in enumerate(names):
         logf = open(work / "logs" / f"{name}.log", "wb")
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
-                             max_payload, opts.mode, fleet[i])
+                             max_payload, opts.mode, fleet[i],
+                             device_data[i] if device_data else None, plan.test is not None)
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     test_loader = plan.test_loader(cfg)
     link = MqttLink(LinkConfig(broker.url, client_id="gkt-hub", max_packet_size=2 * max_payload))
