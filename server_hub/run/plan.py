@@ -9,14 +9,14 @@ from edge_runtime.learning.dataset_classes import dataset_classes
 from edge_runtime.learning.preprocess import Preprocess
 from edge_runtime.protocol.codecs import FEATURE_CODECS
 from edge_runtime.protocol.run_spec import RunSpec, new_run_id, preprocess_of
-from server_hub.run.test_data import TestImages
+from server_hub.run.test_data import HeldOutImages
 from server_hub.simulation.inproc import FederationConfig
 
 
 @dataclass(frozen=True)
 class RunPlan:
     spec: RunSpec  # run_id is fresh: spec_store.settle_run_spec keeps a saved one
-    test: TestImages | None = None  # own held-out images (--test-data)
+    test: HeldOutImages | None = None  # own held-out images (--test-data)
 
     def test_loader(self, cfg: FederationConfig):
         """Batches of held-out data: own images, the academic test split, or None."""

@@ -16,12 +16,12 @@ from edge_runtime.learning.preprocess import Preprocess, UnreadableImage, load_i
 log = logging.getLogger("gkt.hub")
 
 
-class TestDataError(ValueError):
+class HeldOutError(ValueError):
     """A test folder the hub cannot use (missing, empty, classes the run does not know)."""
 
 
 @dataclass(frozen=True)
-class TestImages:
+class HeldOutImages:
     images: np.ndarray  # uint8 (N, S, S, 3), preprocessing steps 1-3
     labels: np.ndarray  # int64 indices into the run's classes
     skipped: tuple[str, ...]  # files that are not readable images
@@ -35,21 +35,21 @@ def class_folders(root: str | Path) -> list[str]:
     """Sorted names of ``root``'s visible subfolders: ``--classes-from DIR``."""
     root = Path(root)
     if not root.is_dir():
-        raise TestDataError(f"{root} is not a folder")
+        raise HeldOutError(f"{root} is not a folder")
     names = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not names:
-        raise TestDataError(f"{root} has no class subfolders (expected {root}/CLASS/IMAGE)")
+        raise HeldOutError(f"{root} has no class subfolders (expected {root}/CLASS/IMAGE)")
     return names
 
 
-def read_test_folder(root: str | Path, classes: tuple[str, ...], pre: Preprocess) -> TestImages:
+def read_test_folder(root: str | Path, classes: tuple[str, ...], pre: Preprocess) -> HeldOutImages:
     """Every readable image under ``root/CLASS/`` (unreadable files are skipped and named
-    once); TestDataError for a folder whose class is not in ``classes``, or no image."""
+    once); HeldOutError for a folder whose class is not in ``classes``, or no image."""
     root = Path(root)
     index = {c: i for i, c in enumerate(classes)}
     unknown = [c for c in class_folders(root) if c not in index]
     if unknown:
-        raise TestDataError(f"{root} has class folders the run does not know: {unknown[:8]} "
+        raise HeldOutError(f"{root} has class folders the run does not know: {unknown[:8]} "
                             f"(the run's classes: {list(classes)[:20]})")
     images, labels, skipped = [], [], []
     for c in class_folders(root):
@@ -64,8 +64,8 @@ def read_test_folder(root: str | Path, classes: tuple[str, ...], pre: Preprocess
         log.warning("test data: skipped %d unreadable files: %s", len(skipped),
                     "; ".join(skipped[:20]))
     if not images:
-        raise TestDataError(f"{root} holds no readable image")
-    return TestImages(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(skipped))
+        raise HeldOutError(f"{root} holds no readable image")
+    return HeldOutImages(np.stack(images), np.asarray(labels, dtype=np.int64), tuple(skipped))
 
 
 def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:

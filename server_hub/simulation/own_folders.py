@@ -14,7 +14,7 @@ from edge_runtime.learning.catalog import ImageCatalog
 from edge_runtime.learning.data import Split
 from edge_runtime.learning.own_data import DataSpec, LocalImages, OwnData, OwnDataConfig
 from edge_runtime.protocol.run_spec import RunSpec, preprocess_of
-from server_hub.run.test_data import TestImages
+from server_hub.run.test_data import HeldOutImages
 from server_hub.simulation.inproc import Setup
 
 
@@ -27,7 +27,7 @@ def folder_classes(folders: list[str]) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
-def own_setup(folders: list[str], spec: RunSpec, test: TestImages | None,
+def own_setup(folders: list[str], spec: RunSpec, test: HeldOutImages | None,
               cache_dir: str | Path | None = None) -> Setup:
     """A Setup whose shard k is folder k's images (none held out: the hub's --test-data
     is the test set)."""
