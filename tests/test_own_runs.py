@@ -101,3 +101,13 @@ def test_baselines_train_on_the_same_device_folders(tmp_path, capsys):
     run = json.loads(out.read_text())
     assert run["algorithm"] == "centralized" and run["devices"] == 2
     assert "[30, 30 samples]" in capsys.readouterr().out  # the bad file skipped, as a device
+
+
+def test_status_page_shows_per_class_accuracy_and_the_confusion_matrix():
+    from server_hub.monitoring.class_table import class_tables
+
+    html = class_tables(class_report(np.array([[3, 1], [0, 4]]), ["cat", "<dog>"]))
+    assert "<td>cat</td><td>0.750</td><td>4</td>" in html
+    assert "&lt;dog&gt;" in html and "<dog>" not in html  # names are escaped
+    assert "<td style=font-weight:bold>4</td>" in html
+    assert class_tables(None) == ""

@@ -156,6 +156,8 @@ class FleetObserver:
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
             "rejected": dict(service.rejected), "devices": devices, "history": history,
+            "class_report": getattr(service, "class_report", None),  # server_hub/run/
+            "run_id": getattr(getattr(service.cfg, "run_spec", None), "run_id", None),
         }
 
 

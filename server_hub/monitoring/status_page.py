@@ -9,6 +9,8 @@ from collections.abc import Callable
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from server_hub.monitoring.class_table import class_tables
+
 REFRESH_S = 5
 ASYNC_HEAD = ("<th>update</th><th title='hub versions since it was merged'>age</th>"
               "<th>weight</th><th>in bank</th><th>merged</th>")
@@ -135,6 +137,7 @@ data as <a href="status.json">status.json</a></div>
 <th>own acc.</th><th>skipped files</th><th>peak MB</th><th>last seen</th></tr>
 {rows or "<tr><td colspan=14>no device yet</td></tr>"}</table>
 <h2>Accuracy per round</h2>{accuracy_svg(s['history'])}
+{class_tables(s.get("class_report"))}
 <h2>Rejected messages</h2><table><tr><th>reason</th><th>count</th></tr>{rejected}</table>
 </body></html>"""
 
