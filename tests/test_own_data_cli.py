@@ -150,3 +150,14 @@ def test_two_devices_train_on_their_own_folders_with_a_real_hub(tmp_path, broker
     assert by_id["d1"]["skipped_files"] == 1 and by_id["d0"]["skipped_files"] == 0
     assert 0 <= by_id["d0"]["edge_accuracy"] <= 1  # accuracy on its held-out images
     assert "round 1 complete" in errs[0] and "skipped" in errs[1] and "broken.jpg" in errs[1]
+
+
+def test_the_skipped_count_is_a_device_metric_the_hub_keeps():
+    from edge_runtime.protocol.device_metrics import device_metrics
+    from server_hub.monitoring.metrics import DEVICE_GAUGES
+    from server_hub.monitoring.snapshot import clean_report
+
+    sent = device_metrics(10, skipped_files=3)
+    assert clean_report({"device_metrics": sent})["skipped_files"] == 3
+    assert "skipped_files" not in device_metrics(10)  # academic datasets: not reported
+    assert DEVICE_GAUGES["skipped_files"][0] == "gkt_device_skipped_files"
