@@ -453,14 +453,18 @@ class HubService:
             self.on_round(rec)
 
 
+WRONG_RUN = "wrong_run"  # the reason code of the errors-as-data refusal (fatal on a device)
+
+
 def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
     """A device that adopted another run than the one this hub announced is refused. (A
     hello naming no run comes from an agent built without a spec, as tests and load
     generators do; its class count is still checked.)"""
     if spec is not None and "run_id" in meta and meta["run_id"] != spec.run_id:
         got = str(meta["run_id"])[:70]
-        raise wire.WireError("wrong_run_spec", f"device {device} runs {got}, the hub "
-                                               f"{spec.run_id}")
+        raise wire.WireError(WRONG_RUN, f"device {device} adopted run {got}; this hub runs "
+                                        f"{spec.run_id}: delete the device's state dir (or "
+                                        "give another) and restart it to join this run")
 
 
 def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,
