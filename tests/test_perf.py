@@ -229,9 +229,8 @@ def test_a_digits_device_imports_neither_torchvision_nor_sklearn():
     """Each costs a device RSS (~160 MB / ~210 MB); the digits ship with the package."""
     code = """
 import sys
-from edge_runtime.device.edge_device import agent
-from edge_runtime.device.edge_device import cli
-from edge_runtime.device.edge_device import edge_device as device
+from edge_runtime.device import agent, cli
+from edge_runtime.device import edge_device as device
 from edge_runtime.learning import train
 from edge_runtime.learning.data import DataConfig, load_split
 load_split(DataConfig("digits", image_size=32), True)

@@ -130,3 +130,37 @@ def test_serve_announces_the_run_and_a_device_process_adopts_it(broker, make_lin
                 p.kill()
     assert f"adopted run {spec.run_id}" in out
     assert decode_run_spec((dev_state / "run_spec.json").read_bytes()) == spec
+
+
+@pytest.mark.mqtt
+@pytest.mark.slow  # a hub and a device process through a whole round: ~60 s on a busy machine
+def test_serve_evaluates_on_test_data_and_writes_per_class_results(broker, tmp_path):
+    from own_data_files import write_digits
+
+    write_digits(tmp_path / "cam", 6)
+    write_digits(tmp_path / "held-out", 3, start=6)
+    hub = subprocess.Popen(
+        [sys.executable, "-m", "server_hub.cli.main", "serve", "--broker", broker.url,
+         "--state-dir", str(tmp_path / "hub"), "--test-data", str(tmp_path / "held-out"),
+         "--image-size", "8", "--rounds", "1", "--min-devices", "1", "--server-epochs", "1",
+         "--device", "cpu", "--start-timeout", "120", "--no-progress"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    dev = subprocess.Popen(
+        [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", broker.url,
+         "--device-id", "cam", "--data", str(tmp_path / "cam"), "--state-dir",
+         str(tmp_path / "dev"), "--threads", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert hub.wait(300) == 0, hub.stdout.read()[-3000:]
+        assert dev.wait(60) == 0, dev.stdout.read()[-3000:]
+    finally:
+        for p in (hub, dev):
+            if p.poll() is None:
+                p.kill()
+    run = json.loads((tmp_path / "hub" / "run.json").read_text())
+    spec = run["run_spec"]
+    assert spec["classes"] == [str(d) for d in range(10)] and spec["preprocess"]["size"] == 8
+    assert spec["preprocess"]["mean"] != [0.5, 0.5, 0.5]  # measured on the held-out images
+    rep = run["class_report"]
+    assert [sum(row) for row in rep["confusion"]] == [3] * 10  # one device, 3 a class
+    assert run["rounds"][0]["per_class_accuracy"] == rep["per_class_accuracy"]

@@ -20,7 +20,7 @@ from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
 from server_hub.cli.mode_options import hub_service
 from server_hub.hub import Hub
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
-from server_hub.results import HEADER, RoundRecord, format_row
+from server_hub.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.run.spec_store import RunSpecConflict, settle_run_spec
 from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import FederationConfig
@@ -91,9 +91,17 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
     bar = tqdm(total=cfg.rounds, desc="gkt-hub", unit="round", disable=args.no_progress)
     bar.write(HEADER)
 
+    # STATE/run.json, rewritten after every round: the rounds so far, the last per-class
+    # report and the run spec (a restarted hub starts the file again from its next round)
+    run = RunResult("gkt", spec.dataset or "own", args.min_devices, {}, transport="mqtt",
+                    run_spec=spec.to_dict())
+
     def on_round(rec: RoundRecord) -> None:
         bar.write(format_row(rec))
         bar.update(1)
+        run.rounds.append(rec)
+        run.class_report = getattr(svc, "class_report", None)
+        run.write_json(state / "run.json")
 
     svc = hub_service(getattr(args, "mode_options", None), link,
                       Hub(spec.num_classes, cfg.server, cfg.seed,
