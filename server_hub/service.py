@@ -255,9 +255,13 @@ class HubService:
     # the hooks marked "hook": how uploads are received and seen, how the decision is
     # agreed, and the training, logits and evaluation steps (besides _restore,
     # _wait_for_devices and _announce, which they do through collectives or rank 0).
-    def run(self) -> int:
+    def _publish_run_spec(self) -> None:
+        """Devices wait for the spec before they say hello: published before anything."""
         if self.leads and self.cfg.run_spec is not None:
             publish_run_spec(self.link, self.cfg.run_spec)
+
+    def run(self) -> int:
+        self._publish_run_spec()
         start = self._restore()
         self._start()
         self.listening.set()

@@ -148,6 +148,7 @@ class AsyncHubService(HubService):
         self.phase = "async"
 
     def run(self) -> int:
+        self._publish_run_spec()
         self.round = self._restore()  # async: the number of evaluations so far
         # Replay before subscribing: hellos (retained) then meet the bank as it was.
         self._resume()
