@@ -7,7 +7,7 @@ import argparse
 import pytest
 import tomllib
 
-from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.device import cli as edge_cli
 from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
@@ -15,7 +15,7 @@ from edge_runtime.ops.config_file import (
     subparser,
     to_toml,
 )
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 
 
 def tiny_parser() -> argparse.ArgumentParser:
