@@ -35,12 +35,13 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 
         setup = own_setup(device_data, plan.spec, plan.test,
                           Path(cfg.state_dir) / "baseline-cache" if cfg.state_dir else None)
+        size = plan.spec.preprocess["size"]
         what = f"own folders [{', '.join(device_data)}]"
     else:
         setup = prepare(cfg)
-        what = cfg.data.dataset
+        size, what = cfg.data.size, cfg.data.dataset
     sizes = ", ".join(str(len(s)) for s in setup.shards)
-    print(f"{algorithm} on {what} ({cfg.data.size}x{cfg.data.size}), "
+    print(f"{algorithm} on {what} ({size}x{size}), "
           f"{cfg.devices} devices [{sizes} samples], partition {cfg.partition}, "
           f"{cfg.rounds} rounds, seed {cfg.seed}")
     bar = tqdm(total=cfg.rounds, desc=algorithm, unit="round", disable=not show_progress,
