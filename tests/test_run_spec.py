@@ -6,14 +6,13 @@ import json
 
 import pytest
 
-from edge_runtime.learning.preprocess import Preprocess
+from edge_runtime.learning.preprocess import Preprocess, preprocess_of
 from edge_runtime.protocol.run_spec import (
     MAX_SPEC_BYTES,
     RunSpec,
     RunSpecError,
     decode_run_spec,
     new_run_id,
-    preprocess_of,
 )
 
 PRE = Preprocess(32, (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)).to_dict()

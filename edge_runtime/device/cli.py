@@ -200,7 +200,7 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     from edge_runtime.device.adopt import adopt_state_dir, edge_config, pick_codec
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
     from edge_runtime.learning.own_data import DataSpec
-    from edge_runtime.protocol.run_spec import preprocess_of
+    from edge_runtime.learning.preprocess import preprocess_of
 
     spec = watch.spec
     logging.getLogger("gkt.edge").info(

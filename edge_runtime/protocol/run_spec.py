@@ -23,6 +23,9 @@ from typing import Any
 
 from edge_runtime.protocol.codecs import FEATURE_CODECS
 
+RESIZE_METHODS = ("center_crop", "stretch")  # how images of another shape become squares
+PREPROCESS_VERSION = 1
+
 RUN_SPEC_VERSION = 1
 MAX_SPEC_BYTES = 256 * 1024
 MAX_CLASSES = 10_000
@@ -186,10 +189,16 @@ def _check_classes(classes: Any) -> None:
 
 
 def _check_preprocess(p: Any) -> None:
-    from edge_runtime.learning.preprocess import Preprocess  # torch-free: PIL and numpy
-
+    """The fields edge_runtime.learning.preprocess.Preprocess takes, checked here so that
+    the contract needs no image code."""
     if not isinstance(p, dict):
         raise RunSpecError(f"preprocess must be an object, got {_short(p)}")
+    if p.get("version", PREPROCESS_VERSION) != PREPROCESS_VERSION:
+        raise RunSpecError(f"preprocess spec version {_short(p.get('version'))} is not "
+                           f"supported (this toolkit reads version {PREPROCESS_VERSION})")
+    unknown = set(p) - {"version", "size", "mean", "std", "resize"}
+    if unknown:
+        raise RunSpecError(f"unknown preprocess fields {sorted(unknown)[:8]}")
     if type(p.get("size")) is not int or not 1 <= p["size"] <= MAX_INPUT_SIZE:
         raise RunSpecError(f"preprocess size must be an integer in [1, {MAX_INPUT_SIZE}], "
                            f"got {_short(p.get('size'))}")
@@ -200,17 +209,12 @@ def _check_preprocess(p: Any) -> None:
                 and abs(x) <= 1e3 for x in v):
             raise RunSpecError(f"preprocess {k} must be a list of finite numbers, got "
                                f"{_short(v)}")
-    try:
-        Preprocess.from_dict(p)
-    except (ValueError, TypeError) as err:
-        raise RunSpecError(f"preprocess: {err}") from None
-
-
-def preprocess_of(spec: RunSpec):
-    """The spec's ``Preprocess`` (validated when the spec was made)."""
-    from edge_runtime.learning.preprocess import Preprocess
-
-    return Preprocess.from_dict(spec.preprocess)
+        if len(v) != 3:
+            raise RunSpecError(f"preprocess {k} needs one value per RGB channel (3), got "
+                               f"{_short(v)}")
+    if any(x <= 0 for x in p["std"]):
+        raise RunSpecError(f"preprocess std must be positive, got {_short(p['std'])}")
+    _choice("preprocess resize", p.get("resize", "center_crop"), RESIZE_METHODS)
 
 
 def _choice(name: str, v: Any, allowed: tuple[str, ...]) -> None:

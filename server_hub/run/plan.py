@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.learning.dataset_classes import dataset_classes
-from edge_runtime.learning.preprocess import Preprocess
+from edge_runtime.learning.preprocess import Preprocess, preprocess_of
 from edge_runtime.protocol.codecs import FEATURE_CODECS
-from edge_runtime.protocol.run_spec import RunSpec, new_run_id, preprocess_of
+from edge_runtime.protocol.run_spec import RunSpec, new_run_id
 from server_hub.run.test_data import HeldOutImages
 from server_hub.simulation.inproc import FederationConfig
 

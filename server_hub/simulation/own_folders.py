@@ -13,7 +13,8 @@ from edge_runtime.device.own_data_source import splits
 from edge_runtime.learning.catalog import ImageCatalog
 from edge_runtime.learning.data import Split
 from edge_runtime.learning.own_data import DataSpec, LocalImages, OwnData, OwnDataConfig
-from edge_runtime.protocol.run_spec import RunSpec, preprocess_of
+from edge_runtime.learning.preprocess import preprocess_of
+from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.run.test_data import HeldOutImages
 from server_hub.simulation.inproc import Setup
 
