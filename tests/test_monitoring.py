@@ -120,13 +120,13 @@ def test_status_json_and_the_status_command(fed, capsys):
     assert snap["bytes_received"] == fed.service.link.bytes_received
     with pytest.raises(urllib.error.HTTPError):
         get(fed.status.url + "nothing-here")
-    assert hub_cli(["status", "--url", fed.status.url]) == 0
+    assert hub_cli.main(["status", "--url", fed.status.url]) == 0
     out = capsys.readouterr().out
     assert f"round {ROUNDS - 1}/{ROUNDS} (done), {ROUNDS} completed" in out
     assert "dev0" in out and "dev1" in out and "bad_magic 1" in out
     acc = f"{fed.records[-1].test_accuracy:.4f}"
     assert acc in out
-    assert hub_cli(["status", "--url", "http://127.0.0.1:9/"]) == 4
+    assert hub_cli.main(["status", "--url", "http://127.0.0.1:9/"]) == 4
     assert "cannot read" in capsys.readouterr().err
 
 
