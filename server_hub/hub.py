@@ -19,13 +19,13 @@ from server_hub.checkpoint import (
 )
 from server_hub.feature_bank import DeviceFeatures, FeatureBank
 from server_hub.models import build_server
+from server_hub.run.evaluation import accuracy_of, split_confusion
 from server_hub.trainer import (
     ServerStats,
     ServerTrainConfig,
     extractor_from_state,
     pick_device,
     server_logits,
-    split_accuracy,
     train_server,
 )
 
@@ -35,6 +35,9 @@ class Evaluation:
     """Test accuracy of extractor_k + server per device, and their mean (the paper's metric)."""
 
     per_device: dict[str, float]
+    # [true, predicted] counts summed over the devices (server_hub/run/evaluation.py), when
+    # this process evaluated them all itself
+    confusion: np.ndarray | None = None
 
     @property
     def mean(self) -> float:
@@ -120,7 +123,10 @@ class Hub:
 
     def evaluate(self, test_loader: DataLoader, devices: list[str] | None = None) -> Evaluation:
         devices = devices if devices is not None else sorted(self.extractors)
-        return Evaluation({
-            d: split_accuracy(extractor_from_state(self.extractors[d]), self.model, test_loader)
-            for d in devices if d in self.extractors
-        })
+        per_device, total = {}, np.zeros((self.num_classes, self.num_classes), np.int64)
+        for d in devices:
+            if d in self.extractors:
+                cm = split_confusion(extractor_from_state(self.extractors[d]), self.model,
+                                     test_loader, self.num_classes)
+                per_device[d], total = accuracy_of(cm), total + cm
+        return Evaluation(per_device, total if per_device else None)

@@ -22,12 +22,14 @@ from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.limits import max_packet_size, rows_per_message
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
+from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.journal import UploadJournal
 
 log = logging.getLogger("gkt.hub")
 UPLOAD_KINDS = ("features", "extractor", "upload_done")
+WRONG_RUN = "wrong_run"  # the reason code of the errors-as-data refusal (fatal on a device)
 
 
 @dataclass
@@ -65,6 +67,8 @@ class HubStatus:
     steps: int | None = None
     max_updates: int | None = None
     slots: dict | None = None  # async: AsyncHub.summary()
+    class_report: dict | None = None  # the last evaluation's (server_hub/run/evaluation.py)
+    run_id: str | None = None  # the announced run spec's
 
 
 class IntakeControls:
@@ -98,8 +102,10 @@ class UploadIntake:
     """
 
     def __init__(self, link: MqttLink, hub: Hub, journal: UploadJournal, max_payload: int,
-                 rounds: bool = True) -> None:
+                 rounds: bool = True, run_spec: RunSpec | None = None) -> None:
         self.link = link
+        self.run_spec = run_spec  # announced; a hello naming another run is refused
+        self.class_report: dict | None = None  # set by the loop after each evaluation
         self.hub = hub
         self.journal = journal
         self.max_payload = max_payload
@@ -150,6 +156,7 @@ class UploadIntake:
 
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes, replay: bool) -> None:
         if msg.kind == "hello":
+            check_run_id(self.run_spec, device, msg.meta)
             ncls = msg.meta.get("num_classes")
             if ncls != self.hub.num_classes:
                 raise wire.WireError("schema", f"device {device} has {ncls} classes, "
@@ -305,4 +312,17 @@ class UploadIntake:
         uploads = {d: u.complete for d, u in list(self.uploads.items())}
         return HubStatus(mode, self.round, rounds, self.phase, round_deadline,
                          dict(self.known), uploads, dict(self.rejected),
-                         self.link.bytes_received, self.link.bytes_sent, **extra)
+                         self.link.bytes_received, self.link.bytes_sent,
+                         class_report=self.class_report,
+                         run_id=self.run_spec.run_id if self.run_spec else None, **extra)
+
+
+def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
+    """A device that adopted another run than the one this hub announced is refused. (A
+    hello naming no run comes from an agent built without a spec, as tests and load
+    generators do; its class count is still checked.)"""
+    if spec is not None and "run_id" in meta and meta["run_id"] != spec.run_id:
+        got = str(meta["run_id"])[:70]
+        raise wire.WireError(WRONG_RUN, f"device {device} adopted run {got}; this hub runs "
+                                        f"{spec.run_id}: delete the device's state dir (or "
+                                        "give another) and restart it to join this run")

@@ -27,6 +27,8 @@ from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.hub import Evaluation, Hub
 from server_hub.intake import NoDevicesError, UploadIntake
 from server_hub.monitoring.results import RoundRecord
+from server_hub.run.evaluation import class_report
+from server_hub.run.spec_store import checkpoint_fields, publish_run_spec
 from server_hub.trainer import ServerStats
 
 if TYPE_CHECKING:
@@ -54,12 +56,19 @@ class Announcer:
         self.last = payload
         self.link.publish(topics.ROUND_TOPIC, payload, retain=True)
 
+    def publish_run_spec(self) -> None:
+        """Devices wait for the spec before they say hello: published before anything."""
+        if self.speaks and self.intake.run_spec is not None:
+            publish_run_spec(self.link, self.intake.run_spec)
+
     def reannounce(self) -> None:
         """Publish the same announcement again: a broker killed before its autosave loses
         retained messages, and devices that join later need it. Same epoch, so devices
         that saw it already ignore it."""
         if self.last is not None and self.link.connected:
             self.link.publish(topics.ROUND_TOPIC, self.last, retain=True, wait=False)
+            if self.intake.run_spec is not None:
+                publish_run_spec(self.link, self.intake.run_spec, wait=False)
 
 
 class Peers(Protocol):
@@ -146,6 +155,8 @@ class LocalTrainer:
         return out
 
     def evaluate(self, devices: list[str]) -> Evaluation:
+        if self.test_loader is None:  # no held-out data at the hub
+            return Evaluation({})
         return self.hub.evaluate(self.test_loader, devices)
 
 
@@ -162,6 +173,7 @@ class RoundLoop:
         self.started = time.perf_counter()  # records' elapsed: the time axis of plots
 
     def run(self) -> int:
+        self.announcer.publish_run_spec()
         start = self.peers.restore()
         self.peers.start()
         try:
@@ -251,11 +263,19 @@ class RoundLoop:
         down = self.peers.total_bytes_down(self.intake.bytes_down - down0)
         if self.peers.leads:
             accs = [u.edge_accuracy for u in done.values() if u.edge_accuracy is not None]
+            spec = self.intake.run_spec
+            if ev.confusion is not None:
+                self.intake.class_report = class_report(ev.confusion,
+                                                        spec and list(spec.classes))
+            report = self.intake.class_report
             rec = RoundRecord(rnd, ev.mean, sum(u.bytes for u in done.values()), down,
                               round(seconds, 3), float(np.mean(accs)) if accs else None,
-                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3))
+                              stats.loss, elapsed=round(time.perf_counter() - self.started, 3),
+                              per_class_accuracy=report and report["per_class_accuracy"])
             hub = self.intake.hub
-            hub.save(Path(self.cfg.state_dir), hub.checkpoint_meta(rnd, self.data_cfg, ev.mean))
+            meta = hub.checkpoint_meta(rnd, self.data_cfg, ev.mean)
+            hub.save(Path(self.cfg.state_dir),
+                     {**meta, **(checkpoint_fields(spec) if spec else {})})
         self.intake.journal.drop(rnd)
         if self.peers.leads:
             self.report(rec)

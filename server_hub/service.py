@@ -14,6 +14,7 @@ from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
+from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus, IntakeControls, UploadIntake
 from server_hub.journal import UploadJournal
@@ -32,6 +33,8 @@ class ServiceConfig:
     max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
     start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
     max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (edge_runtime.protocol.limits)
+    # announced retained; then a hello must name its run id (server_hub/run/spec_store.py)
+    run_spec: RunSpec | None = None
 
 
 class HubService(IntakeControls):
@@ -48,7 +51,7 @@ class HubService(IntakeControls):
                  test_loader, on_round: Callable[[RoundRecord], None] | None = None,
                  on_status: Callable[[str], None] | None = None) -> None:
         intake = UploadIntake(link, hub, UploadJournal(Path(cfg.state_dir) / "uploads"),
-                              cfg.max_payload)
+                              cfg.max_payload, run_spec=cfg.run_spec)
         self.assemble(link, hub, cfg, data_cfg, intake, LocalPeers(intake, cfg),
                       LocalTrainer(hub, test_loader), on_round, on_status)
 
@@ -70,6 +73,11 @@ class HubService(IntakeControls):
 
     def run(self) -> int:
         return self.loop.run()
+
+    @property
+    def class_report(self) -> dict | None:
+        """The last evaluation's per-class report (server_hub/run/evaluation.py)."""
+        return self.intake.class_report
 
     def status(self) -> HubStatus:
         return self.intake.status(self.mode, self.cfg.rounds, self.cfg.round_deadline)

@@ -28,14 +28,22 @@ def test_edge_says_when_the_broker_is_unreachable(capsys, tmp_path):
 
 
 @pytest.mark.mqtt
-def test_edge_refuses_a_state_dir_saved_for_another_device(capsys, tmp_path, broker):
+def test_edge_refuses_a_state_dir_saved_for_another_device(capsys, tmp_path, broker,
+                                                           make_link):
+    from edge_runtime.device.adopt import adopt_state_dir
     from edge_runtime.device.edge_device import EdgeDevice
     from edge_runtime.learning.data import DataConfig
     from edge_runtime.learning.train import EdgeTrainConfig
+    from server_hub.run.plan import dataset_plan
+    from server_hub.run.spec_store import publish_run_spec
     from server_hub.simulation.inproc import FederationConfig, prepare
 
-    setup = prepare(FederationConfig(data=DataConfig("digits"), devices=4))
-    EdgeDevice("a", setup.train, setup.train_eval, setup.shards[0], 100,  # a 100-class head
+    cfg = FederationConfig(data=DataConfig("digits"), devices=4)
+    spec = dataset_plan(cfg).spec
+    publish_run_spec(make_link(broker.url, "hub"), spec)  # the run the device adopts
+    setup = prepare(cfg)
+    adopt_state_dir(tmp_path, spec)  # the same run, but a damaged model: a 100-class head
+    EdgeDevice("a", setup.train, setup.train_eval, setup.shards[0], 100,
                EdgeTrainConfig()).save(tmp_path)
     rc = edge_main(["run", "--hub", broker.url, "--device-id", "a", "--dataset", "digits",
                     "--state-dir", str(tmp_path)])

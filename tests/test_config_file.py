@@ -89,23 +89,27 @@ def test_print_config_round_trips(tmp_path, capsys):
 
 
 def test_edge_cli_reads_its_file_and_environment(tmp_path, monkeypatch):
+    # training settings come with the hub's run spec; a device's file holds its own
     cfg = write(tmp_path, 'hub = "mqtt://10.0.0.5:1883"\ndevice-id = "pi-1"\n'
-                          'batch_size = 64\nno-local-eval = true\nedge-lr = 0.01\n')
-    monkeypatch.setenv("GKT_EDGE_EDGE_EPOCHS", "3")
+                          'val_fraction = 0.2\nno-local-eval = true\ndata = "/srv/cam"\n')
+    monkeypatch.setenv("GKT_EDGE_THREADS", "3")
     monkeypatch.setenv("GKT_EDGE_CODEC", "q4")
     a = parse_args(edge_cli.build_parser(), ["run", "--config", cfg, "--codec", "fp16"],
                    edge_cli.ENV_PREFIX)
-    assert (a.hub, a.device_id, a.batch_size, a.no_local_eval, a.edge_lr, a.edge_epochs,
-            a.codec) == ("mqtt://10.0.0.5:1883", "pi-1", 64, True, 0.01, 3, "fp16")
+    assert (a.hub, a.device_id, a.val_fraction, a.no_local_eval, a.data, a.threads,
+            a.codec) == ("mqtt://10.0.0.5:1883", "pi-1", 0.2, True, "/srv/cam", 3, "fp16")
     sub = subparser(edge_cli.build_parser(), ["run"])
-    assert tomllib.loads(to_toml(sub, a))["batch-size"] == 64
+    assert tomllib.loads(to_toml(sub, a))["val-fraction"] == 0.2
 
 
 def test_edge_cli_exits_2_naming_the_bad_key(tmp_path, capsys):
-    cfg = write(tmp_path, 'hub = "mqtt://h:1"\ndevice-id = "a"\nedge-epochs = "many"\n')
+    cfg = write(tmp_path, 'hub = "mqtt://h:1"\ndevice-id = "a"\nthreads = "many"\n')
     assert edge_cli.main(["run", "--config", cfg]) == 2
     err = capsys.readouterr().err
-    assert "'edge-epochs' must be an integer" in err and cfg in err
+    assert "'threads' must be an integer" in err and cfg in err
+    cfg = write(tmp_path, 'hub = "mqtt://h:1"\ndevice-id = "a"\nepochs = 3\n')
+    assert edge_cli.main(["run", "--config", cfg]) == 2  # the run spec's, not the device's
+    assert "unknown key 'epochs'" in capsys.readouterr().err
 
 
 def test_hub_print_config(tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.messages import FeatureBatch
 from server_hub.checkpoint import latest_checkpoint
 from server_hub.hub import Hub
+from server_hub.run.plan import dataset_plan
 from server_hub.service import HubService, ServiceConfig
 from server_hub.simulation.inproc import FederationConfig, prepare
 from server_hub.trainer import ServerTrainConfig
@@ -38,7 +39,8 @@ def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0, max_exten
     test_loader = make_loader(prepare_test(), 256, shuffle=False)
     cfg = ServiceConfig(str(tmp_path / "hub"), rounds=rounds, min_devices=min_devices,
                         round_deadline=deadline, start_timeout=60,
-                        max_extensions=max_extensions)
+                        max_extensions=max_extensions,
+                        run_spec=dataset_plan(FederationConfig(data=DATA)).spec)
     records = []
     return HubService(link, hub, cfg, DATA, test_loader, records.append), records
 

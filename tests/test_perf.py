@@ -229,8 +229,7 @@ def test_a_digits_device_imports_neither_torchvision_nor_sklearn():
     """Each costs a device RSS (~160 MB / ~210 MB); the digits ship with the package."""
     code = """
 import sys
-from edge_runtime.device import agent
-from edge_runtime.device import cli
+from edge_runtime.device import agent, cli
 from edge_runtime.device import edge_device as device
 from edge_runtime.learning import train
 from edge_runtime.learning.data import DataConfig, load_split

@@ -44,7 +44,7 @@ def test_acl_gives_each_device_only_its_topics():
     assert acl.index("user a") < acl.index("user b")
     block = acl.split("user a\n")[1].split("\n\n")[0].splitlines()
     assert block == ["topic write gkt/v1/dev/a/up", "topic read gkt/v1/dev/a/down",
-                     "topic read gkt/v1/hub/round"]
+                     "topic read gkt/v1/hub/round", "topic read gkt/v1/hub/run"]
     assert f"user {HUB_USER}\ntopic readwrite gkt/v1/#" in acl
 
 

@@ -16,11 +16,12 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.exit_codes import EXIT_AUTH
+from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.learning.train import FeatureBatch
@@ -30,6 +31,9 @@ from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+
+if TYPE_CHECKING:
+    from edge_runtime.device.own_data_source import OwnDataSource
 
 log = logging.getLogger("gkt.edge")
 
@@ -47,6 +51,7 @@ class AgentConfig:
     evaluate_local: bool = True  # report the local classifier's test accuracy
     mode: str = "sync"  # async: no round announcements; go again as soon as our logits come
     speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
+    run_id: str | None = None  # the adopted run spec's (device/adopt.py), named in hello
 
 
 def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
@@ -81,11 +86,19 @@ class EdgeAgent:
     train, upload features reliably, apply the hub's logits, save progress."""
 
     def __init__(self, link: MqttLink, device: EdgeDevice, cfg: AgentConfig,
-                 test_loader=None) -> None:
+                 test_loader=None, own_data: OwnDataSource | None = None,
+                 spec_watch=None) -> None:
+        """``own_data``: the device's own images, rescanned before each round; their
+        held-out part (if any) replaces ``test_loader`` for the local accuracy.
+        ``spec_watch``: the adopted run's RunSpecWatch (device/adopt.py); the agent stops
+        (exit 2) if the hub starts announcing another run."""
         self.link = link
+        self.spec_watch = spec_watch
+        self.adopted = spec_watch.spec if spec_watch is not None else None
         self.device = device
         self.cfg = cfg
-        self.test_loader = test_loader
+        self.own_data = own_data
+        self.test_loader = own_data.val_loader() if own_data is not None else test_loader
         self.state_dir = Path(cfg.state_dir)
         self.inbox: queue.Queue[wire.Message] = queue.Queue()
         self.rejected = 0
@@ -159,10 +172,26 @@ class EdgeAgent:
             self._announced.notify_all()
 
     def run(self) -> int:
-        """Serve rounds until the hub says stop or stop() is called (0), or the broker
-        refuses our credentials (EXIT_AUTH)."""
+        """Serve rounds until the hub says stop or stop() is called (0), the broker
+        refuses our credentials (EXIT_AUTH), or the hub announces another run (EXIT_USAGE)."""
         rc = self._serve()
-        return EXIT_AUTH if self.auth_refused else rc
+        if self.auth_refused:
+            return EXIT_AUTH
+        return EXIT_USAGE if self.run_moved else rc
+
+    @property
+    def run_moved(self) -> bool:
+        if self.spec_watch is None or self.adopted is None:
+            return False
+        diffs = self.spec_watch.moved_from(self.adopted)
+        if diffs and not self._stop.is_set():
+            log.error("%s: the hub now runs %s, not %s (%s); this device's state belongs to "
+                      "the old run: stopping (exit %d). Delete %s, or give another "
+                      "--state-dir, to join the new run", self.device.device_id,
+                      self.spec_watch.spec.run_id, self.adopted.run_id, "; ".join(diffs),
+                      EXIT_USAGE, self.state_dir)
+            self.stop()
+        return bool(diffs)
 
     def _serve(self) -> int:
         dev = self.device
@@ -177,7 +206,7 @@ class EdgeAgent:
         seen: tuple | None = None
         while not self._stop.is_set():
             ann = self._wait_announcement(seen)
-            if ann is None:
+            if ann is None or self.run_moved:
                 continue
             seen = (ann["round"], ann.get("state"), ann.get("epoch"))
             state, rnd = ann.get("state"), int(ann["round"])
@@ -190,7 +219,7 @@ class EdgeAgent:
 
     def _run_async(self) -> int:
         """Asynchronous GKT: train, upload, wait for our own logits, again, until stop."""
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self.run_moved:
             if (self._announcement or {}).get("state") == "stop":
                 log.info("%s: hub finished the federation", self.device.device_id)
                 break
@@ -212,7 +241,10 @@ class EdgeAgent:
         dev = self.device
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
-                "device_metrics": device_metrics(dev.num_samples)}
+                "device_metrics": device_metrics(dev.num_samples,
+                                                 skipped_files=self._skipped_files())}
+        if self.cfg.run_id is not None:
+            meta["run_id"] = self.cfg.run_id
         payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
                                       {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
         # Retained, so a hub that starts (or restarts) after us still learns we exist.
@@ -225,10 +257,18 @@ class EdgeAgent:
                 if ann is not None and (ann["round"], ann.get("state"), ann.get("epoch")) != seen:
                     return ann
                 self._announced.wait(timeout=1.0)
+                if self.run_moved:
+                    return None
         return None
+
+    def _skipped_files(self) -> int | None:
+        return self.own_data.skipped_files if self.own_data is not None else None
 
     def _round(self, rnd: int) -> None:
         dev = self.device
+        if self.own_data is not None:
+            self.own_data.refresh(dev)
+            self.test_loader = self.own_data.val_loader()
         t0 = time.perf_counter()
         stats = self.throttle.run(dev.train)
         self._train_seconds = time.perf_counter() - t0
@@ -269,7 +309,7 @@ class EdgeAgent:
             meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
                     "upload_id": upload_id, "edge_accuracy": local_acc,
                     "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
-                                                     local_acc)}
+                                                     local_acc, self._skipped_files())}
             yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
                                            meta=meta)
 

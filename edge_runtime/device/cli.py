@@ -1,10 +1,15 @@
 """`gkt-edge`: run a device of a GKT federation; predict with the model it was given.
 
+The device adopts the hub's run spec (classes, model, input size and normalization,
+training settings); what it is given here stays on the device: its data, codec choice,
+threads, precision, state dir and credentials.
+
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
-2 bad arguments or config, 4 cannot reach the broker. predict: 0 done (unreadable files
-are skipped), 1 no image could be read, 2 no usable model. fetch-model: 0 stored, 1 none
-arrived in time. Options can come from
-`--config FILE` (TOML) and GKT_EDGE_* variables; flags > environment > file > defaults.
+2 bad arguments or config, or a state dir saved under another run, 4 cannot reach the
+broker, 5 the broker refused the credentials. predict: 0 done (unreadable files are
+skipped), 1 no image could be read, 2 no usable model. fetch-model: 0 stored, 1 none
+arrived in time. Options can come from `--config FILE` (TOML) and GKT_EDGE_* variables;
+flags > environment > file > defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
 from edge_runtime.ops.config_file import (
@@ -43,21 +49,31 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device-id", required=True)
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
-    run.add_argument("--codec", default="q8", help="feature codec: fp32 | fp16 | q8 | q4")
-    run.add_argument("--dataset", default="digits")
-    run.add_argument("--data-root", default="data")
-    run.add_argument("--image-size", type=int, default=0)
-    run.add_argument("--partition", default="dirichlet:0.5", help="iid | dirichlet:ALPHA")
-    run.add_argument("--shard", type=int, default=0, help="this device's part of the partition")
-    run.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
-    run.add_argument("--seed", type=int, default=0, help="partition seed, same on every device")
-    run.add_argument("--model-seed", type=int, default=0,
-                     help="initial weights; must be the same on every device")
-    run.add_argument("--edge-epochs", type=int, default=1, help="local epochs per round (E_c)")
-    run.add_argument("--batch-size", type=int, default=32)
-    run.add_argument("--edge-lr", type=float, default=1e-3)
-    run.add_argument("--temperature", type=float, default=3.0)
-    run.add_argument("--alpha", type=float, default=1.0)
+    run.add_argument("--codec", default=None,
+                     help="feature codec fp32 | fp16 | q8 | q4 (default: the run's; must be "
+                          "one the run allows)")
+    run.add_argument("--data", metavar="PATH",
+                     help="this device's own images: a folder with one subfolder per class, "
+                          "or a path,label manifest (.csv or .jsonl) (docs/own-data.md); "
+                          "labels are matched to the run's class names. Without it, a shard "
+                          "of the run's academic dataset (benchmarks)")
+    run.add_argument("--val-fraction", type=float, default=0.1,
+                     help="with --data: images held out for the device's own accuracy")
+    run.add_argument("--skip-unknown-labels", action="store_true",
+                     help="with --data: leave out images whose label is not a run class "
+                          "(counted as skipped) instead of refusing to start")
+    bench = run.add_argument_group(
+        "academic datasets (benchmarks: the hub's run spec names the dataset)")
+    bench.add_argument("--dataset", default=None,
+                       help="expected dataset; refused if the hub runs another (default: the "
+                            "run's)")
+    bench.add_argument("--data-root", default="data")
+    bench.add_argument("--partition", default="iid", help="iid | dirichlet:ALPHA")
+    bench.add_argument("--shard", type=int, default=0,
+                       help="this device's part of the partition")
+    bench.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
+    bench.add_argument("--seed", type=int, default=0,
+                       help="partition seed, same on every device")
     run.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     run.add_argument("--threads", type=int, default=0,
@@ -202,54 +218,43 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, args.log_level)
     if args.command == "fetch-model":
         return run_fetch_command(args)
-    from edge_runtime.device.agent import AgentConfig, EdgeAgent
-    from edge_runtime.device.edge_device import DeviceStateError, EdgeDevice
-    from edge_runtime.learning.data import DataConfig, load_split, make_loader
-    from edge_runtime.learning.partition import partition
-    from edge_runtime.learning.train import EdgeTrainConfig
+    from edge_runtime.device.adopt import RunSpecWatch
+    from edge_runtime.device.edge_device import DeviceStateError
+    from edge_runtime.device.throttle import DeviceSpeed, parse_bandwidth
     from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
+    from edge_runtime.protocol.codecs import get_codec
     from edge_runtime.protocol.topics import validate_device_id
 
     try:
         validate_device_id(args.device_id)
         if not 0 <= args.shard < args.num_shards:
             raise ValueError(f"--shard {args.shard} must be in [0, --num-shards {args.num_shards})")
-        data = DataConfig(args.dataset, args.data_root, args.image_size)
-        plain = DataConfig(args.dataset, args.data_root, args.image_size, augment=False)
-        train, train_eval = load_split(data, True), load_split(plain, True)
-        ids = partition(train.targets, args.num_shards, args.partition, args.seed)[args.shard]
-        test_loader = None
-        if not args.no_local_eval:
-            test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
-        from edge_runtime.device.throttle import DeviceSpeed, parse_bandwidth
-
-        cfg = AgentConfig(args.device_id, codec=args.codec,
-                          state_dir=args.state_dir or f"gkt-edge-state/{args.device_id}",
-                          max_payload=args.max_payload, mode=args.mode,
-                          speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)))
-        from edge_runtime.protocol.codecs import get_codec
-
-        get_codec(cfg.codec)
-        edge_cfg = EdgeTrainConfig(args.edge_epochs, args.batch_size, args.edge_lr,
-                                   temperature=args.temperature, alpha=args.alpha,
-                                   extract_backend=args.extract_backend,
-                                   precision=args.precision)
-    except (ValueError, FileNotFoundError) as err:
+        if args.codec is not None:
+            get_codec(args.codec)
+        speed = DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth))
+        link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
+                                   max_packet_size=max_packet_size(args.max_payload),
+                                   **login_fields(args)))
+    except (ValueError, OSError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     if args.threads > 0:
         import torch
 
         torch.set_num_threads(args.threads)
-    device = EdgeDevice(args.device_id, train, train_eval, ids, data.num_classes, edge_cfg,
-                        seed=args.seed + args.shard, model_seed=args.model_seed)
-    try:
-        link = MqttLink(LinkConfig(args.hub, client_id=f"gkt-edge-{args.device_id}",
-                                   max_packet_size=max_packet_size(cfg.max_payload),
-                                   **login_fields(args)))
-    except (ValueError, OSError) as err:
-        print(f"gkt-edge: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    stopping = threading.Event()
+    agent = None
+
+    def on_signal(signum: int, _frame) -> None:
+        logging.getLogger("gkt.edge").info("%s: %s, stopping (progress is saved after each "
+                                           "round)", args.device_id,
+                                           signal.Signals(signum).name)
+        stopping.set()
+        if agent is not None:
+            agent.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     try:
         link.connect()
     except AuthRefusedError as err:
@@ -259,23 +264,109 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_BROKER
-    agent = EdgeAgent(link, device, cfg, test_loader)
-
-    def on_signal(signum: int, _frame) -> None:
-        logging.getLogger("gkt.edge").info("%s: %s, stopping (progress is saved after each "
-                                           "round)", args.device_id,
-                                           signal.Signals(signum).name)
-        agent.stop()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
     try:
+        watch = RunSpecWatch(link)
+        watch.start()
+        spec = watch.wait(stopping)
+        if spec is None:
+            return 0
+        try:
+            agent = build_agent(args, link, watch, speed)
+        except (ValueError, FileNotFoundError) as err:  # DeviceStateError, OwnDataError
+            print(f"gkt-edge: error: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        if stopping.is_set():
+            return 0
         return agent.run()
     except DeviceStateError as err:  # a restart would fail the same way
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     finally:
         link.close()
+
+
+def build_agent(args: argparse.Namespace, link, watch, speed):
+    """The device for the adopted run spec: its data, model and state dir (ValueError,
+    FileNotFoundError or RunSpecMismatch name what is wrong: exit 2)."""
+    from pathlib import Path
+
+    from edge_runtime.device.adopt import adopt_state_dir, edge_config, pick_codec
+    from edge_runtime.device.agent import AgentConfig, EdgeAgent
+    from edge_runtime.learning.own_data import DataSpec
+    from edge_runtime.learning.preprocess import preprocess_of
+
+    spec = watch.spec
+    logging.getLogger("gkt.edge").info(
+        "%s: adopted run %s (%d classes, input %d, %d local epochs, lr %g, codec %s)",
+        args.device_id, spec.run_id, spec.num_classes, spec.preprocess["size"], spec.epochs,
+        spec.lr, spec.codec)
+    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+    cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
+                      state_dir=str(state_dir), max_payload=args.max_payload,
+                      upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
+                      run_id=spec.run_id)
+    edge_cfg = edge_config(spec, args.extract_backend, args.precision)
+    adopt_state_dir(state_dir, spec)
+    own, test_loader = None, None
+    if args.data:
+        device, own = own_data_device(args, DataSpec(spec.classes, preprocess_of(spec)),
+                                      edge_cfg, str(state_dir), spec.model_seed)
+    else:
+        device, test_loader = academic_device(args, spec, edge_cfg)
+    return EdgeAgent(link, device, cfg, test_loader, own_data=own, spec_watch=watch)
+
+
+def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
+                    model_seed: int):
+    """(device, its data source) for the device's own images (--data) under the run's
+    ``spec`` (a ``DataSpec``), scanned once now (OwnDataError if nothing is usable)."""
+    from pathlib import Path
+
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.device.own_data_source import OwnDataSource
+    from edge_runtime.learning.catalog import ImageCatalog
+    from edge_runtime.learning.own_data import OwnData, OwnDataConfig
+
+    if args.num_shards != 1 or args.shard != 0:
+        raise ValueError("--data is this device's whole training set: drop --shard and "
+                         "--num-shards (they split an academic --dataset)")
+    cfg = OwnDataConfig(args.data, spec, args.val_fraction, args.skip_unknown_labels)
+    own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / "own-data.sqlite")))
+    train, train_eval, ids, positions = own.device_args()
+    device = EdgeDevice(args.device_id, train, train_eval, ids, len(cfg.spec.classes),
+                        edge_cfg, seed=args.seed, model_seed=model_seed,
+                        positions=positions, ids_may_change=True)
+    return device, own
+
+
+def academic_device(args: argparse.Namespace, spec, edge_cfg):
+    """(device, test loader) for shard --shard of --num-shards of the run's dataset."""
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig, load_split, make_loader
+    from edge_runtime.learning.dataset_classes import dataset_classes
+    from edge_runtime.learning.partition import partition
+
+    if spec.dataset is None:
+        raise ValueError(f"run {spec.run_id} trains on the devices' own images (classes "
+                         f"{', '.join(spec.classes[:10])}): give --data PATH")
+    if args.dataset not in (None, spec.dataset):
+        raise ValueError(f"--dataset {args.dataset}: the hub's run {spec.run_id} uses "
+                         f"{spec.dataset}")
+    if dataset_classes(spec.dataset) != spec.classes:
+        raise ValueError(f"run {spec.run_id} names classes {list(spec.classes)[:10]} for "
+                         f"{spec.dataset}, whose classes are "
+                         f"{list(dataset_classes(spec.dataset))[:10]}")
+    size = spec.preprocess["size"]
+    data = DataConfig(spec.dataset, args.data_root, size)
+    plain = DataConfig(spec.dataset, args.data_root, size, augment=False)
+    train, train_eval = load_split(data, True), load_split(plain, True)
+    ids = partition(train.targets, args.num_shards, args.partition, args.seed)[args.shard]
+    test_loader = None
+    if not args.no_local_eval:
+        test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
+    device = EdgeDevice(args.device_id, train, train_eval, ids, spec.num_classes, edge_cfg,
+                        seed=args.seed + args.shard, model_seed=spec.model_seed)
+    return device, test_loader
 
 
 if __name__ == "__main__":

@@ -50,8 +50,13 @@ class EdgeDevice:
         cfg: EdgeTrainConfig,
         seed: int = 0,
         model_seed: int = 0,
+        positions: np.ndarray | None = None,
+        ids_may_change: bool = False,
     ) -> None:
         """``train_split`` may augment; ``train_eval_split`` is the same data, unaugmented.
+        Sample ``sample_ids[i]`` is row ``positions[i]`` of both (default: the id is the
+        row). ``ids_may_change``: the device's own data, where files come and go between
+        rounds (``use_data``) and a saved state may hold other ids.
 
         Every device of a federation must start from the same weights (``model_seed``):
         the server model learns one feature space, and extractors that start apart stay
@@ -60,16 +65,28 @@ class EdgeDevice:
         torch.manual_seed(model_seed)
         self.device_id = device_id
         self.cfg = cfg
-        self.sample_ids = np.sort(np.asarray(sample_ids, dtype=np.int64))
+        self.seed = seed
+        self.ids_may_change = ids_may_change
         self.model = EdgeResNet8(num_classes)
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
-        self.bank = LogitBank(self.sample_ids, num_classes)
+        self.bank = LogitBank(np.zeros(0, np.int64), num_classes)
         self.progress = DeviceProgress(device_id)
         torch.manual_seed(seed)
-        self._train = make_loader(WithIds(train_split.dataset, self.sample_ids), cfg.batch_size,
-                                  shuffle=True, seed=seed)
-        self._extract = make_loader(WithIds(train_eval_split.dataset, self.sample_ids),
-                                    cfg.batch_size, shuffle=False)
+        self.use_data(train_split, train_eval_split, sample_ids, positions)
+
+    def use_data(self, train_split: Split, train_eval_split: Split, sample_ids: np.ndarray,
+                 positions: np.ndarray | None = None) -> None:
+        """Train on these samples from now on; logits of ids no longer held are dropped."""
+        ids = np.asarray(sample_ids, dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        self.sample_ids = ids[order]
+        rows = self.sample_ids if positions is None else np.asarray(positions, np.int64)[order]
+        old, self.bank = self.bank, LogitBank(self.sample_ids, self.bank.num_classes)
+        self.bank.rekey_from(old)
+        self._train = make_loader(WithIds(train_split.dataset, self.sample_ids, rows),
+                                  self.cfg.batch_size, shuffle=True, seed=self.seed)
+        self._extract = make_loader(WithIds(train_eval_split.dataset, self.sample_ids, rows),
+                                    self.cfg.batch_size, shuffle=False)
 
     @property
     def num_samples(self) -> int:
@@ -112,7 +129,8 @@ class EdgeDevice:
             tensors = load_file(str(path))
             self.model.load_state_dict({k[6:]: v for k, v in tensors.items()
                                         if k.startswith("model.")})
-            self.bank.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")})
+            self.bank.load_state({k[5:]: v for k, v in tensors.items() if k.startswith("bank.")},
+                                 rekey=self.ids_may_change)
             opt = state_dir / "optimizer.pt"
             if opt.exists():
                 self.optimizer.load_state_dict(torch.load(opt, weights_only=True))

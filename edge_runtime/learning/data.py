@@ -88,24 +88,29 @@ class TensorImages(Dataset):
 
 
 class WithIds(Dataset):
-    """A subset of a split yielding (x, y, sample_id); ids are indices into the full split."""
+    """A subset of a split yielding (x, y, sample_id). Sample ``ids[i]`` is row
+    ``positions[i]`` of ``base``; without ``positions`` the ids are the rows (academic
+    datasets: an id is the index into the full split; own data: ids come from content)."""
 
-    def __init__(self, base: Dataset, ids: np.ndarray) -> None:
+    def __init__(self, base: Dataset, ids: np.ndarray, positions: np.ndarray | None = None
+                 ) -> None:
         self.base = base
         self.ids = np.asarray(ids, dtype=np.int64)
+        self.positions = self.ids if positions is None else np.asarray(positions, np.int64)
+        if self.positions.shape != self.ids.shape:
+            raise ValueError(f"{len(self.positions)} positions for {len(self.ids)} ids")
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
-        sid = int(self.ids[i])
-        x, y = self.base[sid]
-        return x, y, sid
+        x, y = self.base[int(self.positions[i])]
+        return x, y, int(self.ids[i])
 
     def batch(self, idx: torch.Tensor, generator: torch.Generator | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids = torch.from_numpy(self.ids)[idx]
-        return (*self.base.batch(ids, generator), ids)
+        rows = torch.from_numpy(self.positions)[idx]
+        return (*self.base.batch(rows, generator), torch.from_numpy(self.ids)[idx])
 
 
 DIGITS_TEST_FRACTION = 0.2

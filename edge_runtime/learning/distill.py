@@ -54,8 +54,27 @@ class LogitBank:
         ids = torch.from_numpy(self.ids.copy())
         return {"ids": ids, "logits": self.logits, "known": self.known}
 
-    def load_state(self, state: dict[str, torch.Tensor]) -> None:
-        if not np.array_equal(state["ids"].numpy(), self.ids):
+    def load_state(self, state: dict[str, torch.Tensor], rekey: bool = False) -> None:
+        """Restore saved logits. The saved ids must be this bank's, unless ``rekey``
+        (a device's own data, where files come and go): then logits of ids still held
+        are kept, those of ids gone are dropped, and new ids have none yet."""
+        saved = LogitBank(state["ids"].numpy(), self.num_classes)
+        if not rekey and not np.array_equal(saved.ids, self.ids):
             raise ValueError("saved logit bank belongs to a different set of samples")
-        self.logits = state["logits"].float().clone()
-        self.known = state["known"].bool().clone()
+        saved.logits = state["logits"].float().clone()
+        saved.known = state["known"].bool().clone()
+        if tuple(saved.logits.shape) != (len(saved.ids), self.num_classes):
+            raise ValueError(f"saved logits {tuple(saved.logits.shape)} do not fit "
+                             f"{self.num_classes} classes")
+        self.rekey_from(saved)
+
+    def rekey_from(self, old: LogitBank) -> None:
+        """Take ``old``'s logits for the ids both banks hold; the rest stay unknown."""
+        logits = torch.zeros(len(self.ids), self.num_classes)
+        known = torch.zeros(len(self.ids), dtype=torch.bool)
+        both, mine, theirs = np.intersect1d(self.ids, old.ids, assume_unique=True,
+                                            return_indices=True)
+        if len(both):
+            logits[mine] = old.logits[theirs]
+            known[mine] = old.known[theirs]
+        self.logits, self.known = logits, known

@@ -34,8 +34,9 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-RESIZE_METHODS = ("center_crop", "stretch")
-SPEC_VERSION = 1
+from edge_runtime.protocol.run_spec import PREPROCESS_VERSION, RESIZE_METHODS, RunSpec
+
+SPEC_VERSION = PREPROCESS_VERSION
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over
 
 
@@ -169,3 +170,8 @@ def normalize(u8: np.ndarray, spec: Preprocess) -> np.ndarray:
 def preprocess(image: Image.Image, spec: Preprocess) -> np.ndarray:
     """A PIL image -> the model's float32 (3, size, size) input."""
     return normalize(to_rgb_u8(image, spec), spec)
+
+
+def preprocess_of(spec: RunSpec) -> Preprocess:
+    """The run spec's ``Preprocess`` (its fields were checked when the spec was made)."""
+    return Preprocess.from_dict(spec.preprocess)

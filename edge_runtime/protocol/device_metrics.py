@@ -17,8 +17,13 @@ def max_rss_bytes() -> int:
 
 
 def device_metrics(samples: int, train_seconds: float | None = None,
-                   edge_accuracy: float | None = None) -> dict[str, float]:
+                   edge_accuracy: float | None = None,
+                   skipped_files: int | None = None) -> dict[str, float]:
+    """``skipped_files``: own-data files the device could not use (unreadable, not an
+    image, unknown label); None on the academic datasets."""
     out: dict[str, float] = {"samples": samples, "max_rss_bytes": max_rss_bytes()}
+    if skipped_files is not None:
+        out["skipped_files"] = skipped_files
     if train_seconds is not None:
         out["train_seconds"] = round(train_seconds, 4)
     if edge_accuracy is not None:

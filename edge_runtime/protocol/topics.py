@@ -3,9 +3,10 @@
     gkt/v1/dev/{device}/up     device -> hub (hello, feature chunks, extractor, upload_done)
     gkt/v1/dev/{device}/down   hub -> device (acks, logits)
     gkt/v1/hub/round           hub announcements, retained
+    gkt/v1/hub/run             the run spec (protocol/run_spec.py), JSON, retained
 
 With the device id as its MQTT user name, a broker ACL line ``pattern readwrite
-gkt/v1/dev/%u/#`` (plus ``pattern read gkt/v1/hub/round``) pins each device to its own
+gkt/v1/dev/%u/#`` (plus ``pattern read gkt/v1/hub/#``) pins each device to its own
 topics, which is why ids may not hold MQTT's special characters.
 """
 
@@ -17,6 +18,7 @@ from edge_runtime.protocol.errors import WireError
 
 PREFIX = "gkt/v1"
 ROUND_TOPIC = f"{PREFIX}/hub/round"
+RUN_TOPIC = f"{PREFIX}/hub/run"
 UP_WILDCARD = f"{PREFIX}/dev/+/up"
 DEVICE_ID_MAX = 64
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,6 +20,7 @@ from tqdm import tqdm
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol.limits import max_packet_size
+from edge_runtime.protocol.run_spec import RunSpec, decode_run_spec
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_BROKER
 from server_hub.assembly.options import BrokerOptions, HubOptions
 from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, broker_access
@@ -28,7 +29,8 @@ from server_hub.delivery.models import model_delivery
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
-from server_hub.monitoring.results import HEADER, RoundRecord, format_row
+from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
+from server_hub.run.spec_store import RunSpecConflict, settle_run_spec
 from server_hub.simulation.inproc import FederationConfig
 from server_hub.trainer import ServerTrainConfig
 
@@ -89,12 +91,23 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
             worker: Rank | None = None) -> HubOutcome:
     """Run a hub against the broker at ``url`` until its rounds (or updates) are done."""
     where = f"rank {worker.rank}: " if worker else ""
-    plain = DataConfig(fed.data.dataset, fed.data.root, fed.data.image_size, augment=False)
     try:  # every hub worker evaluates a share of the devices
-        test_loader = make_loader(load_split(plain, train=False).dataset, 256, shuffle=False)
-    except FileNotFoundError as err:
+        spec = _settled_spec(opts, worker)
+        if opts.plan is not None:
+            test_loader = opts.plan.test_loader(fed)
+        else:
+            plain = DataConfig(fed.data.dataset, fed.data.root, fed.data.image_size,
+                               augment=False)
+            test_loader = make_loader(load_split(plain, train=False).dataset, 256,
+                                      shuffle=False)
+    except (RunSpecConflict, FileNotFoundError) as err:
         log.error("%s%s", where, err)
         return HubOutcome(EXIT_BAD_ARGS)
+    if spec is not None:
+        opts = replace(opts, service=replace(opts.service, run_spec=spec))
+        log.info("%srun %s: %d classes, input %dx%d%s", where, spec.run_id, spec.num_classes,
+                 spec.preprocess["size"], spec.preprocess["size"],
+                 f", dataset {spec.dataset}" if spec.dataset else ", devices' own data")
     link = MqttLink(LinkConfig(url, client_id=f"gkt-hub-{worker.rank}" if worker else "gkt-hub",
                                username=login[0], password=login[1],
                                max_packet_size=max_packet_size(opts.service.max_payload)))
@@ -110,8 +123,17 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
     if worker is None or worker.rank == 0:
         write(HEADER)
 
+    # STATE/run.json, rewritten after every round: the rounds so far, the last per-class
+    # report and the run spec (a restarted hub starts the file again from its next round)
+    run = RunResult("gkt", spec.dataset or "own", opts.service.min_devices, {},
+                    transport="mqtt", run_spec=spec.to_dict()) if spec else None
+
     def on_record(rec: RoundRecord) -> None:
         write(format_row(rec))
+        if run is not None and (worker is None or worker.rank == 0):
+            run.rounds.append(rec)
+            run.class_report = svc.status().class_report
+            run.write_json(Path(opts.service.state_dir) / "run.json")
         bar.set_postfix(acc=f"{rec.test_accuracy:.3f}")
         bar.update(1)
         if on_round:
@@ -157,8 +179,9 @@ def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loade
     features = Path(opts.service.state_dir) / "features" if opts.spill_features else None
     if worker is not None and features is not None:
         features = features / f"rank-{worker.rank}"  # its own spill files
-    hub = Hub(fed.data.num_classes, worker.server if worker else fed.server, fed.seed,
-              feature_dir=features)
+    spec = opts.service.run_spec
+    hub = Hub(spec.num_classes if spec else fed.data.num_classes,
+              worker.server if worker else fed.server, fed.seed, feature_dir=features)
     if worker is not None:
         from server_hub.workers.service import WorkerConfig, WorkerService, share_group_for
 
@@ -175,3 +198,24 @@ def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loade
     from server_hub.service import HubService
 
     return HubService(link, hub, opts.service, fed.data, test_loader, on_round, on_status)
+
+
+def _settled_spec(opts: HubOptions, worker: Rank | None) -> RunSpec | None:
+    """The plan's spec with the state dir's run id (hub workers: rank 0 settles it and
+    every rank announces or checks that one). RunSpecConflict: another run is saved."""
+    if opts.plan is None:
+        return None
+    if worker is None:
+        return settle_run_spec(opts.service.state_dir, opts.plan.spec)
+    from server_hub.workers.distributed import broadcast
+
+    settled = None
+    if worker.rank == 0:
+        try:
+            settled = settle_run_spec(opts.service.state_dir, opts.plan.spec).to_json()
+        except RunSpecConflict as err:
+            log.error("%s", err)
+    settled = broadcast(settled)
+    if settled is None:
+        raise RunSpecConflict("rank 0 could not settle the run spec")
+    return decode_run_spec(settled)

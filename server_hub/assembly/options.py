@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from edge_runtime.device.throttle import DeviceSpeed
 from server_hub.async_mode.rules import AsyncConfig
+from server_hub.run.plan import RunPlan
 from server_hub.service import ServiceConfig
 
 
@@ -72,3 +73,6 @@ class HubOptions:
     signals: bool = True  # SIGTERM/SIGINT stop the hub cleanly (a restart resumes)
     spill_features: bool = True  # received features to STATE/features (bounded memory)
     deliver_models: bool = True  # at the end each device gets its composed model ([export])
+    # what every device adopts (built once at the CLI); the state dir keeps its run id.
+    # None: the academic dataset's test split, no run spec announced (tests, benchmarks)
+    plan: RunPlan | None = None

@@ -45,7 +45,8 @@ class AsyncHubService(IntakeControls):
         self.on_round = on_round
         self.on_status = on_status or (lambda s: None)
         self.intake = UploadIntake(link, hub, UploadJournal(Path(cfg.state_dir) / "uploads"),
-                                   cfg.max_payload, rounds=False)
+                                   cfg.max_payload, rounds=False,
+                                   run_spec=getattr(cfg, "run_spec", None))
         self.intake.accept = self._accept_update
         self.intake.on_hello = self._hello
         self.intake.phase = "async"
@@ -150,6 +151,7 @@ class AsyncHubService(IntakeControls):
         self.intake.phase = "async"
 
     def run(self) -> int:
+        self.announcer.publish_run_spec()
         intake = self.intake
         intake.round = self.hub.resume(Path(self.cfg.state_dir))  # async: evaluations so far
         # Replay before subscribing: hellos (retained) then meet the bank as it was.

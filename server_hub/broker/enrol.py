@@ -8,9 +8,9 @@ Everything lives under ``STATE/security/``:
     hub.secret    the hub's own MQTT password (mode 0600)
 
 Each device's MQTT user name is its device id, and the ACL gives it exactly
-``gkt/v1/dev/ID/up`` to write and ``gkt/v1/dev/ID/down`` + ``gkt/v1/hub/round`` to
-read, so valid credentials for one device cannot publish as another nor read its
-logits. A running managed broker is told to reload (SIGHUP) after every change.
+``gkt/v1/dev/ID/up`` to write and ``gkt/v1/dev/ID/down``, ``gkt/v1/hub/round`` and
+``gkt/v1/hub/run`` to read, so valid credentials for one device cannot publish as another
+nor read its logits. A running managed broker is told to reload (SIGHUP) after every change.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def render_acl(devices: list[str], hub_user: str = HUB_USER) -> str:
              f"user {hub_user}", f"topic readwrite {topics.PREFIX}/#", "topic read $SYS/#", ""]
     for d in sorted(devices):
         lines += [f"user {d}", f"topic write {topics.up(d)}", f"topic read {topics.down(d)}",
-                  f"topic read {topics.ROUND_TOPIC}", ""]
+                  f"topic read {topics.ROUND_TOPIC}", f"topic read {topics.RUN_TOPIC}", ""]
     return "\n".join(lines)
 
 

@@ -27,6 +27,13 @@ from server_hub.cli.feature_args import (
     run_status,
 )
 from server_hub.cli.mode_options import add_async_args, mode_options
+from server_hub.cli.run_options import (
+    add_run_args,
+    add_split_parser,
+    plan_run,
+    prepare_device_data,
+    run_split,
+)
 from server_hub.models import SERVER_MODELS
 from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
@@ -91,7 +98,8 @@ def hub_options(args: argparse.Namespace) -> tuple[FederationConfig, HubOptions,
     workers = WorkerOptions(args.workers, args.share_group, args.worker_threads, args.trace_dir)
     opts = HubOptions(service, mode_options(args, args.min_devices, fed.rounds),
                       monitor_options(args), workers, progress=not args.no_progress,
-                      deliver_models=not args.no_model_delivery)
+                      deliver_models=not args.no_model_delivery,
+                      plan=plan_run(args, fed, args.codec, args.round_deadline))
     user = args.broker_user
     broker = BrokerOptions(args.broker, user,
                            os.environ.get("GKT_BROKER_PASSWORD") if user else None,
@@ -135,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)
+    own = sim.add_argument_group("devices' own image folders (docs/own-data.md)")
+    own.add_argument("--device-data", action="append", metavar="DIR",
+                     help="one device's image folder (repeat once per device; the device "
+                          "count follows): each gkt-edge process runs with --data DIR")
+    own.add_argument("--split-data", metavar="DIR",
+                     help="split DIR (one subfolder per class) into --devices folders of "
+                          "links by --partition first (as `gkt-hub split-data`), then run "
+                          "them as --device-data")
     sim.add_argument("--json", metavar="PATH", help="write the run's results as JSON")
     sim.add_argument("--state-dir", help="hub checkpoints, device states, broker and logs "
                                          "(default: a new temporary folder)")
@@ -143,12 +159,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not send devices their composed model (ONNX) at the end")
     add_async_args(sim, simulate=True)
     add_training_args(sim, simulate=True)
+    add_run_args(srv, serve=True)
+    add_run_args(sim, serve=False)
     add_monitoring_args(srv)
     add_monitoring_args(sim)
     for p in (srv, sim):
         add_config_args(p, ENV_PREFIX)
         add_log_args(p)
     add_status_parser(sub)
+    add_split_parser(sub)
     add_device_parser(sub)
     add_service_parser(sub, "gkt-hub", "serve")
     return parser
@@ -178,13 +197,18 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "device":
         return run_device(args)
+    if args.command == "split-data":
+        return run_split(args)
     try:
         if args.command == "serve":
             fed, opts, broker = hub_options(args)
         else:
+            prepare_device_data(args)  # --split-data, --device-data: the device count
             cfg = federation_config(args)
             opts = mode_options(args, cfg.devices, cfg.rounds)
-    except ValueError as err:
+            # what every device adopts (a hub state dir keeps its run id: assembly/)
+            plan = plan_run(args, cfg, args.codec, args.round_deadline)
+    except (ValueError, OSError) as err:  # OSError: a --split-data/--test-data folder
         print(f"gkt-hub: error: {err}", file=sys.stderr)
         return EXIT_BAD_ARGS
     if args.command == "serve":
@@ -196,12 +220,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.transport == "mqtt" and args.algorithm == "gkt":
             result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_options(args),
+                                   opts, monitor_options(args), plan=plan,
+                                   device_data=args.device_data,
                                    deliver_models=not args.no_model_delivery)
         else:
             if args.transport == "mqtt":
                 print(f"note: {args.algorithm} runs in-process (no network transport for it)")
-            result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts)
+            try:
+                result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts,
+                                         plan, args.device_data)
+            except ValueError as err:  # own folders without --test-data, nothing usable
+                print(f"gkt-hub: error: {err}", file=sys.stderr)
+                return 2
         if args.json:
             result.write_json(args.json)
             print(f"wrote {args.json}")

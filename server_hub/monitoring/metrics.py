@@ -20,6 +20,7 @@ DEVICE_GAUGES = {  # reported name -> (metric, help)
     "samples": ("gkt_device_samples", "training samples on the device"),
     "max_rss_bytes": ("gkt_device_max_rss_bytes", "peak resident memory of the device process"),
     "edge_accuracy": ("gkt_device_edge_accuracy", "test accuracy of its own local classifier"),
+    "skipped_files": ("gkt_device_skipped_files", "own-data files it could not use"),
 }
 
 

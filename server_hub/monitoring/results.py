@@ -20,6 +20,7 @@ class RoundRecord:
     train_loss: float | None = None
     elapsed: float | None = None  # seconds since the run started (the time axis of plots)
     updates: int | None = None  # async: device uploads merged into the bank so far
+    per_class_accuracy: list[float | None] | None = None  # in the run's class order
 
 
 @dataclass
@@ -36,6 +37,10 @@ class RunResult:
     codec: str = "fp32 (raw, counted not sent)"
     broker_bytes: dict | None = None  # bytes that actually crossed the broker (MQTT runs)
     mode: str = "sync"  # sync rounds, or async (a record per evaluation; docs/async.md)
+    # the last evaluation's classes, per-class accuracy and confusion matrix
+    # (server_hub/run/evaluation.py class_report)
+    class_report: dict | None = None
+    run_spec: dict | None = None  # what the devices adopted (edge_runtime/protocol/run_spec.py)
 
     def final(self) -> dict:
         last = self.rounds[-1] if self.rounds else None

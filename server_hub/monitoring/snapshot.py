@@ -23,7 +23,8 @@ from server_hub.intake import HubStatus
 from server_hub.monitoring.results import RoundRecord
 
 # What devices may report about themselves (edge_runtime.protocol.device_metrics).
-DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy")
+DEVICE_METRICS = ("train_seconds", "samples", "max_rss_bytes", "edge_accuracy",
+                  "skipped_files")
 MAX_HISTORY = 10_000  # rounds kept for the plot (a long run still fits in memory)
 INACTIVE = ("silent", "gone", "finished")  # states not counted in devices_active
 
@@ -159,6 +160,7 @@ class FleetObserver:
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": status.bytes_received, "bytes_sent": status.bytes_sent,
             "rejected": status.rejected, "devices": devices, "history": history,
+            "class_report": status.class_report, "run_id": status.run_id,
         }
 
 

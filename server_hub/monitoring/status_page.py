@@ -9,6 +9,8 @@ from collections.abc import Callable
 from html import escape
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from server_hub.monitoring.class_table import class_tables
+
 REFRESH_S = 5
 ASYNC_HEAD = ("<th>update</th><th title='hub versions since it was merged'>age</th>"
               "<th>weight</th><th>in bank</th><th>merged</th>")
@@ -118,7 +120,7 @@ def render_html(s: dict) -> str:
         f"<td>{_fmt(d.get('codec'))}</td>"
         f"{_async_cells(d) if is_async else _td(d['last_round'])}"
         f"<td>{_mb(d['bytes_up'])}</td><td>{_fmt(d.get('train_seconds'), 2)}</td>"
-        f"<td>{_fmt(d.get('edge_accuracy'))}</td>"
+        f"<td>{_fmt(d.get('edge_accuracy'))}</td><td>{_fmt(d.get('skipped_files'))}</td>"
         f"<td>{_fmt((d.get('max_rss_bytes') or 0) / 1e6, 0) if d.get('max_rss_bytes') else '-'}"
         f"</td><td>{d['last_seen_s']:.0f} s</td></tr>" for d in s["devices"])
     rejected = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>"
@@ -132,9 +134,10 @@ data as <a href="status.json">status.json</a></div>
 <div class="cards">{''.join(f'<div class="card">{k}<b>{v}</b></div>' for k, v in cards)}</div>
 <h2>Devices</h2><table><tr><th>device</th><th>state</th><th>samples</th><th>codec</th>
 {ASYNC_HEAD if is_async else "<th>last round</th>"}<th>uploaded</th><th>train s</th>
-<th>own acc.</th><th>peak MB</th><th>last seen</th></tr>
+<th>own acc.</th><th>skipped files</th><th>peak MB</th><th>last seen</th></tr>
 {rows or "<tr><td colspan=14>no device yet</td></tr>"}</table>
 <h2>Accuracy per round</h2>{accuracy_svg(s['history'])}
+{class_tables(s.get("class_report"))}
 <h2>Rejected messages</h2><table><tr><th>reason</th><th>count</th></tr>{rejected}</table>
 </body></html>"""
 

@@ -20,6 +20,7 @@ from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import FULL_MODELS
 from server_hub.monitoring.results import RoundRecord, RunResult
+from server_hub.run.evaluation import class_report
 from server_hub.trainer import ServerTrainConfig
 
 ALGORITHMS = ("gkt", "fedavg", "centralized")
@@ -52,6 +53,8 @@ class Setup:
     train_eval: Split
     test: Split
     shards: list[np.ndarray]
+    num_classes: int | None = None  # own folders (simulation/own_folders.py); else the dataset's
+    classes: list[str] | None = None  # their names, for the per-class report
 
 
 def prepare(cfg: FederationConfig) -> Setup:
@@ -85,14 +88,15 @@ Progress = Callable[[RoundRecord], None]
 
 def make_devices(cfg: FederationConfig, setup: Setup) -> list[EdgeDevice]:
     return [
-        EdgeDevice(name, setup.train, setup.train_eval, ids, cfg.data.num_classes, cfg.edge,
+        EdgeDevice(name, setup.train, setup.train_eval, ids,
+                   setup.num_classes or cfg.data.num_classes, cfg.edge,
                    seed=cfg.seed + i, model_seed=cfg.seed)
         for i, (name, ids) in enumerate(zip(device_names(cfg.devices), setup.shards))
     ]
 
 
 def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = None) -> RunResult:
-    ncls = cfg.data.num_classes
+    ncls = setup.num_classes or cfg.data.num_classes
     names = device_names(cfg.devices)
     devices = make_devices(cfg, setup)
     hub = Hub(ncls, cfg.server, seed=cfg.seed)
@@ -119,7 +123,9 @@ def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = Non
         seconds = time.perf_counter() - t0  # evaluation is bookkeeping, not part of the round
         ev = hub.evaluate(test_loader)
         edge_acc = float(np.mean([d.local_accuracy(test_loader) for d in devices]))
-        rec = RoundRecord(rnd, ev.mean, up, down, round(seconds, 3), edge_acc, stats.loss)
+        result.class_report = class_report(ev.confusion, setup.classes)
+        rec = RoundRecord(rnd, ev.mean, up, down, round(seconds, 3), edge_acc, stats.loss,
+                          per_class_accuracy=result.class_report["per_class_accuracy"])
         if cfg.state_dir:
             state = Path(cfg.state_dir)
             hub.save(state, hub.checkpoint_meta(rnd, cfg.data, ev.mean))
@@ -159,7 +165,7 @@ def weighted_average(states: list[dict[str, torch.Tensor]], weights: list[float]
 def run_fedavg(cfg: FederationConfig, setup: Setup, on_round: Progress | None = None) -> RunResult:
     """Each device trains the whole ResNet-56 locally; the server averages by sample count."""
     torch.manual_seed(cfg.seed)
-    ncls = cfg.data.num_classes
+    ncls = setup.num_classes or cfg.data.num_classes
     global_model = FULL_MODELS[cfg.fedavg_model](ncls)
     loaders = [
         make_loader(WithIds(setup.train.dataset, ids), cfg.edge.batch_size, True, cfg.seed + i)
@@ -195,7 +201,7 @@ def run_centralized(
 ) -> RunResult:
     """The whole model on all the training data in one place; one round = edge.epochs epochs."""
     torch.manual_seed(cfg.seed)
-    ncls = cfg.data.num_classes
+    ncls = setup.num_classes or cfg.data.num_classes
     model = FULL_MODELS[cfg.fedavg_model](ncls)
     all_ids = np.sort(np.concatenate(setup.shards))
     loader = make_loader(WithIds(setup.train.dataset, all_ids), cfg.edge.batch_size, True, cfg.seed)

@@ -17,6 +17,7 @@ from edge_runtime.device.throttle import DeviceSpeed
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
 from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
+from server_hub.run.plan import RunPlan, dataset_plan
 from server_hub.simulation.inproc import RUNNERS, FederationConfig, prepare
 from server_hub.simulation.throttled import run_gkt_async_fleet, run_gkt_sync_fleet
 
@@ -24,12 +25,24 @@ log = logging.getLogger(__name__)
 
 
 def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool = True,
-                    opts: ModeOptions | None = None) -> RunResult:
-    """All devices and the hub in this process; bytes are what would cross the network."""
+                    opts: ModeOptions | None = None, plan: RunPlan | None = None,
+                    device_data: list[str] | None = None) -> RunResult:
+    """All devices and the hub in this process; bytes are what would cross the network.
+    With ``device_data`` (one folder per device) and ``plan`` (its spec and --test-data),
+    the devices' own images instead of a partition of ``cfg.data``."""
     t0 = time.perf_counter()
-    setup = prepare(cfg)
+    if device_data:
+        from server_hub.simulation.own_folders import own_setup
+
+        setup = own_setup(device_data, plan.spec, plan.test,
+                          Path(cfg.state_dir) / "baseline-cache" if cfg.state_dir else None)
+        size = plan.spec.preprocess["size"]
+        what = f"own folders [{', '.join(device_data)}]"
+    else:
+        setup = prepare(cfg)
+        size, what = cfg.data.size, cfg.data.dataset
     sizes = ", ".join(str(len(s)) for s in setup.shards)
-    print(f"{algorithm} on {cfg.data.dataset} ({cfg.data.size}x{cfg.data.size}), "
+    print(f"{algorithm} on {what} ({size}x{size}), "
           f"{cfg.devices} devices [{sizes} samples], partition {cfg.partition}, "
           f"{cfg.rounds} rounds, seed {cfg.seed}")
     bar = tqdm(total=cfg.rounds, desc=algorithm, unit="round", disable=not show_progress,
@@ -59,19 +72,20 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
                    state_dir: Path, max_payload: int, mode: str = "sync",
-                   speed: DeviceSpeed | None = None) -> list[str]:
-    """The `gkt-edge run` command line of one simulated device."""
-    d = cfg.data
+                   speed: DeviceSpeed | None = None, data: str | None = None,
+                   hub_tests: bool = False) -> list[str]:
+    """The `gkt-edge run` command line of one simulated device: only what stays on a
+    device (its data, codec, threads, state); the rest comes with the hub's run spec.
+    ``data``: its own folder (when ``hub_tests``, nothing held out: the hub measures)."""
     speed = speed or DeviceSpeed()
+    if data is not None:
+        where = ["--data", data] + (["--val-fraction", "0"] if hub_tests else [])
+    else:
+        where = ["--data-root", cfg.data.root, "--partition", cfg.partition,
+                 "--shard", str(shard), "--num-shards", str(cfg.devices)]
     return [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", url,
-            "--device-id", name,
-            "--state-dir", str(state_dir), "--codec", codec, "--dataset", d.dataset,
-            "--data-root", d.root, "--image-size", str(d.image_size),
-            "--partition", cfg.partition, "--shard", str(shard), "--num-shards", str(cfg.devices),
-            "--seed", str(cfg.seed), "--model-seed", str(cfg.seed),
-            "--edge-epochs", str(cfg.edge.epochs), "--batch-size", str(cfg.edge.batch_size),
-            "--edge-lr", str(cfg.edge.lr), "--temperature", str(cfg.edge.temperature),
-            "--alpha", str(cfg.edge.alpha), "--max-payload", str(max_payload),
+            "--device-id", name, "--state-dir", str(state_dir), "--codec", codec, *where,
+            "--seed", str(cfg.seed), "--max-payload", str(max_payload),
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
@@ -83,9 +97,13 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                   show_progress: bool = True, round_deadline: float = 300.0,
                   opts: ModeOptions | None = None,
                   monitor: MonitorOptions | None = None,
-                  deliver_models: bool = True) -> RunResult:
+                  deliver_models: bool = True,
+                  plan: RunPlan | None = None,
+                  device_data: list[str] | None = None) -> RunResult:
     """Broker, hub and one `gkt-edge` process per device on this machine, over real MQTT.
-    ``deliver_models``: at the end each device gets its composed model (needs [export])."""
+    ``deliver_models``: at the end each device gets its composed model (needs [export]).
+    ``plan``: the run spec devices adopt (default: ``cfg.data``'s dataset).
+    ``device_data``: one image folder per device, run with `gkt-edge --data`."""
     from server_hub.assembly.hub_run import run_hub
     from server_hub.broker.mosquitto import (
         BrokerConfig,
@@ -93,15 +111,18 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         free_port,
         read_sys_counters,
     )
+    from server_hub.run.spec_store import settle_run_spec
     from server_hub.service import ServiceConfig
 
     opts = opts or ModeOptions()
+    plan = plan or dataset_plan(cfg, codec, round_deadline)
     fleet = opts.fleet or [DeviceSpeed()] * cfg.devices
     t0 = time.perf_counter()
     # Same layout as the in-process runner: checkpoints/, devices/<id>/, plus broker/, logs/.
     work = Path(cfg.state_dir) if cfg.state_dir else Path(tempfile.mkdtemp(prefix="gkt-sim-"))
     work.mkdir(parents=True, exist_ok=True)
     work.chmod(0o755)  # the broker runs as user mosquitto and must reach its folder
+    spec = settle_run_spec(work, plan.spec)
     (work / "logs").mkdir(parents=True, exist_ok=True)
     max_payload = DEFAULT_MAX_PAYLOAD
     broker = ManagedBroker(BrokerConfig(str(work / "broker"), port=free_port(),
@@ -109,26 +130,29 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                            supervise=True)
     broker.start()
     names = [f"dev{i}" for i in range(cfg.devices)]
+    size = spec.preprocess["size"]
+    data = (f"{cfg.data.dataset}, partition {cfg.partition}" if not device_data else
+            f"each device its own folder ({len(spec.classes)} classes)")
     print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
-          f"codec {codec}) on {cfg.data.dataset} "
-          f"({cfg.data.size}x{cfg.data.size}), {cfg.devices} device processes, partition "
-          f"{cfg.partition}, {cfg.rounds} rounds, seed {cfg.seed}; state and logs in {work}")
+          f"codec {codec}) on {data} ({size}x{size}), {cfg.devices} device processes, "
+          f"{cfg.rounds} rounds, seed {cfg.seed}, run {spec.run_id}; state and logs in {work}")
     procs = []
     for i, name in enumerate(names):
         logf = open(work / "logs" / f"{name}.log", "wb")
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
-                             max_payload, opts.mode, fleet[i])
+                             max_payload, opts.mode, fleet[i],
+                             device_data[i] if device_data else None, plan.test is not None)
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}
-    result = RunResult("gkt", cfg.data.dataset, cfg.devices, config, transport="mqtt",
-                       mode=opts.mode)
+    result = RunResult("gkt", spec.dataset or "own", cfg.devices, config, transport="mqtt",
+                       mode=opts.mode, run_spec=spec.to_dict())
     hub_opts = HubOptions(
         ServiceConfig(str(work), rounds=cfg.rounds, min_devices=cfg.devices,
                       round_deadline=round_deadline, start_timeout=120,
                       max_payload=max_payload),
         opts, monitor or MonitorOptions(), progress=show_progress, signals=False,
-        spill_features=False, deliver_models=deliver_models)
+        spill_features=False, deliver_models=deliver_models, plan=plan)
     sys_counters: dict[str, int] = {}
     try:
         outcome = run_hub(cfg, hub_opts, broker.url, on_round=result.rounds.append,
@@ -146,6 +170,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         broker.stop()
     status = outcome.status
     result.codec = codec
+    result.class_report = status.class_report if status else None
     result.broker_bytes = {
         "hub_received": status.bytes_received if status else 0,
         "hub_sent": status.bytes_sent if status else 0,

@@ -319,7 +319,7 @@ class WorkerService(HubService):
                  wcfg: WorkerConfig, on_round=None, on_status=None) -> None:
         self.rank = dist.get_rank()
         journal = UploadJournal(Path(cfg.state_dir) / "uploads" / f"rank-{self.rank}")
-        intake = UploadIntake(link, hub, journal, cfg.max_payload)
+        intake = UploadIntake(link, hub, journal, cfg.max_payload, run_spec=cfg.run_spec)
         self.fleet = WorkerFleet() if wcfg.monitor else None
         if self.fleet:  # on rank 0 also the metrics' and status page's source
             intake.observers.append(self.fleet)

@@ -1,0 +1,86 @@
+"""Accuracy per round on devices' own folders over real MQTT, next to the in-memory shard
+path on the same images.
+
+Data (bench_own_data.prepare): 5,000 CIFAR-10 training JPEGs split over 4 device folders by
+Dirichlet(0.5) per class, seeded, and 1,000 held-out JPEGs for the hub.
+
+- own data over MQTT: broker + hub (`--test-data`) + 4 `gkt-edge run --data FOLDER`
+  processes that adopt the hub's run spec (`gkt-hub simulate --device-data ...`).
+- shard path: the same per-device images decoded once into memory and run in-process as
+  shards of one split, the way `--dataset/--shard` devices run (`simulate --transport
+  inproc --device-data ...`).
+
+Both use the same run spec (classes, 32x32, normalization measured on the held-out
+images), seed, rounds and settings; the test accuracy is the paper's metric (each
+device's extractor + the server on the held-out images, averaged over devices). They
+should agree within run-to-run noise (the MQTT run codes features with q8, the in-process
+run counts fp32).
+
+Usage: python bench/bench_own_accuracy.py [--rounds 10] [--server-epochs 2]
+       [--work /tmp/gkt-bench-own-data] [--json bench/results/own_accuracy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_own_data import TAR, prepare  # noqa: E402
+
+from server_hub.cli.main import build_parser, federation_config  # noqa: E402
+from server_hub.cli.run_options import plan_run  # noqa: E402
+from server_hub.simulation.launch import simulate_inproc, simulate_mqtt  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tar", default=TAR)
+    p.add_argument("--work", default="/tmp/gkt-bench-own-data")
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--server-epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--json", default="bench/results/own_accuracy.json")
+    args = p.parse_args()
+    work = Path(args.work)
+    _, test, folders = prepare(Path(args.tar), work)
+    argv = ["simulate", "--test-data", str(test), "--rounds", str(args.rounds),
+            "--server-epochs", str(args.server_epochs), "--batch-size", str(args.batch_size),
+            "--no-progress"]
+    for f in folders:
+        argv += ["--device-data", str(f)]
+    sim = build_parser().parse_args(argv)
+    sim.devices = len(folders)
+    cfg = federation_config(sim)
+    plan = plan_run(sim, cfg, "q8", 600.0)  # one spec for both paths
+    runs = {}
+    for name in ("own_data_mqtt", "shards_in_memory"):
+        t0 = time.perf_counter()
+        if name == "own_data_mqtt":
+            res = simulate_mqtt(cfg, "q8", False, 600.0, plan=plan,
+                                device_data=[str(f) for f in folders])
+        else:
+            res = simulate_inproc(cfg, "gkt", False, plan=plan,
+                                  device_data=[str(f) for f in folders])
+        runs[name] = {"test_accuracy": [r.test_accuracy for r in res.rounds],
+                      "round_s": [r.seconds for r in res.rounds],
+                      "class_report": res.class_report,
+                      "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"{'round':>5}  {'own data, MQTT':>15}  {'shards, in memory':>17}")
+    a, b = runs["own_data_mqtt"]["test_accuracy"], runs["shards_in_memory"]["test_accuracy"]
+    for i, (x, y) in enumerate(zip(a, b)):
+        print(f"{i:5d}  {x:15.4f}  {y:17.4f}")
+    out = {"devices": len(folders), "held_out": int(len(plan.test.labels)),
+           "run_spec": plan.spec.to_dict(), "rounds": args.rounds,
+           "server_epochs": args.server_epochs, "runs": runs,
+           "final_difference": a[-1] - b[-1] if a and b else None}
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(out, indent=1))
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
