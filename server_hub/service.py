@@ -20,12 +20,15 @@ from typing import Callable
 import numpy as np
 
 from edge_runtime.mqtt.link import MqttLink
-from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol import refusal, round_auth, topics, wire
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
+from server_hub import admission
+from server_hub.admission import AdmissionLimits, Refusal, UploadTotals
 from server_hub.checkpoint import latest_checkpoint, load_checkpoint
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Evaluation, Hub
 from server_hub.journal import UploadJournal
+from server_hub.registry import DeviceRegistry
 from server_hub.results import RoundRecord
 from server_hub.trainer import ServerStats
 
@@ -44,6 +47,8 @@ class ServiceConfig:
     max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
     start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
     max_payload: int = 256 * 1024  # largest message we accept or send (broker's packet limit)
+    run_id: str = ""  # "" = the state dir's (generated once, kept in devices.json)
+    admission: AdmissionLimits = AdmissionLimits()
 
 
 @dataclass
@@ -57,6 +62,13 @@ class Upload:
     done: bool = False
     bytes: int = 0
     edge_accuracy: float | None = None
+    claimed: int = -1  # samples upload_done says it holds
+    totals: UploadTotals = field(default_factory=lambda: UploadTotals(set()))
+
+    @property
+    def rows(self) -> int:
+        """Distinct samples stored (what counters count, not what the device claims)."""
+        return len(self.totals.ids)
 
     @property
     def complete(self) -> bool:
@@ -78,7 +90,13 @@ class HubService:
         self.test_loader = test_loader
         self.on_round = on_round
         self.on_status = on_status or (lambda s: None)
-        self.known: dict[str, dict] = {}  # device -> its hello
+        self.registry = DeviceRegistry(cfg.state_dir, cfg.run_id)
+        self.known: dict[str, dict] = {d: self.registry.hello_meta(d)  # device -> its hello
+                                       for d in self.registry.devices}
+        self.nonce = uuid.uuid4().hex[:16]  # this hub process, in every announcement
+        self.round_key = round_auth.read_key(round_auth.load_or_create_key(cfg.state_dir))
+        self.quarantined: Counter[str] = Counter()
+        self.replies = admission.ReplyLimiter()
         self.uploads: dict[str, Upload] = {}
         self.rejected: Counter[str] = Counter()
         self.round = -1
@@ -98,6 +116,7 @@ class HubService:
     def _on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
         if not payload:  # a device clearing its retained hello
             return
+        msg = None
         try:
             device = topics.device_from_topic(topic)
             msg = wire.decode_message(payload, max_bytes=self.cfg.max_payload)
@@ -109,18 +128,43 @@ class HubService:
         except (wire.WireError, ValueError) as err:
             reason = getattr(err, "reason", "invalid")
             self.rejected[reason] += 1
-            log.warning("rejected message on %s (%s): %s", topic, reason, err)
+            if replay:
+                self.quarantined[f"replay_{reason}"] += 1
+                log.warning("quarantined a replayed message on %s (%s): %s", topic, reason, err)
+            else:
+                log.warning("rejected message on %s (%s): %s", topic, reason, err)
+                self._refuse(topic, msg.msg_id if msg else "", reason, str(err))
+        except Exception as err:  # noqa: BLE001 (a replayed message must never crash-loop)
+            if not replay:
+                raise
+            self.quarantined["replay_failed"] += 1
+            log.exception("quarantined a replayed message on %s: %s", topic, err)
+
+    def _refuse(self, topic: str, msg_id: str, reason: str, detail: str) -> None:
+        """Tell the device why (errors as data), a few times per period at most."""
+        try:
+            device = topics.device_from_topic(topic)
+        except wire.WireError:
+            return
+        if not self.replies.allow(device, time.monotonic()) or not self.link.connected:
+            return
+        self.link.publish(topics.down(device), refusal.reject_message(
+            device, self.round, refusal.device_reason(reason), detail, msg_id), wait=False)
 
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes,
                 replay: bool = False) -> None:
         size = len(msg_bytes)
         if msg.kind == "hello":
-            ncls = msg.meta.get("num_classes")
-            if ncls != self.hub.num_classes:
-                raise wire.WireError("schema", f"device {device} has {ncls} classes, "
-                                               f"the hub {self.hub.num_classes}")
+            limits = self.cfg.admission
+            admission.check_hello(msg.meta, self.hub.num_classes, self._feature_size(),
+                                  limits)
             with self._cond:
-                first = device not in self.known
+                if device not in self.registry and len(self.registry) >= limits.max_devices:
+                    if msg.meta:  # clear the retained hello it left on the broker
+                        self.link.publish(topics.up(device), b"", retain=True, wait=False)
+                    raise Refusal(refusal.TOO_MANY_DEVICES, f"the hub has "
+                                  f"{limits.max_devices} devices registered")
+                first = self.registry.hello(device, dict(msg.meta), self.round)
                 self.known[device] = dict(msg.meta)
                 self._cond.notify_all()
             if first:
@@ -136,8 +180,8 @@ class HubService:
             self._require_known(device, msg.kind, replay)
             if msg.round != self.round or self.phase != "collect":
                 if msg.round > self.round:
-                    raise wire.WireError("future_round", f"round {msg.round} not open yet "
-                                                         f"(hub is in round {self.round})")
+                    raise wire.WireError(refusal.FUTURE_ROUND, f"round {msg.round} not open "
+                                         f"yet (hub is in round {self.round})")
                 # Stale: acknowledge so the device stops resending, but use nothing.
                 self.rejected["stale_round"] += 1
                 self._ack(device, msg.msg_id)
@@ -150,9 +194,20 @@ class HubService:
 
     def _require_known(self, device: str, kind: str, replay: bool) -> None:
         if replay:  # it was accepted before the crash, so the device was known
-            self.known.setdefault(device, {})
+            self.known.setdefault(device, self.registry.hello_meta(device))
         if device not in self.known:
-            raise wire.WireError("unknown_device", f"{device} sent {kind} before hello")
+            raise wire.WireError(refusal.UNKNOWN_DEVICE, f"{device} sent {kind} before hello")
+
+    def _feature_size(self) -> int | None:
+        """The run's S: the hub's input size, else the first size the fleet uploaded."""
+        size = getattr(self.data_cfg, "size", None)
+        return size if isinstance(size, int) and size > 0 else self.registry.feature_size
+
+    def _drop_upload(self, device: str, replay: bool) -> None:
+        self.uploads.pop(device, None)
+        self.hub.bank.clear(device)
+        if not replay:
+            self.journal.drop_device(self.round, device)
 
     def _store(self, device: str, msg: wire.Message, size: int, replay: bool) -> bool:
         """Apply an upload message; False if it was a duplicate (nothing new to journal)."""
@@ -165,6 +220,7 @@ class HubService:
                     self.journal.drop_device(self.round, device)
             self.hub.bank.clear(device)
             up = self.uploads[device] = Upload(upload_id)
+        hello_samples = int(self.known.get(device, {}).get("num_samples", 0))
         if msg.kind == "features":
             if up.expected is None:
                 up.expected = msg.chunks
@@ -172,23 +228,37 @@ class HubService:
                 raise wire.WireError("schema", f"chunk count changed within upload {upload_id}")
             if msg.chunk in up.chunks:
                 return False  # a duplicate: already stored, just ack again
+            size = admission.check_features(msg, self._feature_size(), up.totals,
+                                            hello_samples, self.cfg.admission)
             b = parse_feature_chunk(msg)
             self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
                                                              b.labels))
+            self.registry.settle_feature_size(size)
+            up.totals.ids.update(b.ids.tolist())
+            up.totals.wire_bytes += admission.msg_wire_bytes(msg)
+            up.totals.feature_bytes += b.features.numel() * 4
             up.chunks.add(msg.chunk)
         elif msg.kind == "extractor":
             self.hub.receive_extractor(device, parse_extractor(msg))
             up.extractor = True
         else:
             n = int(msg.meta.get("num_chunks", -1))
+            admission.check_chunk_count(n, hello_samples)
             if up.expected is not None and n != up.expected:
                 raise wire.WireError("schema", f"upload_done says {n} chunks, chunks say "
                                                f"{up.expected}")
             up.expected = n
             up.done = True
+            up.claimed = int(msg.meta["num_samples"])
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
         up.bytes += size
+        if up.complete:
+            try:
+                admission.check_done(up.claimed, up.rows)
+            except Refusal:
+                self._drop_upload(device, replay)
+                raise
         return True
 
     def _ack(self, device: str, msg_id: str) -> None:
@@ -229,7 +299,9 @@ class HubService:
         return self._stop.wait(timeout)
 
     def _announce(self, state: str, deadline: float | None = None) -> None:
-        meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
+        meta = round_auth.sign(self.round_key, max(self.round, 0), {
+            "state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8],
+            "run": self.registry.run_id, "hub": self.nonce, "issued": time.time()})
         payload = wire.encode_message("round", "hub", max(self.round, 0), {},
                                       msg_id=f"round-{self.round}-{state}", meta=meta)
         self._announcement = payload
@@ -353,7 +425,8 @@ class HubService:
                     last_announce = time.monotonic()
                 self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
                                f"{got / 1e6:.1f} MB in")
-                decision = round_decision(len(done), set(done) >= set(self.known),
+                waited = self.registry.waited_for(rnd) & set(self.known)
+                decision = round_decision(len(done), set(done) >= waited,
                                           self.cfg.min_devices, time.time() >= deadline,
                                           extensions < self.cfg.max_extensions)
                 if decision == "extend":
@@ -407,10 +480,18 @@ class HubService:
         self._announce("train")
         self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
         stats, trained = self._train_round(rnd, devices)
+        devices = self._drop_quarantined(devices, getattr(self.hub, "quarantined", {}))
         t_train = time.perf_counter()
         per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
-        logits = {d: logits_messages(d, rnd, ids, z, per_chunk)
-                  for d, (ids, z) in self._round_logits(devices).items()}
+        logits, bad = {}, {}
+        for d, (ids, z) in self._round_logits(devices).items():
+            if not bool(z.isfinite().all()):
+                bad[d] = "nonfinite_logits"
+                continue
+            logits[d] = logits_messages(d, rnd, ids, z, per_chunk)
+        devices = self._drop_quarantined(devices, bad)
+        done = {d: done[d] for d in devices}
+        self.registry.uploaded(devices, rnd)
         self.last_logits, self.logits_round = logits, rnd
         for d, msgs in logits.items():
             for m in msgs:
@@ -432,6 +513,18 @@ class HubService:
         self.journal.drop(rnd)
         if self.leads and self.on_round:
             self.on_round(rec)
+
+
+    def _drop_quarantined(self, devices: list[str], why: dict[str, str]) -> list[str]:
+        """Leave out the devices training could not use; count, log and tell them."""
+        for d, reason in sorted(why.items()):
+            self.quarantined[reason] += 1
+            log.warning("round %d: quarantined %s's upload (%s); the round goes on without "
+                        "it", self.round, d, reason)
+            self.link.publish(topics.down(d), refusal.reject_message(
+                d, self.round, refusal.QUARANTINED, f"round {self.round}: {reason}"),
+                wait=False)
+        return [d for d in devices if d not in why]
 
 
 def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,

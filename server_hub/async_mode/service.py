@@ -43,6 +43,7 @@ class AsyncHubService(HubService):
         self.phase = "async"
         self.merged: dict[str, int] = {}  # device -> its newest merged update
         self.upload_update: dict[str, int] = {}  # device -> update of its open upload
+        self.merged_rows: dict[str, int] = {}  # device -> samples of its newest merge
         self.sent: dict[str, tuple[int, list[bytes]]] = {}  # newest logits, for re-requests
         self.bytes_merged = 0
         # counters from before a restart (empty on a first start)
@@ -96,6 +97,7 @@ class AsyncHubService(HubService):
                         up.edge_accuracy)
         old = self.merged.get(device)
         self.merged[device] = update
+        self.merged_rows[device] = up.rows  # what monitoring counts as received
         self.bytes_merged += up.bytes
         if old is not None:  # on disk we keep each device's newest complete upload only
             self.journal.drop_device(old, device)

@@ -76,11 +76,10 @@ class FleetObserver:
             if msg.kind != "hello":
                 view.bytes_up += size
                 view.last_round = max(view.last_round, msg.round)
-            upload = msg.meta.get("upload_id") if msg.kind == "upload_done" else None
-            if isinstance(upload, str) and upload != view.last_upload:
-                view.last_upload = upload
-                n = msg.meta.get("num_samples")
-                self.samples_received += n if isinstance(n, int) else 0
+            up = getattr(service, "uploads", {}).get(device)
+            if up is not None and up.complete and up.upload_id != view.last_upload:
+                view.last_upload = up.upload_id  # counts what was stored, not claimed
+                self.samples_received += up.rows
             if msg.kind in ("hello", "upload_done"):
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
@@ -88,6 +87,7 @@ class FleetObserver:
             merged = getattr(service, "merged", {}).get(device)  # async: any kind completes
             if merged is not None and merged != view.update:
                 view.update, view.updated = merged, now
+                self.samples_received += service.merged_rows.get(device, 0)
 
     def on_round(self, rec: RoundRecord) -> None:
         with self._lock:
