@@ -84,11 +84,11 @@ def check_features(msg: wire.Message, feature_size: int | None, totals: UploadTo
     the feature size it establishes (``feature_size`` or the chunk's own)."""
     feats = msg.tensors["features"]
     _, channels, size, _ = feats.shape
-    check_chunk_count(msg.chunks, hello_samples)
     if channels != FEATURE_CHANNELS or (feature_size is not None and size != feature_size):
         want = feature_size if feature_size is not None else size
         raise Refusal(refusal.FEATURE_SHAPE, f"features {list(feats.shape[1:])}; the run's are "
                                              f"[{FEATURE_CHANNELS}, {want}, {want}]")
+    check_chunk_count(msg.chunks, hello_samples)
     peak = float(np.abs(feats).max()) if feats.size else 0.0
     logit_peak = float(np.abs(msg.tensors["logits"]).max())
     if not (peak <= limits.max_feature_abs and logit_peak <= limits.max_feature_abs):
@@ -97,7 +97,7 @@ def check_features(msg: wire.Message, feature_size: int | None, totals: UploadTo
                                          f"{limits.max_feature_abs:g}")
     new = set(msg.tensors["ids"].tolist()) - totals.ids
     if len(totals.ids) + len(new) > hello_samples:
-        raise Refusal(refusal.TOO_MANY_SAMPLES,
+        raise Refusal(refusal.COUNT_MISMATCH,
                       f"upload would hold {len(totals.ids) + len(new)} samples; the device "
                       f"said hello with {hello_samples}")
     decoded = totals.feature_bytes + feats.size * 4
@@ -121,19 +121,20 @@ def check_done(claimed: int, stored: int) -> None:
 
 
 class ReplyLimiter:
-    """At most ``burst`` refusal replies per device per ``period`` seconds (a device that
-    floods bad messages is counted, not answered each time)."""
+    """At most ``burst`` refusal replies per device and reason per ``period`` seconds (a
+    device that floods bad messages is counted, not answered each time)."""
 
     def __init__(self, burst: int = 5, period: float = 10.0) -> None:
         self.burst, self.period = burst, period
         self._sent: dict[str, list[float]] = {}
 
-    def allow(self, device: str, now: float) -> bool:
-        times = [t for t in self._sent.get(device, []) if now - t < self.period]
+    def allow(self, device: str, reason: str, now: float) -> bool:
+        key = f"{device}/{reason}"
+        times = [t for t in self._sent.get(key, []) if now - t < self.period]
         ok = len(times) < self.burst
         if ok:
             times.append(now)
-        self._sent[device] = times
+        self._sent[key] = times
         if len(self._sent) > 4 * 10_000:  # phantom ids: forget the quiet ones
             self._sent = {d: ts for d, ts in self._sent.items()
                           if ts and now - ts[-1] < self.period}

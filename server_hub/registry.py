@@ -1,4 +1,4 @@
-"""The hub's device registry, kept in its state dir (``devices.json``).
+"""The hub's device registry, kept in its state dir (``registry.json``).
 
 Retained hellos on the broker are a convenience, not the record: anyone who may publish on
 a device's up topic can clear them (an empty retained message), and a broker killed before
@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 
 WAIT_ROUNDS = 2
-FILE = "devices.json"
+FILE = "registry.json"
 
 
 class DeviceRegistry:

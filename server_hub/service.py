@@ -47,7 +47,7 @@ class ServiceConfig:
     max_extensions: int = 3  # deadline extensions while fewer than min_devices uploaded
     start_timeout: float = 600.0  # seconds to wait for the first min_devices devices
     max_payload: int = 256 * 1024  # largest message we accept or send (broker's packet limit)
-    run_id: str = ""  # "" = the state dir's (generated once, kept in devices.json)
+    run_id: str = ""  # "" = the state dir's (generated once, kept in registry.json)
     admission: AdmissionLimits = AdmissionLimits()
 
 
@@ -96,6 +96,7 @@ class HubService:
         self.nonce = uuid.uuid4().hex[:16]  # this hub process, in every announcement
         self.round_key = round_auth.read_key(round_auth.load_or_create_key(cfg.state_dir))
         self.quarantined: Counter[str] = Counter()
+        self.dropped: set[str] = set()  # devices whose upload this round was dropped
         self.replies = admission.ReplyLimiter()
         self.uploads: dict[str, Upload] = {}
         self.rejected: Counter[str] = Counter()
@@ -130,6 +131,7 @@ class HubService:
             self.rejected[reason] += 1
             if replay:
                 self.quarantined[f"replay_{reason}"] += 1
+                self.dropped.add(topic.split("/")[-2])
                 log.warning("quarantined a replayed message on %s (%s): %s", topic, reason, err)
             else:
                 log.warning("rejected message on %s (%s): %s", topic, reason, err)
@@ -138,6 +140,7 @@ class HubService:
             if not replay:
                 raise
             self.quarantined["replay_failed"] += 1
+            self.dropped.add(topic.split("/")[-2])
             log.exception("quarantined a replayed message on %s: %s", topic, err)
 
     def _refuse(self, topic: str, msg_id: str, reason: str, detail: str) -> None:
@@ -146,7 +149,7 @@ class HubService:
             device = topics.device_from_topic(topic)
         except wire.WireError:
             return
-        if not self.replies.allow(device, time.monotonic()) or not self.link.connected:
+        if not self.replies.allow(device, reason, time.monotonic()) or not self.link.connected:
             return
         self.link.publish(topics.down(device), refusal.reject_message(
             device, self.round, refusal.device_reason(reason), detail, msg_id), wait=False)
@@ -193,7 +196,7 @@ class HubService:
             self._ack(device, msg.msg_id)
 
     def _require_known(self, device: str, kind: str, replay: bool) -> None:
-        if replay:  # it was accepted before the crash, so the device was known
+        if replay and device in self.registry:  # it was known when its message was accepted
             self.known.setdefault(device, self.registry.hello_meta(device))
         if device not in self.known:
             raise wire.WireError(refusal.UNKNOWN_DEVICE, f"{device} sent {kind} before hello")
@@ -204,6 +207,8 @@ class HubService:
         return size if isinstance(size, int) and size > 0 else self.registry.feature_size
 
     def _drop_upload(self, device: str, replay: bool) -> None:
+        """Drop the device's upload for this round; the round no longer waits for it."""
+        self.dropped.add(device)
         self.uploads.pop(device, None)
         self.hub.bank.clear(device)
         if not replay:
@@ -385,7 +390,7 @@ class HubService:
         """Hook: start taking round ``rnd``'s uploads."""
         with self._cond:
             self.round, self.phase = rnd, "collect"
-            self.uploads = {}
+            self.uploads, self.dropped = {}, set()
             self.hub.start_round()
         self._replay(rnd)
 
@@ -425,7 +430,7 @@ class HubService:
                     last_announce = time.monotonic()
                 self.on_status(f"round {rnd}: {len(done)}/{len(self.known)} devices uploaded, "
                                f"{got / 1e6:.1f} MB in")
-                waited = self.registry.waited_for(rnd) & set(self.known)
+                waited = (self.registry.waited_for(rnd) & set(self.known)) - self.dropped
                 decision = round_decision(len(done), set(done) >= waited,
                                           self.cfg.min_devices, time.time() >= deadline,
                                           extensions < self.cfg.max_extensions)
@@ -440,8 +445,8 @@ class HubService:
                     log.warning("round %d: going on with %d devices (< min %d)", rnd,
                                 len(done), self.cfg.min_devices)
                 elif decision == "go" and set(done) < set(self.known):
-                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
-                                len(done), len(self.known))
+                    log.warning("round %d: going on with %d of %d devices (%d waited for)",
+                                rnd, len(done), len(self.known), len(waited))
             decision = self._agree(decision)
             if decision == "go":
                 break

@@ -27,7 +27,7 @@ from test_mqtt_federation import make_agent, make_hub, prepare_test, run_threads
 from edge_runtime.learning.data import DataConfig, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 from server_hub.monitoring.endpoints import start_monitoring
 from server_hub.simulation.inproc import FederationConfig, prepare
 

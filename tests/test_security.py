@@ -11,7 +11,7 @@ import time
 import pytest
 from polling import wait_for
 
-from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.device import cli as edge_cli
 from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
 from edge_runtime.ops.service_unit import UnitConfig, render_unit
 from edge_runtime.protocol import topics
@@ -28,7 +28,7 @@ from server_hub.broker.enrol import (
 )
 from server_hub.broker.mosquitto import free_port
 from server_hub.broker.tls import certificate_names, ensure_tls
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 
 pytestmark = pytest.mark.mqtt
 

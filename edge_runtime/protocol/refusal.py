@@ -16,7 +16,7 @@ from edge_runtime.protocol import wire
 
 # fatal: the device runs another run's settings or holds more than the hub takes
 WRONG_RUN = "wrong_run"  # classes or input size differ from the run's
-TOO_MANY_SAMPLES = "too_many_samples"  # more samples than the hello said / the hub takes
+TOO_MANY_SAMPLES = "too_many_samples"  # the hello claims more samples than the hub takes
 PROTOCOL = "protocol"  # the hub cannot parse what the device sends (another version)
 # not fatal: the next round, a new hello or the hub catching up can fix them
 UNKNOWN_DEVICE = "unknown_device"  # say hello again (the hub lost it)
@@ -25,7 +25,7 @@ FEATURE_SHAPE = "feature_shape"
 MAGNITUDE = "magnitude"
 EXPANSION = "expansion"
 TOO_MANY_CHUNKS = "too_many_chunks"
-COUNT_MISMATCH = "count_mismatch"
+COUNT_MISMATCH = "count_mismatch"  # more samples than the hello said, or upload_done disagrees
 TOO_MANY_DEVICES = "too_many_devices"
 QUARANTINED = "quarantined"  # training on the upload failed; it was dropped for the round
 SPOOFED = "spoofed"

@@ -78,6 +78,9 @@ class BrokerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     sys_interval: int = 2  # seconds between $SYS counter updates
+    # with logins: a client's id is its user name, so nobody can connect under another's id
+    # (the broker would drop the victim's connection and hand over its session)
+    use_username_as_clientid: bool = False
 
     @property
     def url(self) -> str:
@@ -125,6 +128,8 @@ def render_config(cfg: BrokerConfig) -> str:
         lines.append(f"password_file {cfg.password_file}")
     if cfg.acl_file:
         lines.append(f"acl_file {cfg.acl_file}")
+    if cfg.use_username_as_clientid:
+        lines.append("use_username_as_clientid true")
     lines.append(f"listener {cfg.port} {'127.0.0.1' if tls else cfg.host}")
     if tls:
         lines += [f"listener {cfg.tls_port} {cfg.host}", f"cafile {cfg.cafile}",

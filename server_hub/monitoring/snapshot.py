@@ -154,7 +154,9 @@ class FleetObserver:
             "devices_known": len(devices),
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": link.bytes_received, "bytes_sent": link.bytes_sent,
-            "rejected": dict(service.rejected), "devices": devices, "history": history,
+            "rejected": dict(service.rejected),
+            "quarantined": dict(getattr(service, "quarantined", {})), "devices": devices,
+            "history": history,
         }
 
 

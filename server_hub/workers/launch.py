@@ -126,10 +126,10 @@ def run_worker(args: argparse.Namespace, cfg: FederationConfig, url: str,
 
 
 def _spawned(index: int, args: argparse.Namespace, cfg: FederationConfig, url: str,
-             login: tuple, init_method: str, world: int) -> None:
+             logins: list[tuple], init_method: str, world: int) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{index} %(name)s: %(message)s")
-    sys.exit(run_worker(args, cfg, url, login, init_method, index, world))
+    sys.exit(run_worker(args, cfg, url, logins[index], init_method, index, world))
 
 
 def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
@@ -146,12 +146,18 @@ def serve_workers(args: argparse.Namespace, cfg: FederationConfig) -> int:
     except BrokerSetupError as err:
         log.error("%s", err)
         return err.exit_code
-    login = (access.username, access.password)
+    logins = [(access.username, access.password)] * args.workers
+    if broker is not None and access.username:  # client id = user name: one user each
+        from server_hub.broker.enrol import ensure_hub_users
+
+        names = [f"{access.username}-{r}" for r in range(args.workers)]
+        ensure_hub_users(state, [u for n in names for u in (n, f"{n}-scan")])
+        logins = [(n, access.password) for n in names]
     init_method = f"tcp://127.0.0.1:{free_port()}"
     forwarded: list[int] = []
     try:
         ctx = mp.start_processes(_spawned, nprocs=args.workers, join=False,
-                                 args=(args, cfg, url, login, init_method, args.workers))
+                                 args=(args, cfg, url, logins, init_method, args.workers))
 
         def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
             forwarded.append(sig)

@@ -153,7 +153,10 @@ class WorkerService(HubService):
         said hello before the hub started would go unseen: read the retained hellos once
         with a plain subscription on a short-lived connection."""
         c = self.link.cfg
-        scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", c.username, c.password,
+        # a managed broker with logins takes user names as client ids: a worker's user
+        # gkt-hub-K has a sibling gkt-hub-K-scan for this connection (broker/enrol.py)
+        user = f"{c.username}-scan" if (c.username or "").startswith("gkt-hub-") else c.username
+        scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", user, c.password,
                                    c.ca_file, c.cert_file, c.key_file, session_expiry=0,
                                    max_packet_size=c.max_packet_size))
 
