@@ -445,8 +445,9 @@ class HubService:
                     log.warning("round %d: going on with %d devices (< min %d)", rnd,
                                 len(done), self.cfg.min_devices)
                 elif decision == "go" and set(done) < set(self.known):
-                    log.warning("round %d: going on with %d of %d devices (%d waited for)",
-                                rnd, len(done), len(self.known), len(waited))
+                    log.warning("round %d%s: going on with %d of %d devices", rnd,
+                                " deadline" if time.time() >= deadline else "", len(done),
+                                len(self.known))
             decision = self._agree(decision)
             if decision == "go":
                 break
