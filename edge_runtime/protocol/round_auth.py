@@ -5,10 +5,10 @@ nonce (``hub``), the hub's clock when it was issued (``issued``) and, when the h
 run key, an HMAC-SHA256 over all of them (``sig``). A device given the same key (a file the
 hub writes into its state dir; ``gkt-hub simulate`` hands it to its devices) follows only
 announcements that verify, so on an unauthenticated loopback broker a stray local client
-can neither end the run (``stop``) nor open a fake round. Without a key the device still
-ignores announcements of another run and ones older than what it follows (a replayed
-retained message), but a client that copies ``run``/``hub`` from the retained topic can
-forge one: with logins the broker ACL is what keeps everyone but the hub off that topic.
+can neither end the run (``stop``) nor open a fake round, nor replay an older one. Without
+a key the device still ignores announcements of another run, but a client that copies
+``run`` from the retained topic can forge one: with logins the broker ACL is what keeps
+everyone but the hub off that topic.
 """
 
 from __future__ import annotations
@@ -61,19 +61,23 @@ class RoundGuard:
         self.issued = float("-inf")
 
     def why_not(self, round_: int, meta: dict) -> str | None:
-        """None to follow the announcement, else why it is ignored (and it is not adopted)."""
+        """None to follow the announcement, else why it is ignored (and it is not adopted).
+        Signed: it must verify and be no older than the last one followed (a replayed
+        retained message). Unsigned: it must name the run the device follows (the first it
+        saw); ordering by ``issued`` would let a forger who sets it far ahead lock the
+        device out, so it is not used."""
+        run = meta.get("run")
         if self.key is not None:
-            sig = meta.get("sig")
+            sig, issued = meta.get("sig"), meta.get("issued")
             if not isinstance(sig, str) or not hmac.compare_digest(
                     sig, _digest(self.key, round_, meta)):
                 return "not signed with the run key"
-        run, issued = meta.get("run"), meta.get("issued")
-        if self.run is not None and run != self.run and self.key is None:
+            if isinstance(issued, (int, float)) and not isinstance(issued, bool):
+                if issued < self.issued:
+                    return "older than the announcement already followed (a replay)"
+                self.issued = float(issued)
+        elif self.run is not None and run != self.run:
             return f"announces run {str(run)[:40]!r}; this device follows {self.run!r}"
-        if isinstance(issued, (int, float)) and not isinstance(issued, bool):
-            if issued < self.issued:
-                return "older than the announcement already followed (a replay)"
-            self.issued = float(issued)
         if isinstance(run, str):
             self.run = run
         return None
