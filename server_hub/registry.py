@@ -82,7 +82,7 @@ class DeviceRegistry:
         return out
 
     def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_name(f".{FILE}.{os.getpid()}.tmp")  # workers share the dir
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps({"run_id": self.run_id, "feature_size": self.feature_size,
                                    "devices": self.devices}, indent=1))

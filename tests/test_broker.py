@@ -22,7 +22,7 @@ from server_hub.broker.mosquitto import (
     free_port,
     render_config,
 )
-from server_hub.broker.mosquitto import mosquitto as broker_mod
+from server_hub.broker import mosquitto as broker_mod
 
 
 def lines(cfg: BrokerConfig) -> list[str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from test_mqtt_federation import make_hub, run_threads
 
-from edge_runtime.device.edge_device import cli as edge_cli
+from edge_runtime.device import cli as edge_cli
 from edge_runtime.protocol import wire
 from server_hub.cli.main import main as hub_cli
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import os
 import secrets
 from pathlib import Path
 
@@ -34,14 +35,21 @@ def sign(key: bytes, round_: int, meta: dict) -> dict:
 
 
 def load_or_create_key(state_dir: str | Path) -> Path:
-    """The run key file in ``state_dir`` (created, mode 0600, on first use)."""
+    """The run key file in ``state_dir`` (created, mode 0600, on first use). Hub workers
+    start together on one state dir: the first link() wins, the others read its key."""
     path = Path(state_dir) / KEY_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(secrets.token_hex(32) + "\n")
-        tmp.chmod(0o600)
-        tmp.replace(path)
+        tmp = path.with_name(f".{KEY_FILE}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32) + "\n")
+        try:
+            os.link(tmp, path)  # atomic, and never replaces a key someone already uses
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
     return path
 
 
