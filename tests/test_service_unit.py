@@ -23,7 +23,7 @@ from test_mqtt_federation import make_hub, run_threads
 
 from edge_runtime.device import cli as edge_cli
 from edge_runtime.protocol import wire
-from server_hub.cli.main import main as hub_cli
+from server_hub.cli import main as hub_cli
 
 
 def unit_for(config: Path, capsys, *extra: str) -> str:
