@@ -223,3 +223,49 @@ def test_a_resumed_hub_repeats_the_uninterrupted_run(tmp_path, one_thread):
     assert resumed_accs == accs
     for k, v in straight.model.state_dict().items():
         assert torch.equal(second.model.state_dict()[k], v), k
+
+
+def test_a_hub_stopped_mid_round_and_restarted_repeats_the_uninterrupted_run(
+        broker, client, tmp_path, one_thread):
+    """Through the broker: 3 rounds straight vs. a hub stopped in round 1 after it acked
+    part of the upload and restarted on its state dir (checkpoint + journal). The
+    per-round accuracies are the same."""
+    from edge_runtime.learning.models import FeatureExtractor
+
+    torch.manual_seed(5)
+    ext = FeatureExtractor().state_dict()
+
+    def messages(rnd: int) -> list[bytes]:
+        from edge_runtime.protocol.messages import extractor_message
+
+        msgs = upload(ALICE, rnd, f"a{rnd}")
+        return [*msgs[:3], extractor_message(ALICE, rnd, f"a{rnd}:extractor", ext), msgs[4]]
+
+    def send(run: Run, rnd: int, parts: list[bytes]) -> None:
+        assert wait_for(lambda: run.collecting(rnd), 60)
+        for m in parts:
+            client(topics.up(ALICE), m)
+
+    client(topics.up(ALICE), hello(ALICE), retain=True)
+    straight = Run(broker, tmp_path / "a", rounds=3)
+    for rnd in range(3):
+        send(straight, rnd, messages(rnd))
+    straight.thread.join(120)
+    straight.close()
+    first = Run(broker, tmp_path / "b", rounds=3)
+    send(first, 0, messages(0))
+    send(first, 1, messages(1)[:2])
+    assert wait_for(lambda: first.service.uploads[ALICE].chunks == {0, 1}, 10)
+    first.close()  # round 0 checkpointed, round 1 half acked and journaled
+    again = Run(broker, tmp_path / "b", rounds=3)
+    try:
+        send(again, 1, messages(1)[2:])
+        send(again, 2, messages(2))
+        again.thread.join(120)
+        accs = [r.test_accuracy for r in first.records + again.records]
+        assert [r.round for r in first.records + again.records] == [0, 1, 2]
+        assert accs == [r.test_accuracy for r in straight.records]
+        for k, v in straight.service.hub.model.state_dict().items():
+            assert torch.equal(again.service.hub.model.state_dict()[k], v), k
+    finally:
+        again.close()
