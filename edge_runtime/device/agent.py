@@ -96,6 +96,7 @@ class EdgeAgent:
         self.refused: str | None = None  # a fatal reason the hub gave, if it did
         self.guard = RoundGuard(cfg.round_key)
         self._ignored = 0  # announcements ignored (logged the first times)
+        self._quarantined = -1  # the last round whose upload the hub could not use
         link.on_auth_refused = self._on_auth_refused
 
     # -- network thread ------------------------------------------------------------------
@@ -159,6 +160,8 @@ class EdgeAgent:
             self._hello(wait=False)
         elif reason == refusal.FUTURE_ROUND and self._sender is not None:
             self._sender.cancel()  # we follow a round the hub never opened: wait for it
+        elif reason == refusal.QUARANTINED:
+            self._quarantined = msg.round  # no logits will come for that round
 
     def _reject(self, topic: str, why: str) -> None:
         self.rejected += 1
@@ -325,6 +328,10 @@ class EdgeAgent:
             except queue.Empty:
                 ann = self._announcement or {}
                 moved_on = self.cfg.mode == "sync" and int(ann.get("round", rnd)) > rnd
+                if self._quarantined == rnd:
+                    log.warning("%s: the hub dropped our round %d upload; not waiting for its "
+                                "logits", dev.device_id, rnd)
+                    return False
                 if ann.get("state") == "stop" or moved_on:
                     log.warning("%s: hub moved past round %d before our logits arrived",
                                 dev.device_id, rnd)
