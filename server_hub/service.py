@@ -252,9 +252,13 @@ class HubService:
             if up.expected is not None and n != up.expected:
                 raise wire.WireError("schema", f"upload_done says {n} chunks, chunks say "
                                                f"{up.expected}")
+            up.claimed = int(msg.meta["num_samples"])
+            if up.claimed > hello_samples:
+                self._drop_upload(device, replay)
+                raise Refusal(refusal.COUNT_MISMATCH, f"upload_done claims {up.claimed} "
+                                                      f"samples; the hello said {hello_samples}")
             up.expected = n
             up.done = True
-            up.claimed = int(msg.meta["num_samples"])
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
         up.bytes += size

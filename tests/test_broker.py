@@ -14,6 +14,7 @@ import pytest
 from polling import wait_for
 
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
+from server_hub.broker import mosquitto as broker_mod
 from server_hub.broker.mosquitto import (
     BrokerConfig,
     BrokerError,
@@ -22,7 +23,6 @@ from server_hub.broker.mosquitto import (
     free_port,
     render_config,
 )
-from server_hub.broker import mosquitto as broker_mod
 
 
 def lines(cfg: BrokerConfig) -> list[str]:

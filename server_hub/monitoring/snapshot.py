@@ -76,10 +76,7 @@ class FleetObserver:
             if msg.kind != "hello":
                 view.bytes_up += size
                 view.last_round = max(view.last_round, msg.round)
-            up = getattr(service, "uploads", {}).get(device)
-            if up is not None and up.complete and up.upload_id != view.last_upload:
-                view.last_upload = up.upload_id  # counts what was stored, not claimed
-                self.samples_received += up.rows
+            self._count_samples(service, device, msg, view)
             if msg.kind in ("hello", "upload_done"):
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
@@ -88,6 +85,14 @@ class FleetObserver:
             if merged is not None and merged != view.update:
                 view.update, view.updated = merged, now
                 self.samples_received += service.merged_rows.get(device, 0)
+
+    def _count_samples(self, service, device: str, msg: wire.Message, view: DeviceView) -> None:
+        """Count an upload's samples once, when it is complete: the distinct samples
+        stored, never what its upload_done claims."""
+        up = getattr(service, "uploads", {}).get(device)
+        if up is not None and up.complete and up.upload_id != view.last_upload:
+            view.last_upload = up.upload_id
+            self.samples_received += up.rows
 
     def on_round(self, rec: RoundRecord) -> None:
         with self._lock:

@@ -16,6 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
+from edge_runtime.protocol import wire
 from server_hub.monitoring.snapshot import DeviceView, FleetObserver
 
 ACTIVE = ("uploaded", "uploading", "training", "waiting")  # FleetObserver's sync states
@@ -48,6 +49,16 @@ class WorkerFleet(FleetObserver):
         self.peers: list[WorkerCounts] = []  # the other workers' latest (rank 0)
         self.uploads_done: frozenset[str] = frozenset()  # complete on all workers together
         self.uploading: frozenset[str] = frozenset()  # with upload messages on any worker
+
+    def _count_samples(self, service, device: str, msg: wire.Message, view: DeviceView) -> None:
+        """A worker holds only part of each upload, so it counts upload_done's claim, which
+        the intake caps at the device's hello (itself capped by AdmissionLimits)."""
+        upload = msg.meta.get("upload_id") if msg.kind == "upload_done" else None
+        if isinstance(upload, str) and upload != view.last_upload:
+            view.last_upload = upload
+            n, cap = msg.meta.get("num_samples"), service.known.get(device, {}).get(
+                "num_samples", 0)
+            self.samples_received += min(n, cap) if isinstance(n, int) else 0
 
     def counts(self, service) -> WorkerCounts:
         with self._lock:
