@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-file", metavar="PATH",
                      help="CA certificate of an mqtts:// broker (default: the system's CAs)")
     run.add_argument("--device-id", required=True)
+    run.add_argument("--round-key-file", metavar="PATH",
+                     help="the hub's run key (round.key in its state dir): follow only round "
+                          "announcements signed with it (a loopback broker without logins)")
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
     run.add_argument("--codec", default="q8", help="feature codec: fp32 | fp16 | q8 | q4")
@@ -129,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         if not args.no_local_eval:
             test_loader = make_loader(load_split(plain, False).dataset, 256, shuffle=False)
         from edge_runtime.device.throttle import DeviceSpeed, parse_bandwidth
+        from edge_runtime.protocol.round_auth import read_key
 
         cfg = AgentConfig(args.device_id, codec=args.codec,
                           state_dir=args.state_dir or f"gkt-edge-state/{args.device_id}",
                           max_payload=args.max_payload, mode=args.mode,
-                          speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)))
+                          speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)),
+                          round_key=read_key(args.round_key_file) if args.round_key_file
+                          else None)
         from edge_runtime.protocol.codecs import get_codec
 
         get_codec(cfg.codec)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from edge_runtime.device.throttle import DeviceSpeed
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from edge_runtime.protocol.round_auth import load_or_create_key
 from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
 from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.simulation.inproc import RUNNERS, FederationConfig, prepare
@@ -59,8 +60,10 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
                    state_dir: Path, max_payload: int, mode: str = "sync",
-                   speed: DeviceSpeed | None = None) -> list[str]:
-    """The `gkt-edge run` command line of one simulated device."""
+                   speed: DeviceSpeed | None = None,
+                   key_file: Path | None = None) -> list[str]:
+    """The `gkt-edge run` command line of one simulated device; ``key_file``: the hub's
+    run key, so the device follows only the hub's round announcements."""
     d = cfg.data
     speed = speed or DeviceSpeed()
     return [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", url,
@@ -76,7 +79,8 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             # every process spin and a 0.2 s epoch takes 20 s.
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
             "--mode", mode, "--speed-factor", str(speed.compute),
-            "--bandwidth", str(speed.bandwidth)]
+            "--bandwidth", str(speed.bandwidth),
+            *(["--round-key-file", str(key_file)] if key_file else [])]
 
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
@@ -107,6 +111,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
                            supervise=True)
     broker.start()
     names = [f"dev{i}" for i in range(cfg.devices)]
+    key_file = load_or_create_key(work)  # the hub signs its rounds with it
     print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
           f"codec {codec}) on {cfg.data.dataset} "
           f"({cfg.data.size}x{cfg.data.size}), {cfg.devices} device processes, partition "
@@ -115,7 +120,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     for i, name in enumerate(names):
         logf = open(work / "logs" / f"{name}.log", "wb")
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
-                             max_payload, opts.mode, fleet[i])
+                             max_payload, opts.mode, fleet[i], key_file)
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}
