@@ -94,7 +94,8 @@ class IntakeControls:
         return self.intake.stopped.wait(timeout)
 
     def add_observer(self, observer) -> None:
-        """``observer.on_accepted(device, msg, size, merged)`` after each accepted message."""
+        """``observer.on_accepted(device, msg, size, merged, completed)`` after each accepted
+        message."""
         self.intake.observers.append(observer)
 
 
@@ -133,7 +134,7 @@ class UploadIntake:
         self.cond = threading.Condition()
         self.stopped = threading.Event()
         self.listening = threading.Event()  # set once uploads are subscribed to
-        self.observers: list = []  # on_accepted(device, msg, size, merged)
+        self.observers: list = []  # on_accepted(device, msg, size, merged, completed)
         # How upload messages are taken: the round rule here, async mode its own.
         self.accept: Callable[[str, wire.Message, bytes, bool], None] = self.accept_round_upload
         self.on_hello: Callable[[str, wire.Message], None] | None = None
