@@ -5,6 +5,8 @@ Layout under ``<state_dir>/checkpoints/``::
     round-0007/server.safetensors      server model
     round-0007/extractors.safetensors  "<device>/<param>" -> each device's extractor
     round-0007/optimizer.pt            hub optimizer (written and read only by the hub)
+    round-0007/rng.safetensors         shuffle generator and torch RNG states (a resumed
+                                       run repeats the uninterrupted one)
     round-0007/meta.json               round, dataset, classes, input size, normalization, ...
     LATEST                             name of the newest complete round folder
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ class Checkpoint:
     meta: dict
     server: dict[str, torch.Tensor]
     extractors: dict[str, dict[str, torch.Tensor]]
+    rng: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def round(self) -> int:
@@ -41,6 +44,7 @@ def save_checkpoint(
     extractors: dict[str, dict[str, torch.Tensor]],
     optimizer: dict | None = None,
     keep: int = 3,
+    rng: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write atomically (temp folder, then rename, then LATEST) and keep the newest ``keep``."""
     root = Path(state_dir) / "checkpoints"
@@ -55,6 +59,8 @@ def save_checkpoint(
     save_file(flat, str(tmp / "extractors.safetensors"))
     if optimizer is not None:
         torch.save(optimizer, tmp / "optimizer.pt")
+    if rng:
+        save_file({k: v.contiguous() for k, v in rng.items()}, str(tmp / "rng.safetensors"))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     final = root / name
     shutil.rmtree(final, ignore_errors=True)
@@ -87,7 +93,8 @@ def load_checkpoint(path: Path) -> Checkpoint:
     for key, value in load_file(str(path / "extractors.safetensors")).items():
         device, _, name = key.partition("/")
         extractors.setdefault(device, {})[name] = value
-    return Checkpoint(path, meta, load_file(str(path / "server.safetensors")), extractors)
+    rng = load_file(str(path / "rng.safetensors")) if (path / "rng.safetensors").exists() else {}
+    return Checkpoint(path, meta, load_file(str(path / "server.safetensors")), extractors, rng)
 
 
 def load_optimizer_state(path: Path) -> dict | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +22,17 @@ from server_hub.feature_bank import DeviceFeatures, FeatureBank
 from server_hub.models import build_server
 from server_hub.run.evaluation import accuracy_of, split_confusion
 from server_hub.trainer import (
+    NonFiniteTraining,
     ServerStats,
     ServerTrainConfig,
     extractor_from_state,
     pick_device,
+    probe_finite,
     server_logits,
     train_server,
 )
+
+log = logging.getLogger("gkt.hub")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class Hub:
         self.generator = torch.Generator().manual_seed(seed)
         self.bank = FeatureBank(feature_dir)
         self.extractors: dict[str, dict[str, torch.Tensor]] = {}
+        self.quarantined: dict[str, str] = {}  # device -> why, from the last train()
 
     def receive_features(self, device: str, chunk: DeviceFeatures) -> None:
         if chunk.logits.shape[1:] != (self.num_classes,):
@@ -79,8 +85,56 @@ class Hub:
         self.bank.clear()
 
     def train(self, devices: list[str]) -> ServerStats:
-        return train_server(self.model, self.optimizer, self.bank, devices, self.cfg,
-                            self.generator)
+        """Train on ``devices``. If a step goes non-finite, the model, optimizer and shuffle
+        generator are put back as they were, the devices whose features alone give
+        non-finite outputs are dropped (``self.quarantined``) and the round is trained
+        again without them; if no single device is to blame, the round trains on none."""
+        self.quarantined = {}
+        before = self._snapshot()
+        try:
+            return train_server(self.model, self.optimizer, self.bank, devices, self.cfg,
+                                self.generator)
+        except NonFiniteTraining as err:
+            self._put_back(before)
+            log.warning("training went non-finite (%s); model put back, probing %d devices",
+                        err, len(devices))
+        bad = [d for d in devices if not probe_finite(self.model, self.bank.get(d).features,
+                                                      self.bank.get(d).labels)]
+        self._put_back(before)
+        self.quarantined = {d: "nonfinite_training" for d in (bad or devices)}
+        keep = [d for d in devices if d not in self.quarantined]
+        try:
+            return train_server(self.model, self.optimizer, self.bank, keep, self.cfg,
+                                self.generator) if keep else ServerStats(float("nan"), 0.0, 0, 0)
+        except NonFiniteTraining:
+            self._put_back(before)
+            self.quarantined = {d: "nonfinite_training" for d in devices}
+            return ServerStats(float("nan"), 0.0, 0, 0)
+
+    def _snapshot(self) -> tuple:
+        return (copy.deepcopy(self.model.state_dict()),
+                copy.deepcopy(self.optimizer.state_dict()), self.generator.get_state())
+
+    def _put_back(self, snap: tuple) -> None:
+        model, opt, gen = snap
+        self.model.load_state_dict(model)
+        self.optimizer.load_state_dict(opt)
+        self.generator.set_state(gen)
+
+    def rng_state(self) -> dict[str, torch.Tensor]:
+        """The random states a resumed run needs to repeat this one (shuffle order, torch)."""
+        state = {"generator": self.generator.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def set_rng_state(self, state: dict[str, torch.Tensor]) -> None:
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        if "torch" in state:
+            torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
     def logits_for(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, z_s) for every sample the device sent, computed in eval mode."""
@@ -102,7 +156,7 @@ class Hub:
 
     def save(self, state_dir: Path, meta: dict) -> Path:
         return save_checkpoint(state_dir, meta, self.model.state_dict(), self.extractors,
-                               self.optimizer.state_dict())
+                               self.optimizer.state_dict(), rng=self.rng_state())
 
     def restore(self, ckpt: Checkpoint) -> None:
         self.model.load_state_dict(ckpt.server)
@@ -110,6 +164,7 @@ class Hub:
         opt = load_optimizer_state(ckpt.path)
         if opt is not None:
             self.optimizer.load_state_dict(opt)
+        self.set_rng_state(ckpt.rng)
 
     def resume(self, state_dir: Path) -> int:
         """Restore the newest checkpoint under ``state_dir``; the round to start at."""

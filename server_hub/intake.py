@@ -19,13 +19,16 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
-from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol import refusal, topics, wire
 from edge_runtime.protocol.limits import max_packet_size, rows_per_message
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
 from edge_runtime.protocol.run_spec import RunSpec
+from server_hub import admission
+from server_hub.admission import AdmissionLimits, Refusal, UploadTotals
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.journal import UploadJournal
+from server_hub.registry import DeviceRegistry
 
 log = logging.getLogger("gkt.hub")
 UPLOAD_KINDS = ("features", "extractor", "upload_done")
@@ -43,6 +46,13 @@ class Upload:
     done: bool = False
     bytes: int = 0
     edge_accuracy: float | None = None
+    claimed: int = -1  # samples upload_done says it holds
+    totals: UploadTotals = field(default_factory=lambda: UploadTotals(set()))
+
+    @property
+    def rows(self) -> int:
+        """Distinct samples stored (what counters count, not what the device claims)."""
+        return len(self.totals.ids)
 
     @property
     def complete(self) -> bool:
@@ -69,6 +79,8 @@ class HubStatus:
     slots: dict | None = None  # async: AsyncHub.summary()
     class_report: dict | None = None  # the last evaluation's (server_hub/run/evaluation.py)
     run_id: str | None = None  # the announced run spec's
+    quarantined: dict[str, int] = field(default_factory=dict)  # uploads left out, by reason
+    rows: dict[str, int] = field(default_factory=dict)  # device -> distinct samples stored
 
 
 class IntakeControls:
@@ -86,7 +98,8 @@ class IntakeControls:
         return self.intake.stopped.wait(timeout)
 
     def add_observer(self, observer) -> None:
-        """``observer.on_accepted(device, msg, size, merged)`` after each accepted message."""
+        """``observer.on_accepted(device, msg, size, merged, completed)`` after each accepted
+        message."""
         self.intake.observers.append(observer)
 
 
@@ -102,7 +115,9 @@ class UploadIntake:
     """
 
     def __init__(self, link: MqttLink, hub: Hub, journal: UploadJournal, max_payload: int,
-                 rounds: bool = True, run_spec: RunSpec | None = None) -> None:
+                 registry: DeviceRegistry, limits: AdmissionLimits | None = None,
+                 size: int | None = None, rounds: bool = True,
+                 run_spec: RunSpec | None = None) -> None:
         self.link = link
         self.run_spec = run_spec  # announced; a hello naming another run is refused
         self.class_report: dict | None = None  # set by the loop after each evaluation
@@ -110,7 +125,13 @@ class UploadIntake:
         self.journal = journal
         self.max_payload = max_payload
         self.rounds = rounds  # sync: a logits request for a future round is an error
-        self.known: dict[str, dict] = {}  # device -> its hello
+        self.registry, self.limits = registry, limits or AdmissionLimits()
+        self.size = size if isinstance(size, int) and size > 0 else None  # the hub's input S
+        self.known: dict[str, dict] = {d: registry.hello_meta(d)  # device -> its hello
+                                       for d in registry.devices}
+        self.quarantined: Counter[str] = Counter()
+        self.dropped: set[str] = set()  # devices whose upload this round was dropped
+        self.replies = admission.ReplyLimiter()
         self.uploads: dict[str, Upload] = {}
         self.rejected: Counter[str] = Counter()
         self.round = -1
@@ -120,12 +141,14 @@ class UploadIntake:
         self.cond = threading.Condition()
         self.stopped = threading.Event()
         self.listening = threading.Event()  # set once uploads are subscribed to
-        self.observers: list = []  # on_accepted(device, msg, size, merged)
+        self.observers: list = []  # on_accepted(device, msg, size, merged, completed)
         # How upload messages are taken: the round rule here, async mode its own.
         self.accept: Callable[[str, wire.Message, bytes, bool], None] = self.accept_round_upload
         self.on_hello: Callable[[str, wire.Message], None] | None = None
         self.merged_update: Callable[[str], int | None] = lambda device: None
         self.delivery = None  # a delivery.models.ModelDelivery: devices get their models
+        # (upload id, samples) of the upload a device's message completed, for observers
+        self.completed: Callable[[str], tuple[str, int] | None] = self.round_completed
 
     def listen(self, topic_filter: str = topics.UP_WILDCARD) -> None:
         self.link.subscribe(topic_filter, self.on_up)
@@ -140,6 +163,7 @@ class UploadIntake:
     def on_up(self, topic: str, payload: bytes, replay: bool = False) -> None:
         if not payload:  # a device clearing its retained hello
             return
+        msg = None
         try:
             device = topics.device_from_topic(topic)
             msg = wire.decode_message(payload, max_bytes=max_packet_size(self.max_payload))
@@ -148,21 +172,52 @@ class UploadIntake:
                                                 f"on {device!r}'s topic")
             self._handle(device, msg, payload, replay)
             for observer in self.observers:
-                observer.on_accepted(device, msg, len(payload), self.merged_update(device))
+                observer.on_accepted(device, msg, len(payload), self.merged_update(device),
+                                     self.completed(device))
         except (wire.WireError, ValueError) as err:
             reason = getattr(err, "reason", "invalid")
             self.rejected[reason] += 1
-            log.warning("rejected message on %s (%s): %s", topic, reason, err)
+            if replay:
+                self.quarantined[f"replay_{reason}"] += 1
+                self.dropped.add(topic.split("/")[-2])
+                log.warning("quarantined a replayed message on %s (%s): %s", topic, reason, err)
+            else:
+                log.warning("rejected message on %s (%s): %s", topic, reason, err)
+                self.refuse(topic, msg.msg_id if msg else "", reason, str(err))
+        except Exception as err:  # noqa: BLE001 (a replayed message must never crash-loop)
+            if not replay:
+                raise
+            self.quarantined["replay_failed"] += 1
+            self.dropped.add(topic.split("/")[-2])
+            log.exception("quarantined a replayed message on %s: %s", topic, err)
+
+    def refuse(self, topic: str, msg_id: str, reason: str, detail: str) -> None:
+        """Tell the device why (errors as data), a few times per period at most."""
+        try:
+            device = topics.device_from_topic(topic)
+        except wire.WireError:
+            return
+        if not self.replies.allow(device, reason, time.monotonic()) or not self.link.connected:
+            return
+        self.link.publish(topics.down(device), refusal.reject_message(
+            device, self.round, refusal.device_reason(reason), detail, msg_id), wait=False)
+
+    def round_completed(self, device: str) -> tuple[str, int] | None:
+        up = self.uploads.get(device)
+        return (up.upload_id, up.rows) if up is not None and up.complete else None
 
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes, replay: bool) -> None:
         if msg.kind == "hello":
             check_run_id(self.run_spec, device, msg.meta)
-            ncls = msg.meta.get("num_classes")
-            if ncls != self.hub.num_classes:
-                raise wire.WireError("schema", f"device {device} has {ncls} classes, "
-                                               f"the hub {self.hub.num_classes}")
+            limits = self.limits
+            admission.check_hello(msg.meta, self.hub.num_classes, self.feature_size(), limits)
             with self.cond:
-                first = device not in self.known
+                if device not in self.registry and len(self.registry) >= limits.max_devices:
+                    if msg.meta:  # clear the retained hello it left on the broker
+                        self.link.publish(topics.up(device), b"", retain=True, wait=False)
+                    raise Refusal(refusal.TOO_MANY_DEVICES, f"the hub has "
+                                  f"{limits.max_devices} devices registered")
+                first = self.registry.hello(device, dict(msg.meta), self.round)
                 self.known[device] = dict(msg.meta)
                 self.cond.notify_all()
             if first:
@@ -187,8 +242,8 @@ class UploadIntake:
             self.require_known(device, msg.kind, replay)
             if msg.round != self.round or self.phase != "collect":
                 if msg.round > self.round:
-                    raise wire.WireError("future_round", f"round {msg.round} not open yet "
-                                                         f"(hub is in round {self.round})")
+                    raise wire.WireError(refusal.FUTURE_ROUND, f"round {msg.round} not open "
+                                         f"yet (hub is in round {self.round})")
                 # Stale: acknowledge so the device stops resending, but use nothing.
                 self.rejected["stale_round"] += 1
                 self.ack(device, msg.msg_id)
@@ -200,10 +255,22 @@ class UploadIntake:
             self.ack(device, msg.msg_id)
 
     def require_known(self, device: str, kind: str, replay: bool) -> None:
-        if replay:  # it was accepted before the crash, so the device was known
-            self.known.setdefault(device, {})
+        if replay and device in self.registry:  # it was known when its message was accepted
+            self.known.setdefault(device, self.registry.hello_meta(device))
         if device not in self.known:
-            raise wire.WireError("unknown_device", f"{device} sent {kind} before hello")
+            raise wire.WireError(refusal.UNKNOWN_DEVICE, f"{device} sent {kind} before hello")
+
+    def feature_size(self) -> int | None:
+        """The run's S: the hub's input size, else the first size the fleet uploaded."""
+        return self.size or self.registry.feature_size
+
+    def drop_upload(self, device: str, replay: bool) -> None:
+        """Drop the device's upload for this round; the round no longer waits for it."""
+        self.dropped.add(device)
+        self.uploads.pop(device, None)
+        self.hub.bank.clear(device)
+        if not replay:
+            self.journal.drop_device(self.round, device)
 
     def store(self, device: str, msg: wire.Message, size: int, replay: bool) -> bool:
         """Apply an upload message; False if it was a duplicate (nothing new to journal)."""
@@ -216,6 +283,7 @@ class UploadIntake:
                     self.journal.drop_device(self.round, device)
             self.hub.bank.clear(device)
             up = self.uploads[device] = Upload(upload_id)
+        hello_samples = int(self.known.get(device, {}).get("num_samples", 0))
         if msg.kind == "features":
             if up.expected is None:
                 up.expected = msg.chunks
@@ -223,23 +291,41 @@ class UploadIntake:
                 raise wire.WireError("schema", f"chunk count changed within upload {upload_id}")
             if msg.chunk in up.chunks:
                 return False  # a duplicate: already stored, just ack again
+            size = admission.check_features(msg, self.feature_size(), up.totals,
+                                            hello_samples, self.limits)
             b = parse_feature_chunk(msg)
             self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
                                                              b.labels))
+            self.registry.settle_feature_size(size)
+            up.totals.ids.update(b.ids.tolist())
+            up.totals.wire_bytes += admission.msg_wire_bytes(msg)
+            up.totals.feature_bytes += b.features.numel() * 4
             up.chunks.add(msg.chunk)
         elif msg.kind == "extractor":
             self.hub.receive_extractor(device, parse_extractor(msg))
             up.extractor = True
         else:
             n = int(msg.meta.get("num_chunks", -1))
+            admission.check_chunk_count(n, hello_samples)
             if up.expected is not None and n != up.expected:
                 raise wire.WireError("schema", f"upload_done says {n} chunks, chunks say "
                                                f"{up.expected}")
+            up.claimed = int(msg.meta["num_samples"])
+            if up.claimed > hello_samples:
+                self.drop_upload(device, replay)
+                raise Refusal(refusal.COUNT_MISMATCH, f"upload_done claims {up.claimed} "
+                                                      f"samples; the hello said {hello_samples}")
             up.expected = n
             up.done = True
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
         up.bytes += size
+        if up.complete:
+            try:
+                admission.check_done(up.claimed, up.rows)
+            except Refusal:
+                self.drop_upload(device, replay)
+                raise
         return True
 
     def ack(self, device: str, msg_id: str) -> None:
@@ -286,7 +372,7 @@ class UploadIntake:
         """Start taking round ``rnd``'s uploads (after replaying its journal)."""
         with self.cond:
             self.round, self.phase = rnd, "collect"
-            self.uploads = {}
+            self.uploads, self.dropped = {}, set()
             self.hub.start_round()
         self.replay(rnd)
 
@@ -309,12 +395,14 @@ class UploadIntake:
 
     def status(self, mode: str, rounds: int, round_deadline: float, **extra) -> HubStatus:
         # dict() copies are single C calls, safe while the network thread inserts
-        uploads = {d: u.complete for d, u in list(self.uploads.items())}
+        ups = list(self.uploads.items())
         return HubStatus(mode, self.round, rounds, self.phase, round_deadline,
-                         dict(self.known), uploads, dict(self.rejected),
-                         self.link.bytes_received, self.link.bytes_sent,
+                         dict(self.known), {d: u.complete for d, u in ups},
+                         dict(self.rejected), self.link.bytes_received, self.link.bytes_sent,
                          class_report=self.class_report,
-                         run_id=self.run_spec.run_id if self.run_spec else None, **extra)
+                         run_id=self.run_spec.run_id if self.run_spec else None,
+                         **extra, quarantined=dict(self.quarantined),
+                         rows={d: u.rows for d, u in ups})
 
 
 def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, Protocol
 import numpy as np
 
 from edge_runtime.mqtt.link import MqttLink
-from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol import refusal, round_auth, topics, wire
 from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.hub import Evaluation, Hub
 from server_hub.intake import NoDevicesError, UploadIntake
@@ -45,12 +45,18 @@ class Announcer:
     def __init__(self, link: MqttLink, intake: UploadIntake, speaks: bool = True) -> None:
         self.link, self.intake, self.speaks = link, intake, speaks
         self.last: bytes | None = None
+        self.nonce = uuid.uuid4().hex[:16]  # this hub process, in every announcement
+        # devices follow only announcements signed with the run's round key
+        self.round_key = round_auth.read_key(round_auth.load_or_create_key(
+            intake.registry.path.parent)) if speaks else b""
 
     def announce(self, state: str, deadline: float | None = None) -> None:
         if not self.speaks:
             return
-        meta = {"state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8]}
         rnd = self.intake.round
+        meta = round_auth.sign(self.round_key, max(rnd, 0), {
+            "state": state, "deadline": deadline, "epoch": uuid.uuid4().hex[:8],
+            "run": self.intake.registry.run_id, "hub": self.nonce, "issued": time.time()})
         payload = wire.encode_message("round", "hub", max(rnd, 0), {},
                                       msg_id=f"round-{rnd}-{state}", meta=meta)
         self.last = payload
@@ -142,9 +148,11 @@ class LocalTrainer:
 
     def __init__(self, hub: Hub, test_loader) -> None:
         self.hub, self.test_loader = hub, test_loader
+        self.quarantined: dict[str, str] = {}  # device -> why, from the last train()
 
     def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]:
         stats = self.hub.train(sorted(done))
+        self.quarantined = dict(self.hub.quarantined)
         return stats, f"{stats.samples} samples"
 
     def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]:
@@ -214,7 +222,9 @@ class RoundLoop:
                     last_announce = time.monotonic()
                 self.on_status(f"round {rnd}: {len(done)}/{len(known)} devices uploaded, "
                                f"{got / 1e6:.1f} MB in")
-                decision = round_decision(len(done), set(done) >= set(known),
+                waited = (self.intake.registry.waited_for(rnd) & set(known)
+                          ) - self.intake.dropped
+                decision = round_decision(len(done), set(done) >= waited,
                                           self.cfg.min_devices, time.time() >= deadline,
                                           extensions < self.cfg.max_extensions)
                 if decision == "extend":
@@ -228,8 +238,9 @@ class RoundLoop:
                     log.warning("round %d: going on with %d devices (< min %d)", rnd,
                                 len(done), self.cfg.min_devices)
                 elif decision == "go" and set(done) < set(known):
-                    log.warning("round %d deadline: going on with %d of %d devices", rnd,
-                                len(done), len(known))
+                    log.warning("round %d%s: going on with %d of %d devices", rnd,
+                                " deadline" if time.time() >= deadline else "", len(done),
+                                len(known))
             decision = self.peers.agree(decision)
             if decision == "go":
                 break
@@ -251,10 +262,18 @@ class RoundLoop:
         self.announcer.announce("train")
         self.on_status(f"round {rnd}: training the server on {len(devices)} devices")
         stats, trained = self.trainer.train(rnd, done)
+        devices = self.drop_quarantined(devices, getattr(self.trainer, "quarantined", {}))
         t_train = time.perf_counter()
         self.intake.sent = {}  # only this round's logits are sent again on request
-        for d, (ids, z) in self.trainer.logits(devices).items():
-            self.intake.send_logits(d, rnd, ids, z)
+        logits = self.trainer.logits(devices)
+        bad = {d: "nonfinite_logits" for d, (_, z) in logits.items()
+               if not bool(z.isfinite().all())}
+        devices = self.drop_quarantined(devices, bad)
+        done = {d: done[d] for d in devices}
+        self.intake.registry.uploaded(devices, rnd)
+        for d, (ids, z) in logits.items():  # a hub worker: the devices it trained on
+            if d in done:
+                self.intake.send_logits(d, rnd, ids, z)
         seconds = time.perf_counter() - t0
         ev = self.trainer.evaluate(devices)
         log.info("%sround %d: collect %.1fs, train %.1fs (%s), logits %.1fs, eval %.1fs",
@@ -279,6 +298,18 @@ class RoundLoop:
         self.intake.journal.drop(rnd)
         if self.peers.leads:
             self.report(rec)
+
+    def drop_quarantined(self, devices: list[str], why: dict[str, str]) -> list[str]:
+        """Leave out the devices training could not use; count, log and tell them."""
+        rnd = self.intake.round
+        for d, reason in sorted(why.items()):
+            self.intake.quarantined[reason] += 1
+            log.warning("round %d: quarantined %s's upload (%s); the round goes on without "
+                        "it", rnd, d, reason)
+            if self.peers.leads:
+                self.intake.link.publish(topics.down(d), refusal.reject_message(
+                    d, rnd, refusal.QUARANTINED, f"round {rnd}: {reason}"), wait=False)
+        return [d for d in devices if d not in why]
 
 
 def round_decision(done: int, all_done: bool, min_devices: int, deadline_passed: bool,

@@ -15,10 +15,12 @@ from typing import Callable
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from edge_runtime.protocol.run_spec import RunSpec
+from server_hub.admission import AdmissionLimits
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus, IntakeControls, UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.monitoring.results import RoundRecord
+from server_hub.registry import DeviceRegistry
 from server_hub.rounds import Announcer, LocalPeers, LocalTrainer, Peers, RoundLoop, Trainer
 
 
@@ -35,6 +37,20 @@ class ServiceConfig:
     max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (edge_runtime.protocol.limits)
     # announced retained; then a hello must name its run id (server_hub/run/spec_store.py)
     run_spec: RunSpec | None = None
+    run_id: str = ""  # "" = the state dir's (generated once, kept in registry.json)
+    admission: AdmissionLimits = AdmissionLimits()
+
+
+def make_intake(link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
+                journal: UploadJournal | None = None, rounds: bool = True) -> UploadIntake:
+    """The intake of a service with ``cfg``: the state dir's journal and device registry,
+    the admission limits and the run's feature size (the hub's input size, if it has one)."""
+    journal = journal or UploadJournal(Path(cfg.state_dir) / "uploads")
+    run_id = cfg.run_id or (cfg.run_spec.run_id if cfg.run_spec else "")
+    return UploadIntake(link, hub, journal, cfg.max_payload,
+                        DeviceRegistry(cfg.state_dir, run_id), cfg.admission,
+                        getattr(data_cfg, "size", None), rounds=rounds,
+                        run_spec=cfg.run_spec)
 
 
 class HubService(IntakeControls):
@@ -50,8 +66,7 @@ class HubService(IntakeControls):
     def __init__(self, link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
                  test_loader, on_round: Callable[[RoundRecord], None] | None = None,
                  on_status: Callable[[str], None] | None = None) -> None:
-        intake = UploadIntake(link, hub, UploadJournal(Path(cfg.state_dir) / "uploads"),
-                              cfg.max_payload, run_spec=cfg.run_spec)
+        intake = make_intake(link, hub, cfg, data_cfg)
         self.assemble(link, hub, cfg, data_cfg, intake, LocalPeers(intake, cfg),
                       LocalTrainer(hub, test_loader), on_round, on_status)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,10 @@ class ServerStats:
     accuracy: float
     samples: int
     epochs: int
+
+
+class NonFiniteTraining(ArithmeticError):
+    """A training step produced a non-finite loss; the model must be put back."""
 
 
 class Rows:
@@ -152,10 +157,28 @@ def train_server(
             idx = order[start : start + cfg.batch_size]
             hb, yb = h[idx].to(dev, non_blocking=True), y[idx].to(dev, non_blocking=True)
             loss, z_s = server_step(model, optimizer, cfg, hb, yb, z_c[idx].to(dev))
-            total += float(loss) * len(idx)
+            value = float(loss)  # syncs once per step, as the running total did
+            if not math.isfinite(value):  # Hub.train puts the model and optimizer back
+                raise NonFiniteTraining(f"loss {value} at step {seen // cfg.batch_size}")
+            total += value * len(idx)
             correct += int((z_s.argmax(1) == yb).sum())
             seen += len(idx)
     return ServerStats(total / max(seen, 1), correct / max(seen, 1), n, cfg.epochs)
+
+
+@torch.no_grad()
+def probe_finite(model: nn.Module, features: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int = 256) -> bool:
+    """Whether a train-mode forward pass over one device's features gives finite logits
+    and loss (the caller restores BN statistics afterwards)."""
+    dev = next(model.parameters()).device
+    model.train()
+    for i in range(0, len(features), batch_size):
+        z = model(features[i : i + batch_size].float().to(dev))
+        loss = F.cross_entropy(z, labels[i : i + batch_size].to(dev))
+        if not (torch.isfinite(z).all() and torch.isfinite(loss)):
+            return False
+    return True
 
 
 @torch.inference_mode()

@@ -21,6 +21,7 @@ from server_hub.broker.enrol import (
     EnrolError,
     SecurityPaths,
     add_device,
+    ensure_hub_users,
     hub_credentials,
     list_devices,
     render_acl,
@@ -192,4 +193,49 @@ def test_edge_with_refused_credentials_exits_5_and_the_unit_does_not_restart_it(
     assert out.returncode == 5, out.stderr
     assert "refused the connection" in out.stderr and "gkt-hub device add" in out.stderr
     unit = render_unit(UnitConfig("gkt-edge devW", exec_start=cmd))
-    assert "RestartPreventExitStatus=2 5" in unit
+    assert "RestartPreventExitStatus=2 5 6" in unit
+
+
+def test_a_device_cannot_take_over_the_hub_or_another_device(broker_dir, broker_factory, caplog):
+    """An enrolled device connecting under the hub's or another device's client id gets its
+    own user name as client id instead (use_username_as_clientid): the victims keep their
+    connections and sessions. Hub workers get a user per connection for the same reason."""
+    a, m = add_device(broker_dir, "devA"), add_device(broker_dir, "devM")
+    broker, access = secure_broker(broker_factory, broker_dir)
+    assert "use_username_as_clientid true" in broker.conf_path.read_text()
+    ensure_hub_users(broker_dir, ["gkt-hub-0", "gkt-hub-0-scan"])
+
+    def link(name: str, client_id: str, user: str, password: str) -> MqttLink:
+        return MqttLink(LinkConfig(broker.url, client_id, user, password),
+                        logger=logging.getLogger(f"t.{name}"))
+
+    hub = link("hub", "gkt-hub", access.username, access.password)
+    worker = link("worker", "gkt-hub-0", "gkt-hub-0", access.password)
+    scan = link("scan", "gkt-hub-0-scan", "gkt-hub-0-scan", access.password)
+    victim = link("victim", "gkt-edge-devA", "devA", a.password)
+    for ln in (hub, worker, scan, victim):
+        ln.connect(timeout=5)
+    ups: list[bytes] = []
+    downs: list[bytes] = []
+    hub.subscribe(topics.UP_WILDCARD, lambda t, p: ups.append(p))
+    victim.subscribe(topics.down("devA"), lambda t, p: downs.append(p))
+    try:
+        with caplog.at_level(logging.WARNING):
+            for stolen in ("gkt-hub", "gkt-edge-devA", "gkt-hub-0"):
+                thief = link("thief", stolen, "devM", m.password)
+                thief.connect(timeout=5)
+                thief.publish(topics.up("devM"), b"from the thief")
+                time.sleep(1.0)
+                thief.close()
+        victims = ("t.hub", "t.worker", "t.scan", "t.victim")
+        assert [r.getMessage() for r in caplog.records
+                if r.name in victims and "lost the connection" in r.getMessage()] == []
+        assert all(ln.connected for ln in (hub, worker, scan, victim))
+        victim.publish(topics.up("devA"), b"still me")  # both sessions still carry traffic
+        hub.publish(topics.down("devA"), b"for A")
+        assert wait_for(lambda: b"for A" in downs and b"still me" in ups, 10)
+        assert ups.count(b"from the thief") == 3  # on its own topic, as itself
+        assert broker.log_path.read_text().count(" as devM ") == 3
+    finally:
+        for ln in (hub, worker, scan, victim):
+            ln.close()

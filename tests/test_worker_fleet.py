@@ -31,7 +31,8 @@ def test_rank0_adds_the_other_workers_counts_and_merges_device_views():
     rank0.on_accepted("dev0", msg("features", "dev0"), 400)
     rank1.on_accepted("dev0", msg("features", "dev0"), 500)
     rank1.on_accepted("dev0", msg("upload_done", "dev0", upload_id="u0", num_samples=5,
-                                        device_metrics={"train_seconds": 2.0}), 60)
+                                        device_metrics={"train_seconds": 2.0}), 60,
+                       completed=("u0", 5))  # the worker intake's claimed_samples
     rank1.on_accepted("dev1", msg("hello", "dev1"), 90)  # dev1 seen by rank 1 only
     rank0.update([rank1.counts(svc1.status())], complete={}, started={"dev0"})
     s = rank0.snapshot(svc0)

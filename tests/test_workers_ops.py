@@ -18,7 +18,7 @@ from test_workers import run_devices, setup, small, start_hub  # noqa: F401 (fix
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
 from server_hub.broker.access import AccessConfig, broker_access
-from server_hub.broker.enrol import add_device
+from server_hub.broker.enrol import add_device, ensure_hub_users
 from server_hub.broker.mosquitto import free_port
 from server_hub.workers.service import share_group_for, shared_up_filter
 
@@ -111,15 +111,17 @@ def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link
     per message: a device in the workers' group reads nothing, yet every message the broker
     hands to it is dropped. So the workers' group is derived from the hub's password."""
     keys = {d: add_device(broker_dir, d).password for d in ("devA", "devB")}
+    ensure_hub_users(broker_dir, [f"gkt-hub-{i}" for i in range(4)])  # client id = user
     access = broker_access(AccessConfig(str(broker_dir)))
     url = broker_factory("acl", **access.broker_fields).url
     dev = {d: make_link(url, d, username=d, password=k) for d, k in keys.items()}
 
-    def workers(group: str) -> list[list[bytes]]:
-        """Two workers' links with the hub's login in ``group``; what each receives."""
+    def workers(group: str, first: int) -> list[list[bytes]]:
+        """Two workers' links with hub logins (users ``first``, ``first + 1``) in ``group``;
+        what each receives."""
         got: list[list[bytes]] = [[], []]
         for i in range(2):
-            link = make_link(url, f"w{i}-{group}", username=access.username,
+            link = make_link(url, f"w{i}-{group}", username=f"gkt-hub-{first + i}",
                              password=access.password)
             link.subscribe(shared_up_filter(group), lambda t, p, i=i: got[i].append(p))
         return got
@@ -134,7 +136,7 @@ def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link
 
     # A device joins the group under the name the workers use: granted, it reads nothing,
     # and what the broker hands to it is lost.
-    got = workers("gkt-hub")
+    got = workers("gkt-hub", 0)
     spy: list[bytes] = []
     dev["devA"].subscribe(shared_up_filter("gkt-hub"), lambda t, p: spy.append(p))
     sent = upload("guessed")
@@ -147,7 +149,7 @@ def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link
     # an ACL): the device cannot name it, and every upload reaches exactly one worker.
     group = share_group_for(access.password)
     assert group.startswith("gkt-hub-") and group == share_group_for(access.password)
-    got = workers(group)
+    got = workers(group, 2)
     sent = upload("secret")
     assert wait_for(lambda: len(got[0] + got[1]) >= len(sent))
     time.sleep(0.5)

@@ -21,16 +21,17 @@ from typing import TYPE_CHECKING
 import torch
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_USAGE
+from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_REFUSED, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
-from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol import refusal, topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+from edge_runtime.protocol.round_auth import RoundGuard
 
 if TYPE_CHECKING:
     from edge_runtime.device.own_data_source import OwnDataSource
@@ -52,6 +53,7 @@ class AgentConfig:
     mode: str = "sync"  # async: no round announcements; go again as soon as our logits come
     speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
     run_id: str | None = None  # the adopted run spec's (device/adopt.py), named in hello
+    round_key: bytes | None = None  # follow only round announcements signed with it
 
 
 def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
@@ -109,6 +111,10 @@ class EdgeAgent:
         self.throttle = Throttle(cfg.speed, self._stop)
         self._train_seconds: float | None = None  # of the last round, reported to the hub
         self.auth_refused: str | None = None  # why the broker refused us, if it did
+        self.refused: str | None = None  # a fatal reason the hub gave, if it did
+        self.guard = RoundGuard(cfg.round_key)
+        self._ignored = 0  # announcements ignored (logged the first times)
+        self._quarantined = -1  # the last round whose upload the hub could not use
         link.on_auth_refused = self._on_auth_refused
         self.models = ModelReceiver(link, device.device_id, self.state_dir)  # delivered models
 
@@ -116,6 +122,14 @@ class EdgeAgent:
     def _on_round(self, topic: str, payload: bytes) -> None:
         msg = self._decode(topic, payload)
         if msg is None or msg.kind != "round":
+            return
+        why = self.guard.why_not(msg.round, msg.meta)
+        if why is not None:
+            self._ignored += 1
+            if self._ignored <= 5 or self._ignored % 100 == 0:
+                log.warning("%s: ignoring a round %d %r announcement (%s; %d ignored)",
+                            self.device.device_id, msg.round, msg.meta.get("state"), why,
+                            self._ignored)
             return
         with self._announced:
             self._announcement = {"round": msg.round, **msg.meta}
@@ -140,6 +154,8 @@ class EdgeAgent:
                 self.models.on_model(msg)
             except (wire.WireError, OSError) as err:
                 self._reject(topic, f"model: {err}")
+        elif msg.kind == "reject":
+            self._on_reject(msg)
         else:
             self._reject(topic, f"unexpected kind {msg.kind!r}")
 
@@ -151,6 +167,25 @@ class EdgeAgent:
         except wire.WireError as err:
             self._reject(topic, f"{err.reason}: {err}")
             return None
+
+    def _on_reject(self, msg: wire.Message) -> None:
+        """The hub refused something of ours: stop if a retry cannot help, else go on."""
+        reason, detail = msg.meta["reason"], msg.meta["detail"]
+        dev = self.device.device_id
+        if msg.meta["fatal"]:
+            log.error("%s: the hub refused us (%s): %s; stopping (exit %d): a restart would be "
+                      "refused again", dev, reason, detail, EXIT_REFUSED)
+            self.refused = reason
+            self.stop()
+            return
+        log.warning("%s: the hub refused %s (%s): %s", dev, msg.meta["refused"] or "a message",
+                    reason, detail)
+        if reason == refusal.UNKNOWN_DEVICE:  # the hub lost us: introduce ourselves again
+            self._hello(wait=False)
+        elif reason == refusal.FUTURE_ROUND and self._sender is not None:
+            self._sender.cancel()  # we follow a round the hub never opened: wait for it
+        elif reason == refusal.QUARANTINED:
+            self._quarantined = msg.round  # no logits will come for that round
 
     def _reject(self, topic: str, why: str) -> None:
         self.rejected += 1
@@ -177,6 +212,8 @@ class EdgeAgent:
         rc = self._serve()
         if self.auth_refused:
             return EXIT_AUTH
+        if self.refused:
+            return EXIT_REFUSED
         return EXIT_USAGE if self.run_moved else rc
 
     @property
@@ -237,10 +274,11 @@ class EdgeAgent:
             self.throttle.transfer(len(item[1]))
             yield item
 
-    def _hello(self) -> None:
+    def _hello(self, wait: bool = True) -> None:
         dev = self.device
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
+                "image_size": int(dev._extract.dataset[0][0].shape[-1]),
                 "device_metrics": device_metrics(dev.num_samples,
                                                  skipped_files=self._skipped_files())}
         if self.cfg.run_id is not None:
@@ -248,7 +286,7 @@ class EdgeAgent:
         payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
                                       {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
         # Retained, so a hub that starts (or restarts) after us still learns we exist.
-        self.link.publish(topics.up(dev.device_id), payload, retain=True)
+        self.link.publish(topics.up(dev.device_id), payload, retain=True, wait=wait)
 
     def _wait_announcement(self, seen: tuple | None) -> dict | None:
         with self._announced:
@@ -278,7 +316,14 @@ class EdgeAgent:
         try:
             self._upload(rnd, local_acc)
         except SendCancelled:
-            return  # stopping; this round is redone after a restart
+            if not self._stop.is_set():
+                log.warning("%s: round %d upload abandoned; waiting for the hub's next round",
+                            dev.device_id, rnd)
+            return  # stopping: this round is redone after a restart
+        except TimeoutError as err:  # the hub never acknowledged: it is not in this round
+            log.warning("%s: round %d upload not acknowledged (%s); waiting for the hub",
+                        dev.device_id, rnd, err)
+            return
         if self._await_logits(rnd):
             dev.progress.completed_round = rnd
             dev.save(self.state_dir)
@@ -334,6 +379,10 @@ class EdgeAgent:
             except queue.Empty:
                 ann = self._announcement or {}
                 moved_on = self.cfg.mode == "sync" and int(ann.get("round", rnd)) > rnd
+                if self._quarantined == rnd:
+                    log.warning("%s: the hub dropped our round %d upload; not waiting for its "
+                                "logits", dev.device_id, rnd)
+                    return False
                 if ann.get("state") == "stop" or moved_on:
                     log.warning("%s: hub moved past round %d before our logits arrived",
                                 dev.device_id, rnd)

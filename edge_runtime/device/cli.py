@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ca-file", metavar="PATH",
                      help="CA certificate of an mqtts:// broker (default: the system's CAs)")
     run.add_argument("--device-id", required=True)
+    run.add_argument("--round-key-file", metavar="PATH",
+                     help="the hub's run key (round.key in its state dir): follow only round "
+                          "announcements signed with it (a loopback broker without logins)")
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
     run.add_argument("--codec", default=None,
@@ -294,6 +297,7 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
     from edge_runtime.learning.own_data import DataSpec
     from edge_runtime.learning.preprocess import preprocess_of
+    from edge_runtime.protocol.round_auth import read_key
 
     spec = watch.spec
     logging.getLogger("gkt.edge").info(
@@ -304,7 +308,8 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
-                      run_id=spec.run_id)
+                      run_id=spec.run_id,
+                      round_key=read_key(args.round_key_file) if args.round_key_file else None)
     edge_cfg = edge_config(spec, args.extract_backend, args.precision)
     adopt_state_dir(state_dir, spec)
     own, test_loader = None, None

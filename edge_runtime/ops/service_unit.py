@@ -3,7 +3,8 @@
 The exit codes decide what systemd does (``Restart=on-failure``): 0 (the federation is
 over, or a clean SIGTERM stop) ends the service; 2 (bad arguments or config) is listed in
 ``RestartPreventExitStatus`` because restarting cannot fix a typo, and so is 5 (the broker
-refused the device's credentials: revoked); everything else (4 =
+refused the device's credentials: revoked), and so is 6 (the hub refused the device for
+good: another run's settings); everything else (4 =
 broker unreachable, a crash, SIGKILL, the OOM killer) restarts it after ``RestartSec``.
 """
 

@@ -25,6 +25,8 @@ _INT32 = 2**31 - 1
 MODEL_VARIANTS = ("fp32", "int8")  # a delivered model: the composed graph, fp32 or int8 QDQ
 MAX_MODEL_BYTES = 512 * 1024 * 1024  # an ONNX protobuf cannot exceed 2 GB; ours are ~1-5 MB
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_REASON = re.compile(r"[a-z0-9_]{1,64}")
 
 
 _FEATURES = {(c, "float32") for c in FEATURE_CODECS}
@@ -130,6 +132,19 @@ def _check_meta(kind: str, meta: dict) -> None:
             raise WireError("schema", "round: deadline must be unix seconds or null")
         if not isinstance(meta.get("config", {}), dict):
             raise WireError("schema", "round: config must be an object")
+        for key in ("run", "hub", "sig"):  # run id, hub instance nonce, signature
+            if key in meta and not (isinstance(meta[key], str) and _TOKEN.fullmatch(meta[key])):
+                raise WireError("schema", f"round: {key} must be 1-128 of A-Z a-z 0-9 _ . : -")
+    elif kind == "reject":
+        if not (isinstance(meta.get("reason"), str) and _REASON.fullmatch(meta["reason"])):
+            raise WireError("schema", "reject: reason must be 1-64 of a-z 0-9 _")
+        if not isinstance(meta.get("detail"), str) or len(meta["detail"]) > 1000:
+            raise WireError("schema", "reject: detail must be a string of at most 1000")
+        if not isinstance(meta.get("fatal"), bool):
+            raise WireError("schema", "reject: fatal must be true or false")
+        refused = meta.get("refused")
+        if not (isinstance(refused, str) and (refused == "" or _MSG_ID.fullmatch(refused))):
+            raise WireError("schema", "reject: refused must be a message id or empty")
 
 
 def _meta_int(kind: str, meta: dict, key: str, lo: int, hi: int) -> None:

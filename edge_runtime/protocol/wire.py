@@ -54,7 +54,7 @@ PROTOCOL_VERSION = 1
 MAX_HEADER = 64 * 1024
 MAX_ELEMENTS = 8 * 1024 * 1024  # default cap on decoded elements per message (32 MB fp32)
 KINDS = ("hello", "features", "upload_done", "extractor", "ack", "logits", "logits_request",
-         "round", "model", "model_request", "model_ack")
+         "round", "model", "model_request", "model_ack", "reject")
 REASONS = ("bad_magic", "bad_version", "bad_header", "unknown_kind", "schema", "checksum",
            "truncated", "trailing", "too_large", "dtype", "shape", "nonfinite", "corrupt")
 

@@ -21,10 +21,10 @@ from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.async_mode.hub import AsyncHub
 from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.async_mode.state import AsyncState, load_state, save_state
-from server_hub.intake import HubStatus, IntakeControls, NoDevicesError, Upload, UploadIntake
-from server_hub.journal import UploadJournal
+from server_hub.intake import HubStatus, IntakeControls, NoDevicesError, Upload
 from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import REANNOUNCE_S, Announcer
+from server_hub.service import make_intake
 
 log = logging.getLogger("gkt.hub")
 
@@ -44,9 +44,7 @@ class AsyncHubService(IntakeControls):
         self.data_cfg, self.test_loader = data_cfg, test_loader
         self.on_round = on_round
         self.on_status = on_status or (lambda s: None)
-        self.intake = UploadIntake(link, hub, UploadJournal(Path(cfg.state_dir) / "uploads"),
-                                   cfg.max_payload, rounds=False,
-                                   run_spec=getattr(cfg, "run_spec", None))
+        self.intake = make_intake(link, hub, cfg, data_cfg, rounds=False)
         self.intake.accept = self._accept_update
         self.intake.on_hello = self._hello
         self.intake.phase = "async"
@@ -55,12 +53,19 @@ class AsyncHubService(IntakeControls):
         self.merged: dict[str, int] = {}  # device -> its newest merged update
         self.intake.merged_update = self.merged.get
         self.upload_update: dict[str, int] = {}  # device -> update of its open upload
+        self.merged_rows: dict[str, int] = {}  # device -> samples of its newest merge
+        self.intake.completed = self._merged_samples
         self.bytes_merged = 0
         # counters from before a restart (empty on a first start)
         self._saved = load_state(cfg.state_dir) or AsyncState()
         # device -> msg_id of the last hello acted on (kept on disk: retained hellos are
         # re-delivered to a restarted hub and must not look like devices that lost state)
         self.hellos: dict[str, str] = dict(self._saved.hellos)
+
+    def _merged_samples(self, device: str) -> tuple[str, int] | None:
+        """(its newest merged update, the samples it held): what monitoring counts."""
+        update = self.merged.get(device)
+        return None if update is None else (f"update-{update}", self.merged_rows[device])
 
     def status(self) -> HubStatus:
         return self.intake.status(self.mode, self.cfg.rounds, self.cfg.round_deadline,
@@ -113,6 +118,8 @@ class AsyncHubService(IntakeControls):
                         up.edge_accuracy)
         old = self.merged.get(device)
         self.merged[device] = update
+        self.merged_rows[device] = up.rows  # what monitoring counts as received
+        self.merged_rows[device] = up.rows  # what monitoring counts as received
         self.bytes_merged += up.bytes
         if old is not None:  # on disk we keep each device's newest complete upload only
             self.intake.journal.drop_device(old, device)

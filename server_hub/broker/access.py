@@ -71,7 +71,7 @@ def broker_access(cfg: AccessConfig) -> BrokerAccess:
     fields: dict = {}
     if creds is not None:
         fields.update(allow_anonymous=False, password_file=str(paths.passwd),
-                      acl_file=str(paths.acl))
+                      acl_file=str(paths.acl), use_username_as_clientid=True)
     ca = None
     if cfg.tls:
         from server_hub.broker.tls import ensure_tls

@@ -79,6 +79,9 @@ class BrokerConfig:
     certfile: str | None = None
     keyfile: str | None = None
     sys_interval: int = 2  # seconds between $SYS counter updates
+    # with logins: a client's id is its user name, so nobody can connect under another's id
+    # (the broker would drop the victim's connection and hand over its session)
+    use_username_as_clientid: bool = False
 
     @property
     def url(self) -> str:
@@ -126,9 +129,11 @@ def render_config(cfg: BrokerConfig) -> str:
         lines.append(f"password_file {cfg.password_file}")
     if cfg.acl_file:
         lines.append(f"acl_file {cfg.acl_file}")
-    lines.append(f"listener {cfg.port} {'127.0.0.1' if tls else cfg.host}")
+    # a listener's own setting (Mosquitto 2.0 reads it into the listener above it)
+    own_id = ["use_username_as_clientid true"] if cfg.use_username_as_clientid else []
+    lines += [f"listener {cfg.port} {'127.0.0.1' if tls else cfg.host}", *own_id]
     if tls:
-        lines += [f"listener {cfg.tls_port} {cfg.host}", f"cafile {cfg.cafile}",
+        lines += [f"listener {cfg.tls_port} {cfg.host}", *own_id, f"cafile {cfg.cafile}",
                   f"certfile {cfg.certfile}", f"keyfile {cfg.keyfile}",
                   "tls_version tlsv1.2"]
     return "\n".join(lines) + "\n"

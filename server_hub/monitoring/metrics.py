@@ -54,6 +54,12 @@ class FleetCollector(Collector):
         for reason, n in sorted(s["rejected"].items()):
             rejected.add_metric([reason], n)
         yield rejected
+        quarantined = CounterMetricFamily(
+            "gkt_hub_quarantined_uploads", "uploads dropped for their round (training or "
+            "journal replay could not use them)", labels=["reason"])
+        for reason, n in sorted(s.get("quarantined", {}).items()):
+            quarantined.add_metric([reason], n)
+        yield quarantined
         last = s["history"][-1] if s["history"] else {}
         yield gauge("gkt_hub_test_accuracy", "test accuracy after the last round",
                     last.get("test_accuracy"))

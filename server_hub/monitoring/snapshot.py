@@ -72,8 +72,11 @@ class FleetObserver:
 
     # -- called by the service (network thread / main thread) ---------------------------
     def on_accepted(self, device: str, msg: wire.Message, size: int,
-                    merged: int | None = None) -> None:
-        """``merged``: async, the device's newest merged update (any kind completes one)."""
+                    merged: int | None = None,
+                    completed: tuple[str, int] | None = None) -> None:
+        """``merged``: async, the device's newest merged update (any kind completes one);
+        ``completed``: (upload id, samples) of the upload the device completed, counted once:
+        the distinct samples stored, never what its upload_done claims."""
         now = self.clock()
         with self._lock:
             view = self.devices.get(device)
@@ -84,11 +87,9 @@ class FleetObserver:
             if msg.kind != "hello":
                 view.bytes_up += size
                 view.last_round = max(view.last_round, msg.round)
-            upload = msg.meta.get("upload_id") if msg.kind == "upload_done" else None
-            if isinstance(upload, str) and upload != view.last_upload:
-                view.last_upload = upload
-                n = msg.meta.get("num_samples")
-                self.samples_received += n if isinstance(n, int) else 0
+            if completed is not None and completed[0] != view.last_upload:
+                view.last_upload = completed[0]
+                self.samples_received += completed[1]
             if msg.kind in ("hello", "upload_done"):
                 view.reported.update(clean_report(msg.meta))
                 if msg.kind == "hello" and isinstance(msg.meta.get("codec"), str):
@@ -159,7 +160,8 @@ class FleetObserver:
             "devices_known": len(devices),
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": status.bytes_received, "bytes_sent": status.bytes_sent,
-            "rejected": status.rejected, "devices": devices, "history": history,
+            "rejected": status.rejected, "quarantined": status.quarantined,
+            "devices": devices, "history": history,
             "class_report": status.class_report, "run_id": status.run_id,
         }
 

@@ -113,7 +113,8 @@ def render_html(s: dict) -> str:
              ("test accuracy", _fmt(last.get("test_accuracy"))),
              ("received", _mb(s["bytes_received"])), ("sent", _mb(s["bytes_sent"])),
              ("samples", f"{s['samples_received']:,}"),
-             ("rejected", str(sum(s["rejected"].values())))]
+             ("rejected", str(sum(s["rejected"].values()))),
+             ("quarantined", str(sum(s.get("quarantined", {}).values())))]
     rows = "".join(
         f"<tr><td>{escape(d['id'])}</td><td class='s st-{escape(d['state'].split()[0])}'>"
         f"{escape(d['state'])}</td><td>{_fmt(d.get('samples'))}</td>"
@@ -125,6 +126,9 @@ def render_html(s: dict) -> str:
         f"</td><td>{d['last_seen_s']:.0f} s</td></tr>" for d in s["devices"])
     rejected = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>"
                        for k, v in sorted(s["rejected"].items())) or \
+        "<tr><td colspan=2>none</td></tr>"
+    quarantined = "".join(f"<tr><td>{escape(k)}</td><td>{v}</td></tr>"
+                          for k, v in sorted(s.get("quarantined", {}).items())) or \
         "<tr><td colspan=2>none</td></tr>"
     return f"""<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="refresh" content="{REFRESH_S}"><title>gkt-hub: round {s['round']}</title>
@@ -139,6 +143,7 @@ data as <a href="status.json">status.json</a></div>
 <h2>Accuracy per round</h2>{accuracy_svg(s['history'])}
 {class_tables(s.get("class_report"))}
 <h2>Rejected messages</h2><table><tr><th>reason</th><th>count</th></tr>{rejected}</table>
+<h2>Quarantined uploads</h2><table><tr><th>reason</th><th>count</th></tr>{quarantined}</table>
 </body></html>"""
 
 

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from edge_runtime.device.throttle import DeviceSpeed
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from edge_runtime.protocol.round_auth import load_or_create_key
 from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
 from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.run.plan import RunPlan, dataset_plan
@@ -73,10 +74,12 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
 def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec: str,
                    state_dir: Path, max_payload: int, mode: str = "sync",
                    speed: DeviceSpeed | None = None, data: str | None = None,
-                   hub_tests: bool = False) -> list[str]:
+                   hub_tests: bool = False, key_file: Path | None = None) -> list[str]:
     """The `gkt-edge run` command line of one simulated device: only what stays on a
     device (its data, codec, threads, state); the rest comes with the hub's run spec.
-    ``data``: its own folder (when ``hub_tests``, nothing held out: the hub measures)."""
+    ``key_file``: the hub's run key, so the device follows only the hub's round
+    announcements. ``data``: its own folder (when ``hub_tests``, nothing held out: the
+    hub measures)."""
     speed = speed or DeviceSpeed()
     if data is not None:
         where = ["--data", data] + (["--val-fraction", "0"] if hub_tests else [])
@@ -90,7 +93,8 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             # every process spin and a 0.2 s epoch takes 20 s.
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
             "--mode", mode, "--speed-factor", str(speed.compute),
-            "--bandwidth", str(speed.bandwidth)]
+            "--bandwidth", str(speed.bandwidth),
+            *(["--round-key-file", str(key_file)] if key_file else [])]
 
 
 def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
@@ -133,6 +137,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     size = spec.preprocess["size"]
     data = (f"{cfg.data.dataset}, partition {cfg.partition}" if not device_data else
             f"each device its own folder ({len(spec.classes)} classes)")
+    key_file = load_or_create_key(work)  # the hub signs its rounds with it
     print(f"gkt over MQTT ({broker.url}: loopback, no authentication, a local simulation; "
           f"codec {codec}) on {data} ({size}x{size}), {cfg.devices} device processes, "
           f"{cfg.rounds} rounds, seed {cfg.seed}, run {spec.run_id}; state and logs in {work}")
@@ -141,7 +146,8 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
         logf = open(work / "logs" / f"{name}.log", "wb")
         cmd = device_command(broker.url, name, i, cfg, codec, work / "devices" / name,
                              max_payload, opts.mode, fleet[i],
-                             device_data[i] if device_data else None, plan.test is not None)
+                             device_data[i] if device_data else None, plan.test is not None,
+                             key_file)
         procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}

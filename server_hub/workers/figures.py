@@ -43,6 +43,13 @@ def merge_views(a: DeviceView, b: DeviceView) -> DeviceView:
                    reported={**old.reported, **new.reported})
 
 
+def claimed_samples(intake, device: str) -> tuple[str, int] | None:
+    """A worker holds only part of each upload, so monitoring counts upload_done's claim,
+    which the intake caps at the device's hello (itself capped by AdmissionLimits)."""
+    up = intake.uploads.get(device)
+    return (up.upload_id, max(up.claimed, 0)) if up is not None and up.done else None
+
+
 class WorkerFleet(FleetObserver):
     """A worker's fleet observer; rank 0's also merges the other workers' counts."""
 

@@ -57,11 +57,11 @@ def run_worker(fed: FederationConfig, opts: HubOptions, url: str,
             torch.distributed.destroy_process_group()
 
 
-def _spawned(index: int, fed: FederationConfig, opts: HubOptions, url: str, login: tuple,
+def _spawned(index: int, fed: FederationConfig, opts: HubOptions, url: str, logins: list[tuple],
              init_method: str, world: int) -> None:
     logging.basicConfig(level=logging.INFO,
                         format=f"%(asctime)s %(levelname)s rank{index} %(name)s: %(message)s")
-    sys.exit(run_worker(fed, opts, url, login, init_method, index, world))
+    sys.exit(run_worker(fed, opts, url, logins[index], init_method, index, world))
 
 
 def serve_workers(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions) -> int:
@@ -77,13 +77,19 @@ def serve_workers(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOp
     except BrokerSetupError as err:
         log.error("%s", err)
         return err.exit_code
-    login = (access.username, access.password)
+    workers = opts.workers.workers
+    logins = [(access.username, access.password)] * workers
+    if broker is not None and access.username:  # client id = user name: one user each
+        from server_hub.broker.enrol import ensure_hub_users
+
+        names = [f"{access.username}-{r}" for r in range(workers)]
+        ensure_hub_users(state, [u for n in names for u in (n, f"{n}-scan")])
+        logins = [(n, access.password) for n in names]
     init_method = f"tcp://127.0.0.1:{free_port()}"
     forwarded: list[int] = []
-    workers = opts.workers.workers
     try:
         ctx = mp.start_processes(_spawned, nprocs=workers, join=False,
-                                 args=(fed, opts, url, login, init_method, workers))
+                                 args=(fed, opts, url, logins, init_method, workers))
 
         def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
             forwarded.append(sig)

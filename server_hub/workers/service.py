@@ -20,6 +20,7 @@ import inspect
 import logging
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +35,7 @@ from server_hub.checkpoint import latest_checkpoint, load_checkpoint, load_optim
 from server_hub.hub import Evaluation, Hub
 from server_hub.intake import NoDevicesError, UploadIntake
 from server_hub.journal import UploadJournal
-from server_hub.service import HubService, ServiceConfig
+from server_hub.service import HubService, ServiceConfig, make_intake
 from server_hub.trainer import (
     Rows,
     ServerStats,
@@ -50,7 +51,7 @@ from server_hub.workers.distributed import (
     merge_uploads,
     owned_mask,
 )
-from server_hub.workers.figures import WorkerCounts, WorkerFleet
+from server_hub.workers.figures import WorkerCounts, WorkerFleet, claimed_samples
 
 log = logging.getLogger("gkt.hub")
 
@@ -142,7 +143,10 @@ class WorkerPeers:
         said hello before the hub started would go unseen: read the retained hellos once
         with a plain subscription on a short-lived connection."""
         c = self.intake.link.cfg
-        scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", c.username, c.password,
+        # a managed broker with logins takes user names as client ids: a worker's user
+        # gkt-hub-K has a sibling gkt-hub-K-scan for this connection (broker/enrol.py)
+        user = f"{c.username}-scan" if (c.username or "").startswith("gkt-hub-") else c.username
+        scan = MqttLink(LinkConfig(c.url, f"{c.client_id}-scan", user, c.password,
                                    c.ca_file, c.cert_file, c.key_file, session_expiry=0,
                                    max_packet_size=c.max_packet_size))
 
@@ -319,7 +323,8 @@ class WorkerService(HubService):
                  wcfg: WorkerConfig, on_round=None, on_status=None) -> None:
         self.rank = dist.get_rank()
         journal = UploadJournal(Path(cfg.state_dir) / "uploads" / f"rank-{self.rank}")
-        intake = UploadIntake(link, hub, journal, cfg.max_payload, run_spec=cfg.run_spec)
+        intake = make_intake(link, hub, cfg, data_cfg, journal)
+        intake.completed = partial(claimed_samples, intake)
         self.fleet = WorkerFleet() if wcfg.monitor else None
         if self.fleet:  # on rank 0 also the metrics' and status page's source
             intake.observers.append(self.fleet)
