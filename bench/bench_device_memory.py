@@ -100,8 +100,8 @@ def child(args: argparse.Namespace) -> None:
     t = time.perf_counter()
     import torch
 
-    from edge_runtime.device.agent import rebatch
     from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.batches import rebatch
     from edge_runtime.learning.data import DataConfig, load_split, make_loader
     from edge_runtime.learning.partition import partition
     from edge_runtime.learning.train import EdgeTrainConfig

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from edge_runtime.protocol import refusal, wire
+from edge_runtime.protocol.run_spec import RunSpec
 from edge_runtime.protocol.schema import FEATURE_CHANNELS
 
 
@@ -139,3 +140,15 @@ class ReplyLimiter:
             self._sent = {d: ts for d, ts in self._sent.items()
                           if ts and now - ts[-1] < self.period}
         return ok
+
+
+def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
+    """A device that adopted another run than the one this hub announced is refused. (A
+    hello naming no run comes from an agent built without a spec, as tests and load
+    generators do; its class count is still checked.)"""
+    if spec is not None and "run_id" in meta and meta["run_id"] != spec.run_id:
+        got = str(meta["run_id"])[:70]
+        raise wire.WireError(refusal.WRONG_RUN,
+                             f"device {device} adopted run {got}; this hub runs {spec.run_id}: "
+                             "delete the device's state dir (or give another) and restart it "
+                             "to join this run")

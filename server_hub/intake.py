@@ -32,7 +32,6 @@ from server_hub.registry import DeviceRegistry
 
 log = logging.getLogger("gkt.hub")
 UPLOAD_KINDS = ("features", "extractor", "upload_done")
-WRONG_RUN = "wrong_run"  # the reason code of the errors-as-data refusal (fatal on a device)
 
 
 @dataclass
@@ -81,26 +80,6 @@ class HubStatus:
     run_id: str | None = None  # the announced run spec's
     quarantined: dict[str, int] = field(default_factory=dict)  # uploads left out, by reason
     rows: dict[str, int] = field(default_factory=dict)  # device -> distinct samples stored
-
-
-class IntakeControls:
-    """What every service (sync, async, hub worker) offers besides ``run`` and ``status``;
-    they all receive through ``self.intake``."""
-
-    intake: UploadIntake
-
-    def stop(self) -> None:
-        """End the run after the current step (SIGTERM); a restart resumes."""
-        self.intake.stop()
-
-    def wait_stopped(self, timeout: float) -> bool:
-        """Whether ``stop`` was called within ``timeout`` seconds."""
-        return self.intake.stopped.wait(timeout)
-
-    def add_observer(self, observer) -> None:
-        """``observer.on_accepted(device, msg, size, merged, completed)`` after each accepted
-        message."""
-        self.intake.observers.append(observer)
 
 
 class NoDevicesError(RuntimeError):
@@ -208,7 +187,7 @@ class UploadIntake:
 
     def _handle(self, device: str, msg: wire.Message, msg_bytes: bytes, replay: bool) -> None:
         if msg.kind == "hello":
-            check_run_id(self.run_spec, device, msg.meta)
+            admission.check_run_id(self.run_spec, device, msg.meta)
             limits = self.limits
             admission.check_hello(msg.meta, self.hub.num_classes, self.feature_size(), limits)
             with self.cond:
@@ -403,14 +382,3 @@ class UploadIntake:
                          run_id=self.run_spec.run_id if self.run_spec else None,
                          **extra, quarantined=dict(self.quarantined),
                          rows={d: u.rows for d, u in ups})
-
-
-def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
-    """A device that adopted another run than the one this hub announced is refused. (A
-    hello naming no run comes from an agent built without a spec, as tests and load
-    generators do; its class count is still checked.)"""
-    if spec is not None and "run_id" in meta and meta["run_id"] != spec.run_id:
-        got = str(meta["run_id"])[:70]
-        raise wire.WireError(WRONG_RUN, f"device {device} adopted run {got}; this hub runs "
-                                        f"{spec.run_id}: delete the device's state dir (or "
-                                        "give another) and restart it to join this run")

@@ -17,7 +17,7 @@ from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.admission import AdmissionLimits
 from server_hub.hub import Hub
-from server_hub.intake import HubStatus, IntakeControls, UploadIntake
+from server_hub.intake import HubStatus, UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.monitoring.results import RoundRecord
 from server_hub.registry import DeviceRegistry
@@ -51,6 +51,26 @@ def make_intake(link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
                         DeviceRegistry(cfg.state_dir, run_id), cfg.admission,
                         getattr(data_cfg, "size", None), rounds=rounds,
                         run_spec=cfg.run_spec)
+
+
+class IntakeControls:
+    """What every service (sync, async, hub worker) offers besides ``run`` and ``status``;
+    they all receive through ``self.intake``."""
+
+    intake: UploadIntake
+
+    def stop(self) -> None:
+        """End the run after the current step (SIGTERM); a restart resumes."""
+        self.intake.stop()
+
+    def wait_stopped(self, timeout: float) -> bool:
+        """Whether ``stop`` was called within ``timeout`` seconds."""
+        return self.intake.stopped.wait(timeout)
+
+    def add_observer(self, observer) -> None:
+        """``observer.on_accepted(device, msg, size, merged, completed)`` after each accepted
+        message."""
+        self.intake.observers.append(observer)
 
 
 class HubService(IntakeControls):

@@ -17,7 +17,7 @@ from edge_runtime.device.cli import main as edge_main
 from edge_runtime.learning.data import DataConfig
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.run_spec import decode_run_spec
-from server_hub.intake import check_run_id
+from server_hub.admission import check_run_id
 from server_hub.run.plan import dataset_plan
 from server_hub.run.spec_store import RunSpecConflict, publish_run_spec, settle_run_spec
 from server_hub.simulation.inproc import FederationConfig

@@ -18,13 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_REFUSED, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
-from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.learning.batches import rebatch
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import refusal, topics, wire
@@ -54,33 +52,6 @@ class AgentConfig:
     speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
     run_id: str | None = None  # the adopted run spec's (device/adopt.py), named in hello
     round_key: bytes | None = None  # follow only round announcements signed with it
-
-
-def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
-    """Regroup extraction batches into upload chunks of exactly ``size`` (last may be short)."""
-    pending: list[FeatureBatch] = []
-    count = 0
-    for b in batches:
-        pending.append(b)
-        count += len(b.ids)
-        while count >= size:
-            merged = _cat(pending)
-            yield _slice(merged, 0, size)
-            rest = _slice(merged, size, count)
-            pending, count = ([rest], count - size) if count > size else ([], 0)
-    if count:
-        yield _cat(pending)
-
-
-def _cat(parts: list[FeatureBatch]) -> FeatureBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return FeatureBatch(*(torch.cat([getattr(p, f) for p in parts])
-                          for f in ("ids", "features", "logits", "labels")))
-
-
-def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
-    return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
 
 
 class EdgeAgent:
