@@ -142,11 +142,15 @@ class HubService:
                 self.rejected["stale_round"] += 1
                 self._ack(device, msg.msg_id)
                 return
-            if self._store(device, msg, size, replay) and not replay:
-                self.journal.record(self.round, device, msg_bytes)
+            stored = self._store(device, msg, size, replay)
             self._cond.notify_all()
-        if not replay:
-            self._ack(device, msg.msg_id)
+        if replay:
+            return
+        ack = lambda: self._ack(device, msg.msg_id)  # noqa: E731
+        if stored:  # acked once the journal's group commit made it durable
+            self.journal.record(self.round, device, msg_bytes, then=ack)
+        else:  # a duplicate: its first copy may still be waiting for that commit
+            self.journal.after_commit(ack)
 
     def _require_known(self, device: str, kind: str, replay: bool) -> None:
         if replay:  # it was accepted before the crash, so the device was known
