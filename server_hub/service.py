@@ -28,6 +28,7 @@ from server_hub.hub import Evaluation, Hub
 from server_hub.journal import UploadJournal
 from server_hub.results import RoundRecord
 from server_hub.trainer import ServerStats
+from server_hub.uplink.held import Resync
 
 log = logging.getLogger("gkt.hub")
 
@@ -57,6 +58,7 @@ class Upload:
     done: bool = False
     bytes: int = 0
     edge_accuracy: float | None = None
+    epoch: str | None = None  # the feature epoch the device names this upload's maps
 
     @property
     def complete(self) -> bool:
@@ -142,7 +144,14 @@ class HubService:
                 self.rejected["stale_round"] += 1
                 self._ack(device, msg.msg_id)
                 return
-            stored = self._store(device, msg, size, replay)
+            try:
+                stored = self._store(device, msg, size, replay)
+            except Resync as err:  # the device must send full maps (docs/uplink.md)
+                self.rejected["resync"] += 1
+                log.info("%s", err)
+                if not replay:
+                    self._ack(device, msg.msg_id, resync=True)
+                return
             self._cond.notify_all()
         if replay:
             return
@@ -177,8 +186,8 @@ class HubService:
             if msg.chunk in up.chunks:
                 return False  # a duplicate: already stored, just ack again
             b = parse_feature_chunk(msg)
-            self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
-                                                             b.labels))
+            maps = self.hub.held.reconstruct(device, b)
+            self.hub.receive_features(device, DeviceFeatures(b.ids, maps, b.logits, b.labels))
             up.chunks.add(msg.chunk)
         elif msg.kind == "extractor":
             self.hub.receive_extractor(device, parse_extractor(msg))
@@ -192,13 +201,14 @@ class HubService:
             up.done = True
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
+            up.epoch = msg.meta.get("epoch")
         up.bytes += size
         return True
 
-    def _ack(self, device: str, msg_id: str) -> None:
+    def _ack(self, device: str, msg_id: str, resync: bool = False) -> None:
+        meta = {"msg_ids": [msg_id], **({"resync": True} if resync else {})}
         payload = wire.encode_message("ack", device, max(self.round, 0), {},
-                                      msg_id=f"ack-{uuid.uuid4().hex[:8]}",
-                                      meta={"msg_ids": [msg_id]})
+                                      msg_id=f"ack-{uuid.uuid4().hex[:8]}", meta=meta)
         self.bytes_down += len(payload)
         self.link.publish(topics.down(device), payload, wait=False)
 
@@ -398,6 +408,10 @@ class HubService:
         """Hook: test accuracy of extractor_k + server for ``devices``."""
         return self.hub.evaluate(self.test_loader, devices)
 
+    def _commit_features(self, devices: list[str], done: dict) -> None:
+        """Hook: hold what the round trained on, under each upload's feature epoch."""
+        self.hub.commit_features(devices, {d: done[d].epoch for d in devices})
+
     def _bytes_down(self, down: int) -> int:
         """Hook: bytes the hub sent this round (workers: all of them)."""
         return down
@@ -413,8 +427,11 @@ class HubService:
         stats, trained = self._train_round(rnd, devices)
         t_train = time.perf_counter()
         per_chunk = max(1, (self.cfg.max_payload - 4096) // (8 + 4 * self.hub.num_classes))
-        logits = {d: logits_messages(d, rnd, ids, z, per_chunk)
-                  for d, (ids, z) in self._round_logits(devices).items()}
+        round_logits = self._round_logits(devices)
+        self._commit_features(devices, done)
+        logits = {d: logits_messages(d, rnd, ids, z, per_chunk,
+                                     feature_epoch=self.hub.held.epoch(d))
+                  for d, (ids, z) in round_logits.items()}
         self.last_logits, self.logits_round = logits, rnd
         for d, msgs in logits.items():
             for m in msgs:

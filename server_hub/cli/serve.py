@@ -93,7 +93,7 @@ def serve(args: argparse.Namespace, cfg: FederationConfig) -> int:
 
     svc = hub_service(getattr(args, "mode_options", None), link,
                       Hub(cfg.data.num_classes, cfg.server, cfg.seed,
-                          feature_dir=state / "features"),
+                          feature_dir=state / "features", held_dir=state / "held"),
                       ServiceConfig(str(state), rounds=cfg.rounds,
                                     min_devices=args.min_devices,
                                     round_deadline=args.round_deadline,

@@ -288,6 +288,10 @@ class WorkerService(HubService):
         return {d: (ids.numpy(), server_logits(self.hub.model, feats))
                 for d, (ids, feats) in self._owned.items()}
 
+    def _commit_features(self, devices: list[str], done: dict) -> None:
+        """Workers hold no maps across rounds (each sees only some of a device's samples):
+        their logits name no feature epoch, so devices keep sending full maps."""
+
     def _bytes_down(self, down: int) -> int:
         ends = all_gather((down, self._peer_counts()))
         if self.fleet and self.rank == 0:  # the round's figures include every worker's logits
