@@ -95,6 +95,16 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def weights_wire_bytes(device: str, rnd: int, state: dict[str, torch.Tensor]) -> int:
+    """A FedAvg model as one framed message: float weights (exact, zstd) as one vector and
+    the integer counters as another (the header takes at most 64 tensors)."""
+    floats = [v.reshape(-1).float() for v in state.values() if v.is_floating_point()]
+    ints = [v.reshape(-1).long() for v in state.values() if not v.is_floating_point()]
+    tensors = {"weights": torch.cat(floats) if floats else torch.zeros(0),
+               "counters": torch.cat(ints) if ints else torch.zeros(0, dtype=torch.long)}
+    return len(extractor_message(device, rnd, "model", tensors))
+
+
 def ack_bytes(device: str, rnd: int) -> int:
     """What one acknowledgement costs on the wire (the hub acks every upload message)."""
     return len(wire.encode_message("ack", device, rnd, {}, msg_id="ack-00000000",
@@ -245,14 +255,14 @@ def run_fedavg(cfg: FederationConfig, setup: Setup, on_round: Progress | None = 
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
         states, losses = [], []
-        down = sum(len(extractor_message(n, rnd, "model", global_model.state_dict()))
+        down = sum(weights_wire_bytes(n, rnd, global_model.state_dict())
                    for n in names)  # the global model to every device
         for loader in loaders:
             local.load_state_dict(global_model.state_dict())
             opt = make_optimizer(local, cfg.edge.lr, cfg.edge.weight_decay)
             losses.append(_train_ce(local, opt, loader, cfg.edge.epochs))
             states.append({k: v.clone() for k, v in local.state_dict().items()})
-        up = sum(len(extractor_message(n, rnd, "model", s)) for n, s in zip(names, states))
+        up = sum(weights_wire_bytes(n, rnd, s) for n, s in zip(names, states))
         global_model.load_state_dict(weighted_average(states, weights))
         seconds = time.perf_counter() - t0
         acc = accuracy(global_model, test_loader)
