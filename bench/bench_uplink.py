@@ -2,9 +2,10 @@
 
 Every row runs the same split, seed and rounds in-process, with every message encoded and
 decoded in the wire format (so bytes are what would cross the broker, MQTT framing aside)
-and the codecs' loss applied. Rows are "fedavg" or "CODEC/POLICY" (refresh.py), e.g.
-"fp32/full", "q8/freeze:1". Writes JSON (per round and cumulative bytes, accuracy) and a
-PNG of test accuracy against cumulative uplink MB, and checks the goals of docs/uplink.md.
+and the codecs' loss applied. Rows are "fedavg" or "CODEC/POLICY[/LOGITS_CODEC]"
+(refresh.py; logits fp16 unless named), e.g. "fp32/full", "q8/freeze:1", "q8/full/fp32".
+Writes JSON (per round and cumulative bytes, accuracy) and a PNG of test accuracy against
+cumulative uplink MB, and checks the goals of docs/uplink.md.
 
     # CIFAR-10 JPEGs: 5,000 training images over 4 devices, 1,000 held out at the hub
     .venv/bin/python bench/bench_uplink.py --images cifar10-train-jpg.tar.gz --jobs 2
@@ -87,8 +88,9 @@ def _run_row(row: str, args: argparse.Namespace) -> dict:
     if row == "fedavg":
         result = run_fedavg(cfg, setup)
     else:
-        codec, policy = row.split("/", 1)
-        result = run_gkt(replace(cfg, codec=codec, refresh=policy), setup)
+        codec, policy, *logits = row.split("/")
+        result = run_gkt(replace(cfg, codec=codec, refresh=policy,
+                                 logits_codec=logits[0] if logits else cfg.logits_codec), setup)
     d = result.to_dict()
     ups = [r.upload_bytes for r in result.rounds]
     out = {"row": row, "final_accuracy": d["final"]["test_accuracy"],
