@@ -134,3 +134,27 @@ def test_policy_specs():
     for bad in ("freeze:0", "drift:-1", "delta:3", "sometimes"):
         with pytest.raises(ValueError, match="refresh policy"):
             RefreshPolicy.parse(bad)
+
+
+def test_extraction_is_deterministic_and_freezing_keeps_the_maps_bit_identical():
+    from edge_runtime.device.edge_device import EdgeDevice
+    from edge_runtime.learning.data import DataConfig
+    from edge_runtime.learning.train import EdgeTrainConfig
+    from server_hub.simulation.inproc import FederationConfig, prepare
+
+    setup = prepare(FederationConfig(data=DataConfig("digits", augment=True), devices=2))
+    assert setup.train_eval is not setup.train  # extraction reads the un-augmented copy
+    dev = EdgeDevice("d", setup.train, setup.train_eval, setup.shards[0][:96], 10,
+                     EdgeTrainConfig(batch_size=32))
+
+    def maps():
+        return torch.cat([b.features for b in dev.features()])
+
+    first, digest = maps(), dev.extractor_digest()
+    assert torch.equal(first, maps())  # same weights, same maps, bit for bit
+    dev.train(freeze_extractor=True)  # the classifier learns; the extractor must not move
+    assert dev.extractor_digest() == digest
+    assert torch.equal(first, maps())
+    dev.train()
+    assert dev.extractor_digest() != digest
+    assert not torch.equal(first, maps())
