@@ -21,7 +21,7 @@ from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH
 from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
-from edge_runtime.device.upload import per_chunk, rebatch, upload_messages  # noqa: F401
+from edge_runtime.device.upload import rebatch, upload_messages  # noqa: F401
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import topics, wire
@@ -233,8 +233,8 @@ class EdgeAgent:
         meta = {"edge_accuracy": local_acc,
                 "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
                                                  local_acc)}
-        messages = upload_messages(dev, rnd, upload_id, per_chunk(dev, self.cfg.max_payload),
-                                   self.cfg.codec, self.policy, self.cfg.logits_codec, meta)
+        messages = upload_messages(dev, rnd, upload_id, self.cfg.max_payload, self.cfg.codec,
+                                   self.policy, self.cfg.logits_codec, meta)
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)

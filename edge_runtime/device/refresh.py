@@ -113,13 +113,18 @@ class FeatureMirror:
         self.epoch = self.digest = self.values = None
         self._pending = None
 
+    def unchanged(self, digest: str, policy: RefreshPolicy) -> bool:
+        """Whether the hub holds maps from this very extractor: an upload sends none."""
+        return (self.epoch is not None and digest == self.digest
+                and (not policy.needs_values or self.values is not None))
+
     def plan(self, batches: Iterator[FeatureBatch], digest: str, codec: str,
              policy: RefreshPolicy) -> Iterator[Piece]:
         """What to send of each batch; records the reconstruction the hub will hold once it
         applies all of it as pending (``confirm`` commits it)."""
         epoch = uuid.uuid4().hex[:16]
         base = self.epoch
-        unchanged = base is not None and digest == self.digest
+        unchanged = self.unchanged(digest, policy)
         keep = policy.needs_values
         usable = base is not None and (not keep or self.values is not None)
         pending = None

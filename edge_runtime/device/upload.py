@@ -42,20 +42,22 @@ def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
     return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
 
 
-def per_chunk(dev: EdgeDevice, max_payload: int) -> int:
-    """Samples per feature chunk: what fits ``max_payload`` at fp32, the worst case."""
+def per_chunk(dev: EdgeDevice, max_payload: int, maps: bool = True) -> int:
+    """Samples per feature chunk: what fits ``max_payload`` at fp32, the worst case (with
+    ``maps`` False: ids, labels and logits alone)."""
     x = dev._extract.dataset[0][0]
-    raw = 16 * x.shape[-1] * x.shape[-2] * 4 + dev.bank.num_classes * 4 + 16
+    raw = (16 * x.shape[-1] * x.shape[-2] * 4 if maps else 0) + dev.bank.num_classes * 4 + 16
     return wire.chunk_sizes(dev.num_samples, raw, max_payload)[0]
 
 
-def upload_messages(dev: EdgeDevice, rnd: int, upload_id: str, size: int, codec: str,
+def upload_messages(dev: EdgeDevice, rnd: int, upload_id: str, max_payload: int, codec: str,
                     policy: RefreshPolicy, logits_codec: str,
                     done_meta: dict | None = None) -> Iterator[tuple[str, bytes]]:
-    """(msg id, payload) of the whole upload; ``size`` samples per feature chunk."""
+    """(msg id, payload) of the whole upload, each at most ``max_payload`` bytes."""
+    digest = dev.extractor_digest()
+    size = per_chunk(dev, max_payload, maps=not dev.mirror.unchanged(digest, policy))
     n_chunks = -(-dev.num_samples // size)
-    pieces = dev.mirror.plan(rebatch(dev.features(), size), dev.extractor_digest(), codec,
-                             policy)
+    pieces = dev.mirror.plan(rebatch(dev.features(), size), digest, codec, policy)
     for i, p in enumerate(pieces):
         mid = f"{upload_id}:{i}"
         yield mid, feature_chunk(dev.device_id, rnd, mid, i, n_chunks, p.batch, p.codec,

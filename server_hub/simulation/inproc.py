@@ -14,7 +14,7 @@ from torch import nn
 
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
-from edge_runtime.device.upload import per_chunk, upload_messages
+from edge_runtime.device.upload import upload_messages
 from edge_runtime.learning.data import DataConfig, Split, WithIds, load_split, make_loader
 from edge_runtime.learning.partition import parse_partition, partition
 from edge_runtime.learning.train import EdgeTrainConfig, accuracy, make_optimizer
@@ -128,12 +128,11 @@ def deliver_upload(hub: Hub, dev: EdgeDevice, rnd: int, cfg: FederationConfig,
     does (and once more with full maps if the hub asks to resync): (feature epoch, bytes
     up, bytes down in acks)."""
     up = down = 0
-    size = per_chunk(dev, cfg.max_payload)
     for attempt in range(2):
         epoch, resync = None, False
         hub.bank.clear(dev.device_id)
-        for _, payload in upload_messages(dev, rnd, f"r{rnd}-{attempt}", size, cfg.codec,
-                                          policy, cfg.logits_codec):
+        for _, payload in upload_messages(dev, rnd, f"r{rnd}-{attempt}", cfg.max_payload,
+                                          cfg.codec, policy, cfg.logits_codec):
             up += len(payload)
             down += ack_bytes(dev.device_id, rnd)
             msg = wire.decode_message(payload, max_bytes=cfg.max_payload)
