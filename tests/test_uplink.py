@@ -112,6 +112,10 @@ def test_both_sides_survive_restarts(tmp_path):
     mirror, held = FeatureMirror(IDS), HeldFeatures(tmp_path / "hub")
     upload(mirror, held, features(0), "a", policy)
     upload(mirror, held, features(0) + 0.1 * features(1), "b", policy)
+    maps_file = tmp_path / "hub" / f"{DEV}.maps"
+    written = maps_file.stat().st_mtime_ns
+    n, _ = upload(mirror, held, features(0) + 0.1 * features(1), "b", policy)  # unchanged
+    assert maps_file.stat().st_mtime_ns == written  # only the epoch file was rewritten
     mirror.save(tmp_path / "dev")
     mirror2, held2 = FeatureMirror(IDS), HeldFeatures(tmp_path / "hub")  # both restarted
     mirror2.load(tmp_path / "dev")

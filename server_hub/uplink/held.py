@@ -38,6 +38,7 @@ class HeldFeatures:
         self._ids: dict[str, np.ndarray] = {}
         self._maps: dict[str, np.ndarray] = {}
         self.epochs: dict[str, str] = {}
+        self._touched: set[str] = set()  # devices sent maps since their last commit
         if self.root is not None and self.root.is_dir():
             for meta in self.root.glob("*.held.json"):
                 self._load(meta)
@@ -47,6 +48,8 @@ class HeldFeatures:
 
     def reconstruct(self, device: str, c: FeatureChunk) -> torch.Tensor:
         """The chunk's full feature maps (float32), built on what the hub holds if needed."""
+        if c.complete or (c.rows is None or len(c.rows)):
+            self._touched.add(device)
         if c.complete:
             return c.features
         held = self.epochs.get(device)
@@ -73,7 +76,14 @@ class HeldFeatures:
                epoch: str | None) -> None:
         """The device's maps become ``features`` (sorted ``ids``), named ``epoch``."""
         ids_np = ids.numpy().astype(np.int64)
-        if self.root is None:
+        same = device not in self._touched and np.array_equal(self._ids.get(device), ids_np)
+        self._touched.discard(device)
+        if same and self.root is not None and device in self.epochs:  # maps as held
+            if epoch is not None:
+                self._write_epoch(device, epoch, tuple(features.shape))
+            else:
+                (self.root / f"{device}.held.json").unlink(missing_ok=True)
+        elif self.root is None:
             self._ids[device] = ids_np.copy()
             self._maps[device] = features.numpy().astype(np.float32, copy=True)
         else:
@@ -94,13 +104,17 @@ class HeldFeatures:
             self._ids[device] = ids_np
             self._maps[device] = self._map(path, (len(ids_np), *src.shape[1:]))
             if epoch is not None:
-                tmp = meta.with_suffix(".tmp")
-                tmp.write_text(json.dumps({"epoch": epoch, "shape": list(src.shape)}))
-                tmp.replace(meta)
+                self._write_epoch(device, epoch, src.shape)
         if epoch is None:
             self.epochs.pop(device, None)
         else:
             self.epochs[device] = epoch
+
+    def _write_epoch(self, device: str, epoch: str, shape: tuple[int, ...]) -> None:
+        meta = self.root / f"{device}.held.json"
+        tmp = meta.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"epoch": epoch, "shape": list(shape)}))
+        tmp.replace(meta)
 
     def _map(self, path: Path, shape: tuple[int, ...]) -> np.ndarray:
         if shape[0] == 0:
