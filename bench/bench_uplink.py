@@ -167,6 +167,7 @@ def _run_row(row: str, args: argparse.Namespace) -> dict:
     d = result.to_dict()
     ups = [r.upload_bytes for r in result.rounds]
     out = {"row": row, "final_accuracy": d["final"]["test_accuracy"],
+           "final_edge_accuracy": d["final"]["edge_accuracy"],
            "upload_bytes": d["final"]["upload_bytes"],
            "download_bytes": d["final"]["download_bytes"],
            "first_round_upload": ups[0], "last_round_upload": ups[-1],
