@@ -276,6 +276,8 @@ def write(args: argparse.Namespace, rows: dict[str, dict], t0: float, all_rows: 
            "rows": all_rows}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=1) + "\n")
+    if all(r.get("bytes_only") for r in rows.values()):
+        return  # nothing to plot without accuracy
     title = (f"{args.dataset}: {args.devices} devices, {args.partition}, seed {args.seed}, "
              f"{args.rounds} rounds, {args.server_epochs} server epoch(s)")
     plot(rows, args.json.with_suffix(".png"), title)
