@@ -149,7 +149,7 @@ def _run_row(row: str, args: argparse.Namespace) -> dict:
         partition=args.partition, rounds=args.rounds, seed=args.seed,
         edge=EdgeTrainConfig(batch_size=args.batch_size),
         server=ServerTrainConfig(epochs=args.server_epochs, batch_size=args.batch_size,
-                                 device="cpu"))
+                                 device=args.device))
     t0 = time.perf_counter()
     if args.bytes_only:
         out = _bytes_row(row, cfg, args)
@@ -243,6 +243,7 @@ def main() -> None:
     p.add_argument("--rows", nargs="+", default=ROWS)
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per row")
+    p.add_argument("--device", default="cpu", help="hub torch device: cpu | cuda | auto")
     p.add_argument("--bytes-only", action="store_true",
                    help="no hub training or accuracy: measure what crosses the wire only")
     p.add_argument("--json", type=Path, default=HERE / "results" / "uplink.json")
