@@ -28,6 +28,7 @@ from server_hub.trainer import (
     split_accuracy,
     train_server,
 )
+from server_hub.uplink.held import HeldFeatures
 
 
 @dataclass(frozen=True)
@@ -46,8 +47,10 @@ class Hub:
     and its steps: receive, train, logits per device, evaluate, save and restore."""
 
     def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0,
-                 feature_dir: str | Path | None = None) -> None:
-        """``feature_dir``: spill received feature maps there (bounded hub memory)."""
+                 feature_dir: str | Path | None = None,
+                 held_dir: str | Path | None = None) -> None:
+        """``feature_dir``: spill received feature maps there (bounded hub memory);
+        ``held_dir``: keep each device's latest maps there across rounds and restarts."""
         torch.manual_seed(seed)
         self.cfg = cfg
         self.num_classes = num_classes
@@ -59,6 +62,7 @@ class Hub:
         self.generator = torch.Generator().manual_seed(seed)
         self.bank = FeatureBank(feature_dir)
         self.extractors: dict[str, dict[str, torch.Tensor]] = {}
+        self.held = HeldFeatures(held_dir)
 
     def receive_features(self, device: str, chunk: DeviceFeatures) -> None:
         if chunk.logits.shape[1:] != (self.num_classes,):
@@ -78,6 +82,12 @@ class Hub:
     def train(self, devices: list[str]) -> ServerStats:
         return train_server(self.model, self.optimizer, self.bank, devices, self.cfg,
                             self.generator)
+
+    def commit_features(self, devices: list[str], epochs: dict[str, str | None]) -> None:
+        """Hold the round's maps of ``devices`` (after their logits are computed)."""
+        for d in devices:
+            feats = self.bank.get(d)
+            self.held.commit(d, feats.ids, feats.features, epochs.get(d))
 
     def logits_for(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, z_s) for every sample the device sent, computed in eval mode."""

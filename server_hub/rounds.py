@@ -84,6 +84,7 @@ class Trainer(Protocol):
 
     def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]: ...
     def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]: ...
+    def commit_features(self, devices: list[str], done: dict) -> None: ...
     def evaluate(self, devices: list[str]) -> Evaluation: ...
 
 
@@ -144,6 +145,10 @@ class LocalTrainer:
             ids, z = self.hub.logits_for(d)
             out[d] = (ids.numpy(), z)
         return out
+
+    def commit_features(self, devices: list[str], done: dict) -> None:
+        """Hold what the round trained on, under each upload's feature epoch."""
+        self.hub.commit_features(devices, {d: done[d].epoch for d in devices})
 
     def evaluate(self, devices: list[str]) -> Evaluation:
         return self.hub.evaluate(self.test_loader, devices)
@@ -237,8 +242,11 @@ class RoundLoop:
         stats, trained = self.trainer.train(rnd, done)
         t_train = time.perf_counter()
         self.intake.sent = {}  # only this round's logits are sent again on request
-        for d, (ids, z) in self.trainer.logits(devices).items():
-            self.intake.send_logits(d, rnd, ids, z)
+        round_logits = self.trainer.logits(devices)
+        self.trainer.commit_features(devices, done)  # between logits and publishing them
+        held = self.intake.hub.held
+        for d, (ids, z) in round_logits.items():
+            self.intake.send_logits(d, rnd, ids, z, feature_epoch=held.epoch(d))
         seconds = time.perf_counter() - t0
         ev = self.trainer.evaluate(devices)
         log.info("%sround %d: collect %.1fs, train %.1fs (%s), logits %.1fs, eval %.1fs",

@@ -17,18 +17,20 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH
+from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
-from edge_runtime.learning.train import FeatureBatch
+from edge_runtime.device.upload import rebatch, upload_messages  # noqa: F401
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
-from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+from edge_runtime.protocol.messages import (
+    LOGITS_CODEC,
+    parse_logits,
+)
 
 log = logging.getLogger("gkt.edge")
 
@@ -46,33 +48,11 @@ class AgentConfig:
     evaluate_local: bool = True  # report the local classifier's test accuracy
     mode: str = "sync"  # async: no round announcements; go again as soon as our logits come
     speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
+    refresh: str = DEFAULT_POLICY  # which feature maps to upload (refresh.py)
+    logits_codec: str = LOGITS_CODEC
 
-
-def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
-    """Regroup extraction batches into upload chunks of exactly ``size`` (last may be short)."""
-    pending: list[FeatureBatch] = []
-    count = 0
-    for b in batches:
-        pending.append(b)
-        count += len(b.ids)
-        while count >= size:
-            merged = _cat(pending)
-            yield _slice(merged, 0, size)
-            rest = _slice(merged, size, count)
-            pending, count = ([rest], count - size) if count > size else ([], 0)
-    if count:
-        yield _cat(pending)
-
-
-def _cat(parts: list[FeatureBatch]) -> FeatureBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return FeatureBatch(*(torch.cat([getattr(p, f) for p in parts])
-                          for f in ("ids", "features", "logits", "labels")))
-
-
-def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
-    return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
+    def __post_init__(self) -> None:
+        RefreshPolicy.parse(self.refresh)  # refuses a bad policy now, not mid-round
 
 
 class EdgeAgent:
@@ -94,6 +74,8 @@ class EdgeAgent:
         self._stop = threading.Event()
         self.throttle = Throttle(cfg.speed, self._stop)
         self._train_seconds: float | None = None  # of the last round, reported to the hub
+        self.policy = RefreshPolicy.parse(cfg.refresh)
+        self._resync = threading.Event()  # the hub holds other maps than our upload assumed
         self.auth_refused: str | None = None  # why the broker refused us, if it did
         link.on_auth_refused = self._on_auth_refused
 
@@ -114,6 +96,8 @@ class EdgeAgent:
         if msg is None:
             return
         if msg.kind == "ack":
+            if msg.meta.get("resync"):
+                self._resync.set()
             sender = self._sender
             if sender is not None:
                 for mid in msg.meta.get("msg_ids", []):
@@ -205,6 +189,7 @@ class EdgeAgent:
         dev = self.device
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
+                "feature_epoch": dev.mirror.epoch,
                 "device_metrics": device_metrics(dev.num_samples)}
         payload = wire.encode_message("hello", dev.device_id, max(dev.progress.completed_round, 0),
                                       {}, msg_id=f"hello-{uuid.uuid4().hex[:8]}", meta=meta)
@@ -223,7 +208,7 @@ class EdgeAgent:
     def _round(self, rnd: int) -> None:
         dev = self.device
         t0 = time.perf_counter()
-        stats = self.throttle.run(dev.train)
+        stats = self.throttle.run(lambda: dev.train(self.policy.frozen(rnd)))
         self._train_seconds = time.perf_counter() - t0
         local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
         log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
@@ -238,41 +223,32 @@ class EdgeAgent:
             log.info("%s: round %d complete in %.1fs", dev.device_id, rnd,
                      time.perf_counter() - t0)
 
-    def _per_chunk(self) -> int:
-        ncls = self.device.bank.num_classes
-        x = self.device._extract.dataset[0][0]
-        raw = 16 * x.shape[-1] * x.shape[-2] * 4 + ncls * 4 + 16  # fp32 worst case
-        sizes = wire.chunk_sizes(self.device.num_samples, raw, self.cfg.max_payload)
-        return sizes[0]
-
     def _upload(self, rnd: int, local_acc: float | None) -> None:
+        """Send the round's upload; once more with full maps if the hub asks to resync."""
+        for _ in range(2):
+            self._resync.clear()
+            self._send_upload(rnd, local_acc)
+            if not self._resync.is_set():
+                return
+            log.info("%s: the hub holds other feature maps than we assumed; sending full "
+                     "maps", self.device.device_id)
+            self.device.mirror.invalidate()
+
+    def _send_upload(self, rnd: int, local_acc: float | None) -> None:
         dev = self.device
         upload_id = f"r{rnd}-{uuid.uuid4().hex[:8]}"
-        per_chunk = self._per_chunk()
-        n_chunks = -(-dev.num_samples // per_chunk)
-
-        def messages() -> Iterator[tuple[str, bytes]]:
-            for i, batch in enumerate(rebatch(dev.features(), per_chunk)):
-                mid = f"{upload_id}:{i}"
-                yield mid, feature_chunk(dev.device_id, rnd, mid, i, n_chunks, batch,
-                                         self.cfg.codec)
-            mid = f"{upload_id}:extractor"
-            yield mid, extractor_message(dev.device_id, rnd, mid, dev.extractor_state())
-            mid = f"{upload_id}:done"
-            meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
-                    "upload_id": upload_id, "edge_accuracy": local_acc,
-                    "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
-                                                     local_acc)}
-            yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
-                                           meta=meta)
-
+        meta = {"edge_accuracy": local_acc,
+                "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
+                                                 local_acc)}
+        messages = upload_messages(dev, rnd, upload_id, self.cfg.max_payload, self.cfg.codec,
+                                   self.policy, self.cfg.logits_codec, meta)
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)
         if self._stop.is_set():  # stop() came while we trained, before this sender existed
             self._sender.cancel()
         try:
-            self._sender.send(self._throttled(messages()))
+            self._sender.send(self._throttled(messages))
         finally:
             self._sender = None
 
@@ -303,6 +279,8 @@ class EdgeAgent:
             if msg.round != rnd:
                 continue
             chunk = parse_logits(msg)
+            if dev.mirror.pending_epoch is not None or dev.mirror.epoch is not None:
+                dev.mirror.confirm(chunk.feature_epoch)  # the first chunk settles it
             self.throttle.transfer(chunk.logits.numel() * 4 + len(chunk.ids) * 8)
             try:
                 dev.receive_logits(chunk.ids, chunk.logits)

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
+from edge_runtime.device.refresh import DEFAULT_POLICY
 from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
@@ -21,6 +22,7 @@ from edge_runtime.ops.config_file import (
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from edge_runtime.protocol.messages import LOGITS_CODEC, LOGITS_CODECS
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -42,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
     run.add_argument("--codec", default="q8", help="feature codec: fp32 | fp16 | q8 | q4")
+    run.add_argument("--refresh", default=DEFAULT_POLICY,
+                     help="which feature maps to upload: full | freeze:W | drift:B | delta, "
+                          f"joined with + (default {DEFAULT_POLICY}; docs/uplink.md)")
+    run.add_argument("--logits-codec", default=LOGITS_CODEC, choices=LOGITS_CODECS,
+                     help="codec of the logits we upload")
     run.add_argument("--dataset", default="digits")
     run.add_argument("--data-root", default="data")
     run.add_argument("--image-size", type=int, default=0)
@@ -133,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = AgentConfig(args.device_id, codec=args.codec,
                           state_dir=args.state_dir or f"gkt-edge-state/{args.device_id}",
                           max_payload=args.max_payload, mode=args.mode,
+                          refresh=args.refresh, logits_codec=args.logits_codec,
                           speed=DeviceSpeed(args.speed_factor, parse_bandwidth(args.bandwidth)))
         from edge_runtime.protocol.codecs import get_codec
 

@@ -153,8 +153,10 @@ def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loade
     features = Path(opts.service.state_dir) / "features" if opts.spill_features else None
     if worker is not None and features is not None:
         features = features / f"rank-{worker.rank}"  # its own spill files
+    # workers hold no maps across rounds (their logits name no feature epoch)
+    held = None if worker is not None else Path(opts.service.state_dir) / "held"
     hub = Hub(fed.data.num_classes, worker.server if worker else fed.server, fed.seed,
-              feature_dir=features)
+              feature_dir=features, held_dir=held)
     if worker is not None:
         from server_hub.workers.service import WorkerConfig, WorkerService, share_group_for
 
