@@ -31,6 +31,7 @@ from server_hub.trainer import (
     server_logits,
     train_server,
 )
+from server_hub.uplink.held import HeldFeatures
 
 log = logging.getLogger("gkt.hub")
 
@@ -54,8 +55,10 @@ class Hub:
     and its steps: receive, train, logits per device, evaluate, save and restore."""
 
     def __init__(self, num_classes: int, cfg: ServerTrainConfig, seed: int = 0,
-                 feature_dir: str | Path | None = None) -> None:
-        """``feature_dir``: spill received feature maps there (bounded hub memory)."""
+                 feature_dir: str | Path | None = None,
+                 held_dir: str | Path | None = None) -> None:
+        """``feature_dir``: spill received feature maps there (bounded hub memory);
+        ``held_dir``: keep each device's latest maps there across rounds and restarts."""
         torch.manual_seed(seed)
         self.cfg = cfg
         self.num_classes = num_classes
@@ -68,6 +71,7 @@ class Hub:
         self.bank = FeatureBank(feature_dir)
         self.extractors: dict[str, dict[str, torch.Tensor]] = {}
         self.quarantined: dict[str, str] = {}  # device -> why, from the last train()
+        self.held = HeldFeatures(held_dir)
 
     def receive_features(self, device: str, chunk: DeviceFeatures) -> None:
         if chunk.logits.shape[1:] != (self.num_classes,):
@@ -135,6 +139,12 @@ class Hub:
             torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda"])
+
+    def commit_features(self, devices: list[str], epochs: dict[str, str | None]) -> None:
+        """Hold the round's maps of ``devices`` (after their logits are computed)."""
+        for d in devices:
+            feats = self.bank.get(d)
+            self.held.commit(d, feats.ids, feats.features, epochs.get(d))
 
     def logits_for(self, device: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(ids, z_s) for every sample the device sent, computed in eval mode."""

@@ -3,9 +3,8 @@
 Decode, validate (size, header, spoofing, schema, known device, round), store into the
 hub's feature bank, journal (so a crashed hub replays what it accepted) and acknowledge.
 Anything that does not validate is logged, counted by reason and dropped; nothing here
-trains or touches the server model. The synchronous round loop (rounds.py), hub workers
-and async mode all receive through one ``UploadIntake``; async mode swaps in its own rule
-for upload messages (``accept``), since it has no rounds.
+trains or touches the server model. The round loop, hub workers and async mode (which
+swaps in its own rule for upload messages, ``accept``) all receive through one intake.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.journal import UploadJournal
 from server_hub.registry import DeviceRegistry
+from server_hub.uplink.held import Resync
 
 log = logging.getLogger("gkt.hub")
 UPLOAD_KINDS = ("features", "extractor", "upload_done")
@@ -45,6 +45,7 @@ class Upload:
     done: bool = False
     bytes: int = 0
     edge_accuracy: float | None = None
+    epoch: str | None = None  # the feature epoch the device names this upload's maps
     claimed: int = -1  # samples upload_done says it holds
     totals: UploadTotals = field(default_factory=lambda: UploadTotals(set()))
 
@@ -227,11 +228,22 @@ class UploadIntake:
                 self.rejected["stale_round"] += 1
                 self.ack(device, msg.msg_id)
                 return
-            if self.store(device, msg, len(msg_bytes), replay) and not replay:
-                self.journal.record(self.round, device, msg_bytes)
+            try:
+                stored = self.store(device, msg, len(msg_bytes), replay)
+            except Resync as err:  # the device must send full maps (docs/uplink.md)
+                self.rejected["resync"] += 1
+                log.info("%s", err)
+                if not replay:
+                    self.ack(device, msg.msg_id, resync=True)
+                return
             self.cond.notify_all()
-        if not replay:
-            self.ack(device, msg.msg_id)
+        if replay:
+            return
+        ack = lambda: self.ack(device, msg.msg_id)  # noqa: E731
+        if stored:  # acked once the journal's group commit made it durable
+            self.journal.record(self.round, device, msg_bytes, then=ack)
+        else:  # a duplicate: its first copy may still be waiting for that commit
+            self.journal.after_commit(ack)
 
     def require_known(self, device: str, kind: str, replay: bool) -> None:
         if replay and device in self.registry:  # it was known when its message was accepted
@@ -273,8 +285,8 @@ class UploadIntake:
             size = admission.check_features(msg, self.feature_size(), up.totals,
                                             hello_samples, self.limits)
             b = parse_feature_chunk(msg)
-            self.hub.receive_features(device, DeviceFeatures(b.ids, b.features, b.logits,
-                                                             b.labels))
+            maps = self.hub.held.reconstruct(device, b)
+            self.hub.receive_features(device, DeviceFeatures(b.ids, maps, b.logits, b.labels))
             self.registry.settle_feature_size(size)
             up.totals.ids.update(b.ids.tolist())
             up.totals.wire_bytes += admission.msg_wire_bytes(msg)
@@ -298,6 +310,7 @@ class UploadIntake:
             up.done = True
             acc = msg.meta.get("edge_accuracy")
             up.edge_accuracy = float(acc) if isinstance(acc, (int, float)) else None
+            up.epoch = msg.meta.get("epoch")
         up.bytes += size
         if up.complete:
             try:
@@ -307,10 +320,10 @@ class UploadIntake:
                 raise
         return True
 
-    def ack(self, device: str, msg_id: str) -> None:
+    def ack(self, device: str, msg_id: str, resync: bool = False) -> None:
+        meta = {"msg_ids": [msg_id], **({"resync": True} if resync else {})}
         payload = wire.encode_message("ack", device, max(self.round, 0), {},
-                                      msg_id=f"ack-{uuid.uuid4().hex[:8]}",
-                                      meta={"msg_ids": [msg_id]})
+                                      msg_id=f"ack-{uuid.uuid4().hex[:8]}", meta=meta)
         self.bytes_down += len(payload)
         self.link.publish(topics.down(device), payload, wait=False)
 
@@ -327,10 +340,13 @@ class UploadIntake:
             self.link.publish(topics.down(device), m, wait=False)
 
     # -- main thread ---------------------------------------------------------------------
-    def send_logits(self, device: str, rnd: int, ids, logits, wait: bool = True) -> None:
-        """Send a device its server logits (kept for a re-request)."""
+    def send_logits(self, device: str, rnd: int, ids, logits, wait: bool = True,
+                    feature_epoch: str | None = None) -> None:
+        """Send a device its server logits (kept for a re-request), naming the feature
+        epoch the hub holds its maps under (None: it holds none; send full maps)."""
         per_chunk = rows_per_message(self.max_payload, 8 + 4 * self.hub.num_classes)
-        msgs = logits_messages(device, rnd, ids, logits, per_chunk)
+        msgs = logits_messages(device, rnd, ids, logits, per_chunk,
+                               feature_epoch=feature_epoch)
         self.sent[device] = (rnd, msgs)
         for m in msgs:
             self.link.publish(topics.down(device), m, wait=wait)

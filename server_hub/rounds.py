@@ -99,6 +99,7 @@ class Trainer(Protocol):
 
     def train(self, rnd: int, done: dict) -> tuple[ServerStats, str]: ...
     def logits(self, devices: list[str]) -> dict[str, tuple[np.ndarray, object]]: ...
+    def commit_features(self, devices: list[str], done: dict) -> None: ...
     def evaluate(self, devices: list[str]) -> Evaluation: ...
 
 
@@ -161,6 +162,10 @@ class LocalTrainer:
             ids, z = self.hub.logits_for(d)
             out[d] = (ids.numpy(), z)
         return out
+
+    def commit_features(self, devices: list[str], done: dict) -> None:
+        """Hold what the round trained on, under each upload's feature epoch."""
+        self.hub.commit_features(devices, {d: done[d].epoch for d in devices})
 
     def evaluate(self, devices: list[str]) -> Evaluation:
         if self.test_loader is None:  # no held-out data at the hub
@@ -271,9 +276,11 @@ class RoundLoop:
         devices = self.drop_quarantined(devices, bad)
         done = {d: done[d] for d in devices}
         self.intake.registry.uploaded(devices, rnd)
+        self.trainer.commit_features(devices, done)  # between logits and publishing them
+        held = self.intake.hub.held
         for d, (ids, z) in logits.items():  # a hub worker: the devices it trained on
             if d in done:
-                self.intake.send_logits(d, rnd, ids, z)
+                self.intake.send_logits(d, rnd, ids, z, feature_epoch=held.epoch(d))
         seconds = time.perf_counter() - t0
         ev = self.trainer.evaluate(devices)
         log.info("%sround %d: collect %.1fs, train %.1fs (%s), logits %.1fs, eval %.1fs",

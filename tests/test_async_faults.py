@@ -30,6 +30,7 @@ from server_hub.async_mode.state import FILE, load_state
 from server_hub.broker.mosquitto import free_port
 from server_hub.checkpoint import latest_checkpoint
 from server_hub.hub import Hub
+from server_hub.journal import count_records
 from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import FederationConfig, prepare
 from server_hub.trainer import ServerTrainConfig
@@ -169,7 +170,7 @@ def journal(state: Path) -> dict[tuple[int, str], int]:
     """{(update, device): accepted messages on disk}"""
     out = {}
     for folder in (state / "uploads").glob("round-*/*"):
-        n = len(list(folder.glob("*.msg")))
+        n = count_records(folder)
         if n:
             out[(int(folder.parent.name.split("-")[1]), folder.name)] = n
     return out

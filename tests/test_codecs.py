@@ -200,3 +200,49 @@ def test_unknown_codec_and_level_are_clear_errors():
         get_codec("q3")
     with pytest.raises(ValueError, match="zstd level"):
         get_codec("q8", level=0)
+
+
+def test_s8_keeps_signs_within_half_a_step_and_refuses_code_minus_128():
+    import zstandard
+
+    from edge_runtime.protocol.codecs import decode_delta, encode_delta
+
+    g = np.random.default_rng(0)
+    c = get_codec("s8")
+    for x in (g.normal(size=(3, 16, 4, 4)).astype(np.float32),  # residuals: per plane
+              g.normal(size=(5, 10)).astype(np.float32) * 8):  # logits: per sample
+        y = c.decode(c.encode(x), x.shape)
+        bound = c.error_bound(x)
+        planes = len(bound)
+        err = np.abs(y - x).reshape(planes, -1).max(axis=1)
+        assert (err <= bound).all() and (np.sign(y) * np.sign(x) >= 0).all()
+    raw = np.zeros(1, "<f4").tobytes() + np.array([-128, 0, 0, 0], np.int8).tobytes()
+    with pytest.raises(WireError, match="-128"):
+        c.decode(zstandard.ZstdCompressor(write_content_size=True).compress(raw), (1, 4))
+    ids = np.array([3, 7, 8, 100, 2**40], np.int64)
+    assert (decode_delta(encode_delta(ids), ids.shape) == ids).all()
+    assert len(encode_delta(np.arange(0, 5000, dtype=np.int64))) < 100  # sorted ids: tiny
+    with pytest.raises(WireError, match="int64"):
+        encode_delta(ids.astype(np.int32))
+
+
+def test_partial_feature_chunks_need_a_base_and_increasing_rows():
+    import torch
+
+    from edge_runtime.learning.train import FeatureBatch
+    from edge_runtime.protocol import wire
+    from edge_runtime.protocol.messages import feature_chunk, parse_feature_chunk
+
+    b = FeatureBatch(torch.arange(4), torch.rand(2, 16, 4, 4), torch.randn(4, 10),
+                     torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(WireError, match="base"):
+        feature_chunk("d", 0, "m", 0, 1, b, "q8", rows=np.array([0, 2]))
+    with pytest.raises(WireError, match="increase"):
+        feature_chunk("d", 0, "m", 0, 1, b, "q8", rows=np.array([2, 0]), base="e1")
+    with pytest.raises(WireError, match="base"):  # residuals build on the hub's copy too
+        feature_chunk("d", 0, "m", 0, 1, FeatureBatch(b.ids, torch.rand(4, 16, 4, 4),
+                                                      b.logits, b.labels), "s8")
+    msg = wire.decode_message(feature_chunk("d", 0, "m", 0, 1, b, "q8", rows=np.array([1, 3]),
+                                            base="e1"), max_bytes=1 << 20)
+    c = parse_feature_chunk(msg)
+    assert c.base == "e1" and list(c.rows) == [1, 3] and not c.complete and not c.residual

@@ -22,6 +22,7 @@ from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics
 from server_hub.checkpoint import latest_checkpoint
+from server_hub.journal import count_records
 from server_hub.simulation.inproc import FederationConfig, prepare
 
 pytestmark = pytest.mark.mqtt
@@ -89,11 +90,11 @@ def test_hub_killed_mid_round_resumes_without_losing_uploads(broker, tmp_path, s
         t.start()
     # Kill it (kill -9) once round 1 has accepted, journaled and acknowledged some uploads.
     journal = state / "uploads" / "round-0001"
-    assert wait_for(lambda: journal.is_dir() and len(list(journal.rglob("*.msg"))) >= 2,
+    assert wait_for(lambda: journal.is_dir() and count_records(journal) >= 2,
                       timeout=180), (tmp_path / "hub1.log").read_text()[-2000:]
     hub.kill()
     hub.wait()
-    accepted = len(list(journal.rglob("*.msg")))
+    accepted = count_records(journal)
     log2 = open(tmp_path / "hub2.log", "w")
     hub2 = subprocess.Popen(hub_cmd(broker.url, state, 2), stdout=log2, stderr=log2,
                             env=ONE_THREAD)

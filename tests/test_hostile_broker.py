@@ -47,7 +47,7 @@ def upload(rnd: int, tag: str) -> list[bytes]:
 
 def hostile(rnd: int, old_round: list[bytes], max_payload: int) -> list[tuple[bytes, str]]:
     good = feature_chunk(DEV, rnd, "h:0", 0, 3, batch(0, 2), "q8")
-    nan = zstd.ZstdCompressor().compress(np.full((2, 10), np.nan, "<f4").tobytes())
+    nan = zstd.ZstdCompressor().compress(np.full((2, 10), np.nan, "<f2").tobytes())  # fp16
     big = feature_chunk(DEV, rnd, "h:0", 0, 3, batch(0, 90), "fp32")
     assert len(big) > max_payload
     return [
@@ -63,7 +63,7 @@ def hostile(rnd: int, old_round: list[bytes], max_payload: int) -> list[tuple[by
         (old_round[0], "stale_round"),  # replay of the previous round's chunk
         (feature_chunk("alice", rnd, "h:0", 0, 3, batch(0, 2), "q8"), "spoofed"),
         (replace_blob(good, 1, exact(np.array([10, 3]))), "schema"),  # label out of range
-        (replace_blob(good, 0, exact(np.array([4, 4]))), "schema"),  # duplicate sample ids
+        (replace_blob(good, 0, exact(np.array([4, 0]))), "schema"),  # duplicate ids (delta)
     ]
 
 

@@ -99,6 +99,11 @@ def test_metrics_change_as_rounds_progress(fed):
         assert m[("gkt_hub_rejected_messages_total", (("reason", "bad_magic"),))] == 1
         received.append(m[("gkt_hub_received_bytes_total", ())])
         assert m[("gkt_hub_sent_bytes_total", ())] > 0
+        done = fed.records[:k + 1]  # uplink/downlink per round and cumulative, as recorded
+        assert m[("gkt_hub_round_uplink_bytes", ())] == rec.upload_bytes > 0
+        assert m[("gkt_hub_round_downlink_bytes", ())] == rec.download_bytes > 0
+        assert m[("gkt_hub_uplink_bytes_total", ())] == sum(r.upload_bytes for r in done)
+        assert m[("gkt_hub_downlink_bytes_total", ())] == sum(r.download_bytes for r in done)
         for a in fed.agents:  # what each device reported about itself, labelled by device
             d = (("device", a.device.device_id),)
             assert m[("gkt_device_samples", d)] == a.device.num_samples

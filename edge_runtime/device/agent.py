@@ -21,14 +21,15 @@ from typing import TYPE_CHECKING
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_REFUSED, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
+from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
-from edge_runtime.learning.batches import rebatch
+from edge_runtime.device.upload import upload_messages
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import refusal, topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
-from edge_runtime.protocol.messages import extractor_message, feature_chunk, parse_logits
+from edge_runtime.protocol.messages import LOGITS_CODEC, parse_logits
 from edge_runtime.protocol.round_auth import RoundGuard
 
 if TYPE_CHECKING:
@@ -52,6 +53,11 @@ class AgentConfig:
     speed: DeviceSpeed = DeviceSpeed()  # simulated slowness (throttle.py); default: none
     run_id: str | None = None  # the adopted run spec's (device/adopt.py), named in hello
     round_key: bytes | None = None  # follow only round announcements signed with it
+    refresh: str = DEFAULT_POLICY  # which feature maps to upload (refresh.py)
+    logits_codec: str = LOGITS_CODEC
+
+    def __post_init__(self) -> None:
+        RefreshPolicy.parse(self.refresh)  # refuses a bad policy now, not mid-round
 
 
 class EdgeAgent:
@@ -81,6 +87,8 @@ class EdgeAgent:
         self._stop = threading.Event()
         self.throttle = Throttle(cfg.speed, self._stop)
         self._train_seconds: float | None = None  # of the last round, reported to the hub
+        self.policy = RefreshPolicy.parse(cfg.refresh)
+        self._resync = threading.Event()  # the hub holds other maps than our upload assumed
         self.auth_refused: str | None = None  # why the broker refused us, if it did
         self.refused: str | None = None  # a fatal reason the hub gave, if it did
         self.guard = RoundGuard(cfg.round_key)
@@ -114,6 +122,8 @@ class EdgeAgent:
         if msg is None:
             return
         if msg.kind == "ack":
+            if msg.meta.get("resync"):
+                self._resync.set()
             sender = self._sender
             if sender is not None:
                 for mid in msg.meta.get("msg_ids", []):
@@ -250,6 +260,7 @@ class EdgeAgent:
         meta = {"num_samples": dev.num_samples, "num_classes": dev.bank.num_classes,
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
                 "image_size": int(dev._extract.dataset[0][0].shape[-1]),
+                "feature_epoch": dev.mirror.epoch,
                 "device_metrics": device_metrics(dev.num_samples,
                                                  skipped_files=self._skipped_files())}
         if self.cfg.run_id is not None:
@@ -279,7 +290,7 @@ class EdgeAgent:
             self.own_data.refresh(dev)
             self.test_loader = self.own_data.val_loader()
         t0 = time.perf_counter()
-        stats = self.throttle.run(dev.train)
+        stats = self.throttle.run(lambda: dev.train(self.policy.frozen(rnd)))
         self._train_seconds = time.perf_counter() - t0
         local_acc = dev.local_accuracy(self.test_loader) if self.test_loader else None
         log.info("%s: round %d trained locally (loss %.3f, %d distilled) in %.1fs", dev.device_id,
@@ -301,41 +312,32 @@ class EdgeAgent:
             log.info("%s: round %d complete in %.1fs", dev.device_id, rnd,
                      time.perf_counter() - t0)
 
-    def _per_chunk(self) -> int:
-        ncls = self.device.bank.num_classes
-        x = self.device._extract.dataset[0][0]
-        raw = 16 * x.shape[-1] * x.shape[-2] * 4 + ncls * 4 + 16  # fp32 worst case
-        sizes = wire.chunk_sizes(self.device.num_samples, raw, self.cfg.max_payload)
-        return sizes[0]
-
     def _upload(self, rnd: int, local_acc: float | None) -> None:
+        """Send the round's upload; once more with full maps if the hub asks to resync."""
+        for _ in range(2):
+            self._resync.clear()
+            self._send_upload(rnd, local_acc)
+            if not self._resync.is_set():
+                return
+            log.info("%s: the hub holds other feature maps than we assumed; sending full "
+                     "maps", self.device.device_id)
+            self.device.mirror.invalidate()
+
+    def _send_upload(self, rnd: int, local_acc: float | None) -> None:
         dev = self.device
         upload_id = f"r{rnd}-{uuid.uuid4().hex[:8]}"
-        per_chunk = self._per_chunk()
-        n_chunks = -(-dev.num_samples // per_chunk)
-
-        def messages() -> Iterator[tuple[str, bytes]]:
-            for i, batch in enumerate(rebatch(dev.features(), per_chunk)):
-                mid = f"{upload_id}:{i}"
-                yield mid, feature_chunk(dev.device_id, rnd, mid, i, n_chunks, batch,
-                                         self.cfg.codec)
-            mid = f"{upload_id}:extractor"
-            yield mid, extractor_message(dev.device_id, rnd, mid, dev.extractor_state())
-            mid = f"{upload_id}:done"
-            meta = {"num_samples": dev.num_samples, "num_chunks": n_chunks,
-                    "upload_id": upload_id, "edge_accuracy": local_acc,
-                    "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
-                                                     local_acc, self._skipped_files())}
-            yield mid, wire.encode_message("upload_done", dev.device_id, rnd, {}, msg_id=mid,
-                                           meta=meta)
-
+        meta = {"edge_accuracy": local_acc,
+                "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
+                                                 local_acc, self._skipped_files())}
+        messages = upload_messages(dev, rnd, upload_id, self.cfg.max_payload, self.cfg.codec,
+                                   self.policy, self.cfg.logits_codec, meta)
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)
         if self._stop.is_set():  # stop() came while we trained, before this sender existed
             self._sender.cancel()
         try:
-            self._sender.send(self._throttled(messages()))
+            self._sender.send(self._throttled(messages))
         finally:
             self._sender = None
 
@@ -370,6 +372,8 @@ class EdgeAgent:
             if msg.round != rnd:
                 continue
             chunk = parse_logits(msg)
+            if dev.mirror.pending_epoch is not None or dev.mirror.epoch is not None:
+                dev.mirror.confirm(chunk.feature_epoch)  # the first chunk settles it
             self.throttle.transfer(chunk.logits.numel() * 4 + len(chunk.ids) * 8)
             try:
                 dev.receive_logits(chunk.ids, chunk.logits)

@@ -21,6 +21,7 @@ import sys
 import threading
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
+from edge_runtime.device.refresh import DEFAULT_POLICY
 from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
@@ -29,6 +30,7 @@ from edge_runtime.ops.config_file import (
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from edge_runtime.protocol.messages import LOGITS_CODEC, LOGITS_CODECS
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -77,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
     bench.add_argument("--seed", type=int, default=0,
                        help="partition seed, same on every device")
+    run.add_argument("--refresh", default=DEFAULT_POLICY,
+                     help="which feature maps to upload: full | freeze:W | drift:B | delta, "
+                          f"joined with + (default {DEFAULT_POLICY}; docs/uplink.md)")
+    run.add_argument("--logits-codec", default=LOGITS_CODEC, choices=LOGITS_CODECS,
+                     help="codec of the logits we upload")
     run.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     run.add_argument("--threads", type=int, default=0,
@@ -308,7 +315,8 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
-                      run_id=spec.run_id,
+                      run_id=spec.run_id, refresh=args.refresh,
+                      logits_codec=args.logits_codec,
                       round_key=read_key(args.round_key_file) if args.round_key_file else None)
     edge_cfg = edge_config(spec, args.extract_backend, args.precision)
     adopt_state_dir(state_dir, spec)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from edge_runtime.device.refresh import FeatureMirror, extractor_digest
 from edge_runtime.learning.data import Split, WithIds, make_loader
 from edge_runtime.learning.distill import LogitBank
 from edge_runtime.learning.models import EdgeResNet8
@@ -71,6 +72,7 @@ class EdgeDevice:
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.bank = LogitBank(np.zeros(0, np.int64), num_classes)
         self.progress = DeviceProgress(device_id)
+        self.mirror = FeatureMirror(self.sample_ids)  # what the hub holds of our features
         torch.manual_seed(seed)
         self.use_data(train_split, train_eval_split, sample_ids, positions)
 
@@ -92,8 +94,9 @@ class EdgeDevice:
     def num_samples(self) -> int:
         return len(self.sample_ids)
 
-    def train(self) -> TrainStats:
-        stats = train_edge(self.model, self.optimizer, self._train, self.bank, self.cfg)
+    def train(self, freeze_extractor: bool = False) -> TrainStats:
+        cfg = replace(self.cfg, freeze_extractor=True) if freeze_extractor else self.cfg
+        stats = train_edge(self.model, self.optimizer, self._train, self.bank, cfg)
         self.progress.last_stats = asdict(stats)
         return stats
 
@@ -103,6 +106,9 @@ class EdgeDevice:
 
     def extractor_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.extractor.state_dict().items()}
+
+    def extractor_digest(self) -> str:
+        return extractor_digest(self.model.extractor.state_dict())
 
     def receive_logits(self, ids: np.ndarray, logits: torch.Tensor) -> None:
         self.bank.update(ids, logits)
@@ -117,6 +123,7 @@ class EdgeDevice:
         tensors.update({f"bank.{k}": v.contiguous() for k, v in self.bank.state().items()})
         _replace(state_dir / "edge.safetensors", lambda p: save_file(tensors, str(p)))
         _replace(state_dir / "optimizer.pt", lambda p: torch.save(self.optimizer.state_dict(), p))
+        self.mirror.save(state_dir / "mirror")
         progress = json.dumps(asdict(self.progress), indent=1)
         _replace(state_dir / "progress.json", lambda p: p.write_text(progress))  # last: the mark
 
@@ -136,6 +143,7 @@ class EdgeDevice:
                 self.optimizer.load_state_dict(torch.load(opt, weights_only=True))
             progress = json.loads((state_dir / "progress.json").read_text())
             self.progress = DeviceProgress(**progress)
+            self.mirror.load(state_dir / "mirror")
         except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
             detail = " ".join(str(err).split())[:300]
             raise DeviceStateError(

@@ -43,6 +43,8 @@ class EdgeTrainConfig:
     # fp32 | bf16 | auto (bf16 where the CPU runs it natively): autocast for training and
     # torch extraction; opt-in since it changes results at bf16 rounding
     precision: str = "fp32"
+    # the extractor keeps its weights and batch-norm statistics (refresh policy "freeze")
+    freeze_extractor: bool = False
 
     def __post_init__(self) -> None:
         resolve_precision(self.precision)  # refuses unknown names now, not mid-round
@@ -78,6 +80,11 @@ def train_edge(
     if cfg.channels_last:
         to_channels_last(model)
     model.train()
+    extractor = getattr(model, "extractor", None)
+    if extractor is not None:
+        extractor.requires_grad_(not cfg.freeze_extractor)
+        if cfg.freeze_extractor:
+            extractor.eval()  # batch norm would otherwise still move its running stats
     total_loss = correct = seen = distilled = 0
     for _ in range(cfg.epochs):
         for x, y, ids in loader:

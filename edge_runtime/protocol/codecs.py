@@ -5,6 +5,8 @@ Feature codecs for H (post-ReLU maps, float32 [N, C, ...], non-negative, many ze
   fp16  half precision (rejects values above 65504 instead of sending Inf)
   q8    uint8 codes, per-(sample, channel) scale = plane max / 255
   q4    4-bit codes, per-(sample, channel) scale = plane max / 15, two codes per byte
+  s8    signed: int8 codes, per-plane scale = max |x| / 127 (feature residuals against what
+        the hub holds; logits, one plane per sample)
 The quantizers map [0, max] of each plane linearly, so zeros stay exactly zero (which zstd
 then squeezes) and the error is at most half a step. They **clamp negative inputs to 0**:
 H comes after a ReLU, and spending range on values that cannot occur would cost precision.
@@ -12,6 +14,9 @@ fp32/fp16 keep negatives. Non-finite inputs are refused by every codec.
 
 Quantized blob before zstd: little-endian float32 scales [N*C], then the codes
 (q4: element 2i in the high nibble of byte i, element 2i+1 in the low one).
+
+``encode_delta``/``decode_delta`` carry int64 ids as their first value and successive
+differences: sorted ids then cost about a byte each after zstd.
 
 ``encode_array``/``decode_array`` carry any array of ``ARRAY_DTYPES`` bit for bit (ids,
 labels, logits, weights), little-endian; float arrays must be finite.
@@ -33,8 +38,9 @@ from edge_runtime.protocol.errors import WireError
 
 ZSTD_LEVEL = 3  # fast; levels above ~6 cost a device far more CPU than they save bytes
 FEATURE_CODECS = ("fp32", "fp16", "q8", "q4")
+FLOAT_CODECS = (*FEATURE_CODECS, "s8")  # everything ``Codec`` knows; s8 keeps signs
 ARRAY_DTYPES = ("uint8", "int32", "int64", "float16", "float32", "float64")
-_LEVELS = {"q8": 255, "q4": 15}
+_LEVELS = {"q8": 255, "q4": 15, "s8": 127}
 _FP16_MAX = float(np.finfo(np.float16).max)
 _F32 = np.dtype("<f4")
 _F32_MAX = float(np.finfo(np.float32).max)
@@ -75,10 +81,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return math.prod(int(d) for d in shape)
 
 
-def _planes(shape: tuple[int, ...]) -> tuple[int, int]:
-    """(number of (sample, channel) planes, elements per plane) of an [N, C, ...] shape."""
+def _planes(shape: tuple[int, ...], signed: bool = False) -> tuple[int, int]:
+    """(number of (sample, channel) planes, elements per plane) of an [N, C, ...] shape;
+    signed codecs give a rank-2 [N, C] array (logits) one plane per sample."""
     if len(shape) < 2:
         raise WireError("shape", f"quantizers need [N, C, ...], got {list(shape)}")
+    if signed and len(shape) == 2:
+        return int(shape[0]), int(shape[1])
     return int(shape[0]) * int(shape[1]), math.prod(int(d) for d in shape[2:])
 
 
@@ -90,9 +99,9 @@ class Codec:
     level: int = ZSTD_LEVEL
 
     def __post_init__(self) -> None:
-        if self.name not in FEATURE_CODECS:
+        if self.name not in FLOAT_CODECS:
             raise ValueError(f"unknown codec {self.name!r}; choose from "
-                             f"{', '.join(FEATURE_CODECS)}")
+                             f"{', '.join(FLOAT_CODECS)}")
         if not 1 <= self.level <= 22:
             raise ValueError(f"zstd level must be in 1..22, got {self.level}")
 
@@ -107,15 +116,16 @@ class Codec:
                 raise WireError("nonfinite", f"fp16: values above {_FP16_MAX:g} would become "
                                              "Inf; use fp32 or q8")
             return _compress(x.astype("<f2").tobytes(), self.level)
-        levels = _LEVELS[self.name]
-        planes, per = _planes(x.shape)
-        flat = np.maximum(x.reshape(planes, per), 0)  # clamp: H is post-ReLU
-        scale = (flat.max(axis=1) if per else np.zeros(planes, _F32)) / np.float32(levels)
+        levels, signed = _LEVELS[self.name], self.name == "s8"
+        planes, per = _planes(x.shape, signed)
+        flat = x.reshape(planes, per) if signed else np.maximum(x.reshape(planes, per), 0)
+        peak = np.abs(flat).max(axis=1) if per else np.zeros(planes, _F32)
+        scale = peak / np.float32(levels)
         scale[scale < _TINY] = 0
         inv = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
         q = np.rint(flat * inv[:, None])
-        np.clip(q, 0, levels, out=q)
-        codes = q.astype(np.uint8).reshape(-1)
+        np.clip(q, -levels if signed else 0, levels, out=q)
+        codes = q.astype(np.int8 if signed else np.uint8).reshape(-1)
         if self.name == "q4":
             codes = _pack4(codes)
         return _compress(scale.astype(_F32).tobytes() + codes.tobytes(), self.level)
@@ -131,14 +141,16 @@ class Codec:
             if not np.isfinite(out).all():
                 raise WireError("nonfinite", f"{self.name}: blob holds NaN or Inf")
             return out
-        levels = _LEVELS[self.name]
-        planes, per = _planes(shape)
-        nbytes = n if self.name == "q8" else (n + 1) // 2
+        levels, signed = _LEVELS[self.name], self.name == "s8"
+        planes, per = _planes(shape, signed)
+        nbytes = (n + 1) // 2 if self.name == "q4" else n
         raw = _decompress(blob, 4 * planes + nbytes)
         scale = np.frombuffer(raw, dtype=_F32, count=planes).astype(np.float32)
         if not ((scale >= 0) & (scale <= _F32_MAX / levels)).all():  # NaN fails too
             raise WireError("nonfinite", f"{self.name}: scales must be finite and >= 0")
-        codes = np.frombuffer(raw, dtype=np.uint8, offset=4 * planes)
+        codes = np.frombuffer(raw, dtype=np.int8 if signed else np.uint8, offset=4 * planes)
+        if signed and codes.size and codes.min() < -levels:
+            raise WireError("corrupt", "s8: code -128 is never sent")
         if self.name == "q4":
             codes = _unpack4(codes, n)
         out = codes.reshape(planes, per).astype(np.float32)
@@ -146,10 +158,12 @@ class Codec:
         return out.reshape(shape)
 
     def error_bound(self, x: np.ndarray) -> np.ndarray:
-        """Largest absolute error per (sample, channel) plane that ``decode(encode(x))`` may
-        show for a non-negative ``x``: half a step, plus float32 rounding."""
-        planes, per = _planes(x.shape)
-        flat = np.maximum(np.asarray(x, dtype=np.float32).reshape(planes, per), 0)
+        """Largest absolute error per plane that ``decode(encode(x))`` may show for a
+        non-negative ``x`` (any ``x`` for s8): half a step, plus float32 rounding."""
+        signed = self.name == "s8"
+        planes, per = _planes(x.shape, signed)
+        flat = np.asarray(x, dtype=np.float32).reshape(planes, per)
+        flat = np.abs(flat) if signed else np.maximum(flat, 0)
         peak = flat.max(axis=1).astype(np.float64) if per else np.zeros(planes)
         if self.name == "fp32":
             return np.zeros(planes)
@@ -193,6 +207,20 @@ def encode_array(x: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
     if x.dtype.kind == "f" and not np.isfinite(x).all():
         raise WireError("nonfinite", "array holds NaN or Inf")
     return _compress(np.ascontiguousarray(x, dtype=wire_dtype).tobytes(), level)
+
+
+def encode_delta(ids: np.ndarray, level: int = ZSTD_LEVEL) -> bytes:
+    """int64 ids as their first value and successive differences, zstd-compressed."""
+    ids = np.asarray(ids)
+    if ids.dtype != np.int64 or ids.ndim != 1:
+        raise WireError("dtype", f"delta coding takes 1-D int64 ids, got {ids.dtype} "
+                                 f"{list(ids.shape)}")
+    return encode_array(np.diff(ids, prepend=np.int64(0)), level)
+
+
+def decode_delta(blob: bytes | memoryview, shape: tuple[int, ...]) -> np.ndarray:
+    # int64 wraps on overflow: a hostile blob yields some ids, which schema checks bound
+    return np.cumsum(decode_array(blob, "int64", shape), dtype=np.int64)
 
 
 def decode_array(blob: bytes | memoryview, dtype: str, shape: tuple[int, ...]) -> np.ndarray:

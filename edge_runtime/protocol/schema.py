@@ -29,9 +29,9 @@ _TOKEN = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 _REASON = re.compile(r"[a-z0-9_]{1,64}")
 
 
-_FEATURES = {(c, "float32") for c in FEATURE_CODECS}
-_LOGITS = {("exact", "float32"), ("fp32", "float32"), ("fp16", "float32")}
-_INT64 = {("exact", "int64")}
+_FEATURES = {(c, "float32") for c in (*FEATURE_CODECS, "s8")}  # s8: residuals (needs base)
+_LOGITS = {("exact", "float32"), ("fp32", "float32"), ("fp16", "float32"), ("s8", "float32")}
+_INT64 = {("exact", "int64"), ("delta", "int64")}
 _WEIGHTS = {("exact", "float32"), ("exact", "int64")}
 _TENSORS = {  # kind -> tensor name -> (allowed (codec, dtype), rank)
     "features": {"ids": (_INT64, 1), "labels": (_INT64, 1), "logits": (_LOGITS, 2),
@@ -53,21 +53,34 @@ def check_schema(m: Message) -> None:
                 raise WireError("shape", f"extractor: {s.name} has rank {len(s.shape)} > 4")
     else:
         expected = _MODEL if m.kind == "model" else _TENSORS.get(m.kind, {})
+        if m.kind == "features" and "rows" in specs:  # features for only these rows
+            expected = {**expected, "rows": (_INT64, 1)}
         if set(specs) != set(expected):
             raise WireError("schema", f"{m.kind}: tensors {sorted(specs)}, expected "
                                       f"{sorted(expected)}")
         for name, (allowed, rank) in expected.items():
             _check_tensor(m.kind, specs[name], allowed, rank)
     if m.kind in _TENSORS:
-        firsts = {n: s.shape[0] for n, s in specs.items()}
+        partial = "rows" in specs
+        firsts = {n: s.shape[0] for n, s in specs.items() if not (partial and n in (
+            "rows", "features"))}
         if len(set(firsts.values())) != 1:
             raise WireError("shape", f"{m.kind}: first dimensions differ: {firsts}")
         if not 1 <= specs["logits"].shape[1] <= MAX_CLASSES:
             raise WireError("shape", f"{m.kind}: {specs['logits'].shape[1]} classes")
     if m.kind == "features":
         shape = specs["features"].shape
-        if shape[0] == 0:
+        if specs["ids"].shape[0] == 0 or (shape[0] == 0 and "rows" not in specs):
             raise WireError("shape", "features: empty chunk")
+        if "rows" in specs and not (specs["rows"].shape[0] == shape[0] <= specs["ids"].shape[0]):
+            raise WireError("shape", f"features: {shape[0]} feature rows for "
+                                     f"{specs['rows'].shape[0]} row indices of "
+                                     f"{specs['ids'].shape[0]} samples")
+        depends = "rows" in specs or specs["features"].codec == "s8"
+        base = m.meta.get("base")
+        if depends and not (isinstance(base, str) and _MSG_ID.fullmatch(base)):
+            raise WireError("schema", "features: omitted rows or s8 residuals need meta "
+                                      "'base', the feature epoch they build on")
         if shape[1] != FEATURE_CHANNELS or shape[2] != shape[3] or not (
                 1 <= shape[2] <= MAX_FEATURE_SIZE):
             raise WireError("shape", f"features: must be [k, {FEATURE_CHANNELS}, S, S] with "
@@ -107,6 +120,9 @@ def _check_meta(kind: str, meta: dict) -> None:
                 meta["upload_id"]):
             raise WireError("schema", "upload_done: upload_id must be 1-64 of A-Z a-z 0-9 "
                                       "_ . : -")
+        _meta_epoch(kind, meta, "epoch")
+    elif kind == "logits":
+        _meta_epoch(kind, meta, "feature_epoch")
     elif kind == "ack":
         ids = meta.get("msg_ids")
         if not (isinstance(ids, list) and 1 <= len(ids) <= MAX_ACK_IDS and all(
@@ -147,6 +163,14 @@ def _check_meta(kind: str, meta: dict) -> None:
             raise WireError("schema", "reject: refused must be a message id or empty")
 
 
+def _meta_epoch(kind: str, meta: dict, key: str) -> None:
+    """Optional feature epoch (docs/uplink.md): a message id-like string or null."""
+    v = meta.get(key)
+    if v is not None and not (isinstance(v, str) and _MSG_ID.fullmatch(v)):
+        raise WireError("schema", f"{kind}: meta {key!r} must be 1-64 of A-Z a-z 0-9 _ . : - "
+                                  "or null")
+
+
 def _meta_int(kind: str, meta: dict, key: str, lo: int, hi: int) -> None:
     v = meta.get(key)
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
@@ -164,6 +188,10 @@ def check_values(m: Message, arrays: dict[str, np.ndarray]) -> None:
     if len(np.unique(ids)) != len(ids):
         raise WireError("schema", f"{m.kind}: duplicate sample ids")
     if m.kind == "features":
+        rows = arrays.get("rows")
+        if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= len(ids) or (
+                np.diff(rows) <= 0).any()):
+            raise WireError("schema", "features: rows must increase within the chunk")
         labels, classes = arrays["labels"], arrays["logits"].shape[1]
         if labels.size and not (0 <= labels.min() and labels.max() < classes):
             raise WireError("schema", f"features: labels outside [0, {classes})")

@@ -5,8 +5,8 @@
 The UTF-8 JSON header (at most 64 KiB) holds ``v, kind, device, round, msg_id, chunk,
 chunks, tensors, crc32, meta``; each entry of ``tensors`` is ``{name, dtype, shape, codec,
 nbytes}`` and the payload is the blobs in that order, covered by ``crc32`` (zlib).
-``codec`` is a feature codec (fp32/fp16/q8/q4, decoding to float32) or "exact"
-(``codecs.encode_array``: the array bit for bit).
+``codec`` is a float codec (fp32/fp16/q8/q4/s8, decoding to float32), "exact"
+(``codecs.encode_array``: the array bit for bit) or "delta" (int64 ids as differences).
 
 ``decode_message`` checks the frame, the header, the kind's schema and every size before
 it decompresses anything, then the values (finite floats, ids, labels); anything else
@@ -28,10 +28,12 @@ import numpy as np
 
 from edge_runtime.protocol.codecs import (
     ARRAY_DTYPES,
-    FEATURE_CODECS,
+    FLOAT_CODECS,
     array_dtype,
     decode_array,
+    decode_delta,
     encode_array,
+    encode_delta,
     get_codec,
 )
 from edge_runtime.protocol.errors import WireError
@@ -77,7 +79,7 @@ class TensorSpec:
     name: str
     dtype: str  # what the tensor decodes to
     shape: tuple[int, ...]
-    codec: str  # a feature codec or "exact"
+    codec: str  # a float codec, "exact" or "delta"
     nbytes: int  # blob length in the payload
 
     @property
@@ -105,13 +107,15 @@ class Message:
 def encode_message(kind: str, device: str, round: int,
                    tensors: dict[str, tuple[np.ndarray, str]], *, msg_id: str, chunk: int = 0,
                    chunks: int = 1, meta: dict[str, Any] | None = None) -> bytes:
-    """Frame one message. ``tensors`` maps name -> (array, codec), codec being a feature
-    codec or "exact". Raises WireError if the result would not decode."""
+    """Frame one message. ``tensors`` maps name -> (array, codec), codec being a float
+    codec, "exact" or "delta". Raises WireError if the result would not decode."""
     specs, blobs, arrays = [], [], {}
     for name, (arr, codec) in tensors.items():
         arr = np.asarray(arr)
         if codec == "exact":
             blob, dtype = encode_array(arr), array_dtype(arr)
+        elif codec == "delta":
+            blob, dtype = encode_delta(arr), "int64"
         else:
             blob, dtype = get_codec(codec).encode(arr), "float32"
         specs.append({"name": name, "dtype": dtype, "shape": list(arr.shape), "codec": codec,
@@ -180,6 +184,8 @@ def decode_message(data: bytes, *, max_bytes: int, max_elements: int = MAX_ELEME
         try:
             if s.codec == "exact":
                 arrays[s.name] = decode_array(blob, s.dtype, s.shape)
+            elif s.codec == "delta":
+                arrays[s.name] = decode_delta(blob, s.shape)
             else:
                 arrays[s.name] = get_codec(s.codec).decode(blob, s.shape)
         except WireError as err:
@@ -259,13 +265,14 @@ def _spec(s: Any) -> TensorSpec:
     if not isinstance(name, str) or not _TENSOR_NAME.fullmatch(name):
         raise WireError("bad_header", f"tensor name {str(name)[:80]!r} must be 1-128 of "
                                       "A-Z a-z 0-9 _ .")
-    if s["codec"] not in ("exact", *FEATURE_CODECS):
+    if s["codec"] not in ("exact", "delta", *FLOAT_CODECS):
         raise WireError("bad_header", f"tensor {name}: unknown codec {str(s['codec'])[:40]!r}")
     if s["dtype"] not in ARRAY_DTYPES:
         raise WireError("dtype", f"tensor {name}: dtype {str(s['dtype'])[:40]!r} is not one "
                                  f"of {', '.join(ARRAY_DTYPES)}")
-    if s["codec"] != "exact" and s["dtype"] != "float32":
-        raise WireError("dtype", f"tensor {name}: codec {s['codec']} decodes to float32, "
+    want = {"exact": None, "delta": "int64"}.get(s["codec"], "float32")
+    if want is not None and s["dtype"] != want:
+        raise WireError("dtype", f"tensor {name}: codec {s['codec']} decodes to {want}, "
                                  f"header says {s['dtype']}")
     shape = s["shape"]
     if not isinstance(shape, list) or len(shape) > _MAX_RANK:

@@ -180,8 +180,11 @@ def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loade
     if worker is not None and features is not None:
         features = features / f"rank-{worker.rank}"  # its own spill files
     spec = opts.service.run_spec
+    # workers hold no maps across rounds (their logits name no feature epoch)
+    held = None if worker is not None else Path(opts.service.state_dir) / "held"
     hub = Hub(spec.num_classes if spec else fed.data.num_classes,
-              worker.server if worker else fed.server, fed.seed, feature_dir=features)
+              worker.server if worker else fed.server, fed.seed, feature_dir=features,
+              held_dir=held)
     if worker is not None:
         from server_hub.workers.service import WorkerConfig, WorkerService, share_group_for
 

@@ -47,6 +47,12 @@ class FleetCollector(Collector):
                                   value=s["bytes_received"])
         yield CounterMetricFamily("gkt_hub_sent_bytes", "MQTT payload bytes sent",
                                   value=s["bytes_sent"])
+        for way in ("uplink", "downlink"):
+            b = s[f"{way}_bytes"]
+            yield gauge(f"gkt_hub_round_{way}_bytes", f"{way} bytes of the last completed round",
+                        b["last_round"])
+            yield CounterMetricFamily(f"gkt_hub_{way}_bytes", f"{way} bytes of completed rounds",
+                                      value=b["total"])
         yield CounterMetricFamily("gkt_hub_samples_received", "samples in completed uploads",
                                   value=s["samples_received"])
         rejected = CounterMetricFamily("gkt_hub_rejected_messages", "messages rejected",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,12 +56,22 @@ class RunResult:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["final"] = self.final()
+        d["bytes"] = byte_series(self.rounds)
         return d
 
     def write_json(self, path: str | Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=1))
+
+
+def byte_series(rounds: list[RoundRecord]) -> dict[str, list[int]]:
+    """Uplink and downlink bytes per round and cumulative, as they crossed the wire."""
+    up = [r.upload_bytes for r in rounds]
+    down = [r.download_bytes for r in rounds]
+    return {"uplink_per_round": up, "downlink_per_round": down,
+            "uplink_cumulative": list(itertools.accumulate(up)),
+            "downlink_cumulative": list(itertools.accumulate(down))}
 
 
 def human_bytes(n: float) -> str:

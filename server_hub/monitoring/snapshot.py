@@ -67,6 +67,7 @@ class FleetObserver:
         self.history: list[dict] = []
         self.samples_received = 0
         self.rounds_completed = 0
+        self.bytes_total = {"uplink": 0, "downlink": 0}  # over completed rounds, on the wire
         self.started = clock()
         self._lock = threading.Lock()
 
@@ -100,6 +101,8 @@ class FleetObserver:
     def on_round(self, rec: RoundRecord) -> None:
         with self._lock:
             self.rounds_completed += 1
+            self.bytes_total["uplink"] += rec.upload_bytes
+            self.bytes_total["downlink"] += rec.download_bytes
             self.history.append(asdict(rec))
             del self.history[:-MAX_HISTORY]
 
@@ -133,6 +136,7 @@ class FleetObserver:
             views = self.device_views()
             history = list(self.history)
             samples, completed = self.samples_received, self.rounds_completed
+            totals = dict(self.bytes_total)
         slots = status.slots if status.mode == "async" else None
         devices = []
         for d in sorted(set(known) | set(views)):
@@ -160,10 +164,20 @@ class FleetObserver:
             "devices_known": len(devices),
             "devices_active": sum(x["state"] not in INACTIVE for x in devices),
             "bytes_received": status.bytes_received, "bytes_sent": status.bytes_sent,
+            **round_bytes(history, totals),
             "rejected": status.rejected, "quarantined": status.quarantined,
             "devices": devices, "history": history,
             "class_report": status.class_report, "run_id": status.run_id,
         }
+
+
+def round_bytes(history: list[dict], totals: dict[str, int]) -> dict:
+    """Uplink/downlink bytes of the last completed round and of all of them (what the
+    round records count: upload and logits messages as they crossed the wire)."""
+    last = history[-1] if history else {}
+    return {"uplink_bytes": {"last_round": last.get("upload_bytes"), "total": totals["uplink"]},
+            "downlink_bytes": {"last_round": last.get("download_bytes"),
+                               "total": totals["downlink"]}}
 
 
 def is_silent(status: HubStatus, view: DeviceView, now: float) -> bool:

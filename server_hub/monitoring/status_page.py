@@ -112,6 +112,9 @@ def render_html(s: dict) -> str:
              ("devices", f"{s['devices_active']} active / {s['devices_known']}"),
              ("test accuracy", _fmt(last.get("test_accuracy"))),
              ("received", _mb(s["bytes_received"])), ("sent", _mb(s["bytes_sent"])),
+             *[(f"{way} (last round / total)",
+                f"{_mb(s[f'{way}_bytes']['last_round'] or 0)} / {_mb(s[f'{way}_bytes']['total'])}")
+               for way in ("uplink", "downlink")],
              ("samples", f"{s['samples_received']:,}"),
              ("rejected", str(sum(s["rejected"].values()))),
              ("quarantined", str(sum(s.get("quarantined", {}).values())))]

@@ -13,15 +13,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
+from edge_runtime.device.upload import upload_messages
 from edge_runtime.learning.data import DataConfig, Split, WithIds, load_split, make_loader
 from edge_runtime.learning.partition import parse_partition, partition
 from edge_runtime.learning.train import EdgeTrainConfig, accuracy, make_optimizer
+from edge_runtime.protocol import wire
+from edge_runtime.protocol.messages import (
+    LOGITS_CODEC,
+    extractor_message,
+    logits_messages,
+    parse_extractor,
+    parse_feature_chunk,
+    parse_logits,
+)
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import FULL_MODELS
 from server_hub.monitoring.results import RoundRecord, RunResult
 from server_hub.run.evaluation import class_report
 from server_hub.trainer import ServerTrainConfig
+from server_hub.uplink.held import Resync
 
 ALGORITHMS = ("gkt", "fedavg", "centralized")
 
@@ -39,9 +51,14 @@ class FederationConfig:
     server: ServerTrainConfig = field(default_factory=ServerTrainConfig)
     fedavg_model: str = "resnet56"
     state_dir: str | None = None  # where GKT writes hub checkpoints and device states
+    codec: str = "q8"  # device feature codec
+    refresh: str = DEFAULT_POLICY  # feature refresh policy (docs/uplink.md)
+    logits_codec: str = LOGITS_CODEC  # both ways
+    max_payload: int = 256 * 1024  # largest wire message, as over MQTT
 
     def __post_init__(self) -> None:
         parse_partition(self.partition)
+        RefreshPolicy.parse(self.refresh)
         if self.devices < 1 or self.rounds < 1:
             raise ValueError(f"need devices >= 1 and rounds >= 1, got {self.devices}, "
                              f"{self.rounds}")
@@ -83,6 +100,22 @@ def state_bytes(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() * v.element_size() for v in state.values())
 
 
+def weights_wire_bytes(device: str, rnd: int, state: dict[str, torch.Tensor]) -> int:
+    """A FedAvg model as one framed message: float weights (exact, zstd) as one vector and
+    the integer counters as another (the header takes at most 64 tensors)."""
+    floats = [v.reshape(-1).float() for v in state.values() if v.is_floating_point()]
+    ints = [v.reshape(-1).long() for v in state.values() if not v.is_floating_point()]
+    tensors = {"weights": torch.cat(floats) if floats else torch.zeros(0),
+               "counters": torch.cat(ints) if ints else torch.zeros(0, dtype=torch.long)}
+    return len(extractor_message(device, rnd, "model", tensors))
+
+
+def ack_bytes(device: str, rnd: int) -> int:
+    """What one acknowledgement costs on the wire (the hub acks every upload message)."""
+    return len(wire.encode_message("ack", device, rnd, {}, msg_id="ack-00000000",
+                                   meta={"msg_ids": [f"r{rnd}-00000000:0"]}))
+
+
 Progress = Callable[[RoundRecord], None]
 
 
@@ -95,31 +128,78 @@ def make_devices(cfg: FederationConfig, setup: Setup) -> list[EdgeDevice]:
     ]
 
 
+def deliver_upload(hub: Hub, dev: EdgeDevice, rnd: int, cfg: FederationConfig,
+                   policy: RefreshPolicy) -> tuple[str | None, int, int]:
+    """Run the device's upload through the wire format into the hub, as the MQTT service
+    does (and once more with full maps if the hub asks to resync): (feature epoch, bytes
+    up, bytes down in acks)."""
+    up = down = 0
+    for attempt in range(2):
+        epoch, resync = None, False
+        hub.bank.clear(dev.device_id)
+        for _, payload in upload_messages(dev, rnd, f"r{rnd}-{attempt}", cfg.max_payload,
+                                          cfg.codec, policy, cfg.logits_codec):
+            up += len(payload)
+            down += ack_bytes(dev.device_id, rnd)
+            msg = wire.decode_message(payload, max_bytes=cfg.max_payload)
+            if msg.kind == "features":
+                c = parse_feature_chunk(msg)
+                try:
+                    maps = hub.held.reconstruct(dev.device_id, c)
+                except Resync:
+                    resync = True
+                    continue
+                hub.receive_features(dev.device_id,
+                                     DeviceFeatures(c.ids, maps, c.logits, c.labels))
+            elif msg.kind == "extractor":
+                hub.receive_extractor(dev.device_id, parse_extractor(msg))
+            else:
+                epoch = msg.meta.get("epoch")
+        if not resync:
+            return epoch, up, down
+        dev.mirror.invalidate()
+    raise RuntimeError(f"{dev.device_id}: the hub refused a full upload")
+
+
+def deliver_logits(hub: Hub, dev: EdgeDevice, rnd: int, ids: torch.Tensor, z: torch.Tensor,
+                   cfg: FederationConfig) -> int:
+    """Send the device its logits through the wire format; bytes down."""
+    per = max(1, (cfg.max_payload - 4096) // (8 + 4 * hub.num_classes))
+    down = 0
+    for m in logits_messages(dev.device_id, rnd, ids.numpy(), z, per, cfg.logits_codec,
+                             hub.held.epoch(dev.device_id)):
+        down += len(m)
+        chunk = parse_logits(wire.decode_message(m, max_bytes=4 * cfg.max_payload))
+        dev.mirror.confirm(chunk.feature_epoch)
+        dev.receive_logits(chunk.ids, chunk.logits)
+    return down
+
+
 def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = None) -> RunResult:
     ncls = setup.num_classes or cfg.data.num_classes
     names = device_names(cfg.devices)
     devices = make_devices(cfg, setup)
     hub = Hub(ncls, cfg.server, seed=cfg.seed)
+    policy = RefreshPolicy.parse(cfg.refresh)
     test_loader = make_loader(setup.test.dataset, 256, shuffle=False)
-    result = RunResult("gkt", cfg.data.dataset, cfg.devices, asdict(cfg))
+    result = RunResult("gkt", cfg.data.dataset, cfg.devices, asdict(cfg),
+                       codec=f"{cfg.codec} features, {cfg.logits_codec} logits, "
+                             f"refresh {cfg.refresh}",
+                       transport="inproc (every message encoded and decoded as on the wire)")
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
         hub.start_round()
         up = down = 0
+        epochs = {}
         for dev in devices:
-            dev.train()
-            for b in dev.features():
-                hub.receive_features(dev.device_id,
-                                     DeviceFeatures(b.ids, b.features, b.logits, b.labels))
-                up += raw_upload_bytes(len(b.ids), tuple(b.features.shape[1:]), ncls)
-            state = dev.extractor_state()
-            hub.receive_extractor(dev.device_id, state)
-            up += state_bytes(state)
+            dev.train(policy.frozen(rnd))
+            epochs[dev.device_id], u, d = deliver_upload(hub, dev, rnd, cfg, policy)
+            up, down = up + u, down + d
         stats = hub.train(names)
+        logits = {d: hub.logits_for(d) for d in names}
+        hub.commit_features(names, epochs)
         for dev in devices:
-            ids, logits = hub.logits_for(dev.device_id)
-            dev.receive_logits(ids.numpy(), logits)
-            down += raw_download_bytes(len(ids), ncls)
+            down += deliver_logits(hub, dev, rnd, *logits[dev.device_id], cfg)
         seconds = time.perf_counter() - t0  # evaluation is bookkeeping, not part of the round
         ev = hub.evaluate(test_loader)
         edge_acc = float(np.mean([d.local_accuracy(test_loader) for d in devices]))
@@ -173,22 +253,27 @@ def run_fedavg(cfg: FederationConfig, setup: Setup, on_round: Progress | None = 
     ]
     weights = [float(len(ids)) for ids in setup.shards]
     test_loader = make_loader(setup.test.dataset, 256, shuffle=False)
-    model_bytes = state_bytes(global_model.state_dict())
     result = RunResult("fedavg", cfg.data.dataset, cfg.devices, asdict(cfg),
-                       evaluation="global averaged model on test data")
+                       evaluation="global averaged model on test data",
+                       codec="fp32 weights (exact, zstd), one framed message each way per "
+                             "device")
+    names = device_names(cfg.devices)
     local = FULL_MODELS[cfg.fedavg_model](ncls)
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
         states, losses = [], []
+        down = sum(weights_wire_bytes(n, rnd, global_model.state_dict())
+                   for n in names)  # the global model to every device
         for loader in loaders:
             local.load_state_dict(global_model.state_dict())
             opt = make_optimizer(local, cfg.edge.lr, cfg.edge.weight_decay)
             losses.append(_train_ce(local, opt, loader, cfg.edge.epochs))
             states.append({k: v.clone() for k, v in local.state_dict().items()})
+        up = sum(weights_wire_bytes(n, rnd, s) for n, s in zip(names, states))
         global_model.load_state_dict(weighted_average(states, weights))
         seconds = time.perf_counter() - t0
         acc = accuracy(global_model, test_loader)
-        rec = RoundRecord(rnd, acc, model_bytes * cfg.devices, model_bytes * cfg.devices,
+        rec = RoundRecord(rnd, acc, up, down,
                           round(seconds, 3), None, float(np.average(losses, weights=weights)))
         result.rounds.append(rec)
         if on_round:

@@ -305,6 +305,10 @@ class DdpTrainer:
         return {d: (ids.numpy(), server_logits(self.hub.model, feats))
                 for d, (ids, feats) in self._owned.items()}
 
+    def commit_features(self, devices: list[str], done: dict) -> None:
+        """Workers hold no maps across rounds (each sees only some of a device's samples):
+        their logits name no feature epoch, so devices keep sending full maps."""
+
     def evaluate(self, devices: list[str]) -> Evaluation:
         share = [d for d in devices[self.rank::self.world] if d in self.hub.extractors]
         mine = {d: split_accuracy(extractor_from_state(self.hub.extractors[d]), self.hub.model,

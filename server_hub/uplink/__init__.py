@@ -1,0 +1,1 @@
+"""Uplink economy on the hub: the feature maps it holds per device, and byte accounting."""
