@@ -101,7 +101,7 @@ def child(args: argparse.Namespace) -> None:
     import torch
 
     from edge_runtime.device.edge_device import EdgeDevice
-    from edge_runtime.learning.batches import rebatch
+    from edge_runtime.device.upload import rebatch
     from edge_runtime.learning.data import DataConfig, load_split, make_loader
     from edge_runtime.learning.partition import partition
     from edge_runtime.learning.train import EdgeTrainConfig

@@ -11,7 +11,7 @@ import torch
 
 from edge_runtime.device.agent import AgentConfig, EdgeAgent
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.learning.batches import rebatch
+from edge_runtime.device.upload import rebatch
 from edge_runtime.learning.data import DataConfig, make_loader
 from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.mqtt.link import LinkConfig, MqttLink

@@ -247,7 +247,7 @@ def test_a_device_round_does_not_import_torchs_compiler():
     and resume, train again: what gkt-edge does in a round. The last line checks the detector."""
     code = """
 import sys, tempfile, pathlib, torch
-from edge_runtime.learning.batches import rebatch
+from edge_runtime.device.upload import rebatch
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.protocol.messages import feature_chunk

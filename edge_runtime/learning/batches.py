@@ -12,8 +12,6 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from edge_runtime.protocol.messages import FeatureBatch
-
 CROP_PADDING = 4  # RandomCrop(32, padding=4), the CIFAR augmentation of the ResNet papers
 
 
@@ -99,30 +97,3 @@ class BatchLoader:
                                      self.augment_generator)
         if self.shuffle:  # RandomSampler draws one more (empty) permutation at its end
             torch.randperm(n, generator=self.generator)
-
-
-def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:
-    """Regroup extraction batches into upload chunks of exactly ``size`` (last may be short)."""
-    pending: list[FeatureBatch] = []
-    count = 0
-    for b in batches:
-        pending.append(b)
-        count += len(b.ids)
-        while count >= size:
-            merged = _cat(pending)
-            yield _slice(merged, 0, size)
-            rest = _slice(merged, size, count)
-            pending, count = ([rest], count - size) if count > size else ([], 0)
-    if count:
-        yield _cat(pending)
-
-
-def _cat(parts: list[FeatureBatch]) -> FeatureBatch:
-    if len(parts) == 1:
-        return parts[0]
-    return FeatureBatch(*(torch.cat([getattr(p, f) for p in parts])
-                          for f in ("ids", "features", "logits", "labels")))
-
-
-def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
-    return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
