@@ -72,7 +72,7 @@ class EdgeDevice:
         self.optimizer = make_optimizer(self.model, cfg.lr, cfg.weight_decay)
         self.bank = LogitBank(np.zeros(0, np.int64), num_classes)
         self.progress = DeviceProgress(device_id)
-        self.mirror = FeatureMirror(self.sample_ids)  # what the hub holds of our features
+        self.mirror: FeatureMirror | None = None  # what the hub holds of our features
         torch.manual_seed(seed)
         self.use_data(train_split, train_eval_split, sample_ids, positions)
 
@@ -82,6 +82,9 @@ class EdgeDevice:
         ids = np.asarray(sample_ids, dtype=np.int64)
         order = np.argsort(ids, kind="stable")
         self.sample_ids = ids[order]
+        if self.mirror is None or not np.array_equal(self.mirror.ids, self.sample_ids):
+            # other samples than the hub's copy describes: start over with full maps
+            self.mirror = FeatureMirror(self.sample_ids)
         rows = self.sample_ids if positions is None else np.asarray(positions, np.int64)[order]
         old, self.bank = self.bank, LogitBank(self.sample_ids, self.bank.num_classes)
         self.bank.rekey_from(old)
@@ -144,6 +147,8 @@ class EdgeDevice:
             progress = json.loads((state_dir / "progress.json").read_text())
             self.progress = DeviceProgress(**progress)
             self.mirror.load(state_dir / "mirror")
+            if not np.array_equal(self.mirror.ids, self.sample_ids):  # files changed since
+                self.mirror = FeatureMirror(self.sample_ids)
         except (RuntimeError, ValueError, KeyError, TypeError, OSError) as err:
             detail = " ".join(str(err).split())[:300]
             raise DeviceStateError(
