@@ -114,7 +114,7 @@ def render_html(s: dict) -> str:
              ("received", _mb(s["bytes_received"])), ("sent", _mb(s["bytes_sent"])),
              *[(f"{way} (last round / total)",
                 f"{_mb(s[f'{way}_bytes']['last_round'] or 0)} / {_mb(s[f'{way}_bytes']['total'])}")
-               for way in ("uplink", "downlink")],
+               for way in ("uplink", "downlink") if f"{way}_bytes" in s],
              ("samples", f"{s['samples_received']:,}"),
              ("rejected", str(sum(s["rejected"].values()))),
              ("quarantined", str(sum(s.get("quarantined", {}).values())))]
