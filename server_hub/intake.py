@@ -282,12 +282,12 @@ class UploadIntake:
                 raise wire.WireError("schema", f"chunk count changed within upload {upload_id}")
             if msg.chunk in up.chunks:
                 return False  # a duplicate: already stored, just ack again
-            size = admission.check_features(msg, self.feature_size(), up.totals,
+            fsize = admission.check_features(msg, self.feature_size(), up.totals,
                                             hello_samples, self.limits)
             b = parse_feature_chunk(msg)
             maps = self.hub.held.reconstruct(device, b)
             self.hub.receive_features(device, DeviceFeatures(b.ids, maps, b.logits, b.labels))
-            self.registry.settle_feature_size(size)
+            self.registry.settle_feature_size(fsize)
             up.totals.ids.update(b.ids.tolist())
             up.totals.wire_bytes += admission.msg_wire_bytes(msg)
             up.totals.feature_bytes += b.features.numel() * 4
