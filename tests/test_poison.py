@@ -211,6 +211,9 @@ def test_a_poisoned_journal_is_quarantined_on_replay_not_a_crash_loop(fleet, cap
     """A message accepted before a restart (e.g. by an older hub) that fails now is
     quarantined with a log line; the hub replays the rest and finishes the round."""
     f = fleet
+    for dev in (BAD, HONEST):  # the crashed hub had registered both (registry.json)
+        f.service.intake.registry.hello(dev, {"num_samples": N, "num_classes": 10,
+                                              "codec": "q8"}, 0)
     journal = f.service.intake.journal
     journal.record(0, BAD, feature_chunk(BAD, 0, "m:0", 0, 3, batch(0, 2, size=16), "q8"))
     good = upload(HONEST, 0, "a0")
