@@ -11,21 +11,14 @@ import json
 import onnx
 
 from edge_runtime import __version__
+from edge_runtime.learning.dataset_classes import DATASET_CLASSES
 from edge_runtime.learning.preprocess import Preprocess
 from export.graphs import IMAGE_INPUT, GraphSpec
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
-                   "dog", "frog", "horse", "ship", "truck")
-CLASS_NAMES = {
-    "digits": tuple(str(i) for i in range(10)),
-    "cifar10": CIFAR10_CLASSES,
-    "cinic10": CIFAR10_CLASSES,  # CINIC-10 keeps CIFAR-10's classes
-}
 
 
 def class_names(dataset: str, num_classes: int) -> list[str]:
     """Names where the dataset fixes them; class indices as strings otherwise (CIFAR-100)."""
-    names = CLASS_NAMES.get(dataset)
+    names = DATASET_CLASSES.get(dataset)
     if names is not None and len(names) == num_classes:
         return list(names)
     return [str(i) for i in range(num_classes)]

@@ -7,7 +7,7 @@ from edge_runtime.learning.data import NUM_CLASSES
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
-_NAMES = {
+DATASET_CLASSES = {  # datasets whose class names are fixed
     "digits": tuple(str(i) for i in range(10)),
     "cifar10": CIFAR10_CLASSES,
     "cinic10": CIFAR10_CLASSES,  # CINIC-10 keeps CIFAR-10's classes
@@ -17,4 +17,4 @@ _NAMES = {
 def dataset_classes(dataset: str) -> tuple[str, ...]:
     """Names where the dataset fixes them; label indices as strings otherwise (CIFAR-100,
     whose names live in its download, which a device may not have)."""
-    return _NAMES.get(dataset) or tuple(str(i) for i in range(NUM_CLASSES[dataset]))
+    return DATASET_CLASSES.get(dataset) or tuple(str(i) for i in range(NUM_CLASSES[dataset]))
