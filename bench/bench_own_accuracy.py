@@ -36,6 +36,21 @@ from server_hub.cli.run_options import plan_run  # noqa: E402
 from server_hub.simulation.launch import simulate_inproc, simulate_mqtt  # noqa: E402
 
 
+def memory_row(path: Path, args: argparse.Namespace) -> dict:
+    """bench_uplink.py --own-folders's default row, if it ran with these settings."""
+    from bench_uplink import DEFAULT_ROW
+
+    got = json.loads(path.read_text())
+    s = got["setting"]
+    want = {"own_folders": True, "rounds": args.rounds, "server_epochs": args.server_epochs,
+            "batch_size": args.batch_size, "seed": 0}
+    if any(s.get(k) != v for k, v in want.items()) or DEFAULT_ROW not in got["rows"]:
+        raise SystemExit(f"{path} is not a --own-folders run with {want} and row {DEFAULT_ROW}")
+    row = got["rows"][DEFAULT_ROW]
+    return {"test_accuracy": row["accuracy_per_round"], "round_s": row.get("round_s"),
+            "seconds": row["seconds"], "from": f"{path} row {DEFAULT_ROW}"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tar", default=TAR)
@@ -44,6 +59,9 @@ def main() -> None:
     p.add_argument("--server-epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default="bench/results/own_accuracy.json")
+    p.add_argument("--memory-from", metavar="UPLINK_JSON",
+                   help="take the in-memory run from bench_uplink.py --own-folders's default "
+                        "row (same folders, spec, seed and settings) instead of running it")
     args = p.parse_args()
     work = Path(args.work)
     _, test, folders = prepare(Path(args.tar), work)
@@ -58,6 +76,9 @@ def main() -> None:
     plan = plan_run(sim, cfg, "q8", 600.0)  # one spec for both paths
     runs = {}
     for name in ("own_data_mqtt", "shards_in_memory"):
+        if name == "shards_in_memory" and args.memory_from:  # read once the MQTT run is done
+            runs[name] = memory_row(Path(args.memory_from), args)
+            continue
         t0 = time.perf_counter()
         if name == "own_data_mqtt":
             res = simulate_mqtt(cfg, "q8", False, 600.0, plan=plan,

@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from bench_own_data import TAR  # noqa: E402
 
 from edge_runtime.device.refresh import DEFAULT_POLICY  # noqa: E402
 
@@ -135,10 +138,41 @@ def _bytes_row(row: str, cfg, args: argparse.Namespace) -> dict:
             "bytes_only": True}
 
 
+def _own_folder_run(row: str, args: argparse.Namespace):
+    """The row on bench_own_data's per-device CIFAR-10 folders and held-out folder, run as
+    `gkt-hub simulate --transport inproc --device-data ... --test-data ...` runs it."""
+    from bench_own_data import prepare as own_folders
+
+    from server_hub.cli.main import build_parser, federation_config
+    from server_hub.cli.run_options import plan_run
+    from server_hub.simulation.launch import simulate_inproc
+
+    _, test, folders = own_folders(args.images, Path(args.own_work))
+    argv = ["simulate", "--test-data", str(test), "--rounds", str(args.rounds),
+            "--server-epochs", str(args.server_epochs), "--batch-size", str(args.batch_size),
+            "--seed", str(args.seed), "--device", args.device, "--no-progress"]
+    for f in folders:
+        argv += ["--device-data", str(f)]
+    sim = build_parser().parse_args(argv)
+    sim.devices = len(folders)
+    cfg = federation_config(sim)
+    plan = plan_run(sim, cfg, "q8", 600.0)
+    if row == "fedavg":
+        return simulate_inproc(cfg, "fedavg", False, plan=plan,
+                               device_data=[str(f) for f in folders])
+    codec, policy, *logits = row.split("/")
+    cfg = replace(cfg, codec=codec, refresh=policy,
+                  logits_codec=logits[0] if logits else cfg.logits_codec)
+    return simulate_inproc(cfg, "gkt", False, plan=plan, device_data=[str(f) for f in folders])
+
+
 def _run_row(row: str, args: argparse.Namespace) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.own_folders:
+        t0 = time.perf_counter()
+        return _summary(row, _own_folder_run(row, args), t0)
     from edge_runtime.learning.data import DataConfig
     from edge_runtime.learning.train import EdgeTrainConfig
     from server_hub.simulation.inproc import FederationConfig, prepare, run_fedavg, run_gkt
@@ -164,6 +198,10 @@ def _run_row(row: str, args: argparse.Namespace) -> dict:
         codec, policy, *logits = row.split("/")
         result = run_gkt(replace(cfg, codec=codec, refresh=policy,
                                  logits_codec=logits[0] if logits else cfg.logits_codec), setup)
+    return _summary(row, result, t0)
+
+
+def _summary(row: str, result, t0: float) -> dict:
     d = result.to_dict()
     ups = [r.upload_bytes for r in result.rounds]
     out = {"row": row, "final_accuracy": d["final"]["test_accuracy"],
@@ -173,6 +211,7 @@ def _run_row(row: str, args: argparse.Namespace) -> dict:
            "first_round_upload": ups[0], "last_round_upload": ups[-1],
            "accuracy_per_round": [r.test_accuracy for r in result.rounds],
            "bytes": d["bytes"], "codec": result.codec,
+           "round_s": [r.seconds for r in result.rounds],
            "seconds": round(time.perf_counter() - t0, 1)}
     print(f"{row:22s} acc {out['final_accuracy']:.4f}  up {out['upload_bytes'] / 1e6:9.2f} MB  "
           f"down {out['download_bytes'] / 1e6:8.2f} MB  round up first/last "
@@ -244,11 +283,18 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=1, help="rows run at once (one process each)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per row")
     p.add_argument("--device", default="cpu", help="hub torch device: cpu | cuda | auto")
+    p.add_argument("--own-folders", action="store_true",
+                   help="rows on per-device folders of --images (bench_own_data.py's split: "
+                        "5,000 training JPEGs over 4 devices, Dirichlet 0.5, 1,000 held out)")
+    p.add_argument("--own-work", default="/tmp/gkt-bench-own-data",
+                   help="where --own-folders extracts and splits the images")
     p.add_argument("--bytes-only", action="store_true",
                    help="no hub training or accuracy: measure what crosses the wire only")
     p.add_argument("--json", type=Path, default=HERE / "results" / "uplink.json")
     args = p.parse_args()
-    if args.images is not None:
+    if args.own_folders:
+        args.images = args.images or Path(TAR)
+    elif args.images is not None:
         args.data_root = str(extract_images(args.images, Path(args.data_root),
                                             args.train_images, args.test_images, args.seed))
     t0 = time.time()

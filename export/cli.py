@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parity tolerance (default 1e-5), on outputs scaled by max(1, max |out|) "
                         "per sample; see docs/export.md")
     p.add_argument("--data-root", default="data", help="root of torchvision datasets")
+    p.add_argument("--test-data", metavar="DIR",
+                   help="for a run on devices' own data: the hub's held-out folder (one "
+                        "subfolder per class) to verify on and calibrate int8 with")
     p.add_argument("--threads", type=int, default=1,
                    help="CPU threads for PyTorch and onnxruntime (default 1)")
     p.add_argument("--latency-runs", type=int, default=20, help="timed runs per median")
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExportConfig(
             checkpoint=args.checkpoint, out_dir=args.out, devices=tuple(args.device),
             edge_states=tuple(args.edge_state), data_root=args.data_root,
+            test_data=args.test_data,
             export=ExportOptions(args.opset, args.exporter), quantize=args.quantize,
             quant=QuantConfig(args.calibration_samples, args.calibration_method,
                               args.int8_activations),

@@ -23,17 +23,20 @@ DELIVERY_OPSET = 13
 
 
 def export_for_delivery(checkpoint: str, devices: list[str], out_dir: str,
-                        data_root: str = "data", run_id: str | None = None,
+                        data_root: str = "data", test_data: str | None = None,
+                        run_id: str | None = None,
                         int8: bool = True, calibration_samples: int = 256,
                         opset: int = DELIVERY_OPSET, threads: int = 1
                         ) -> dict[str, dict[str, str]]:
     """device -> {"fp32": path, "int8": path} of its verified composed graphs.
 
-    Verification runs on the whole test split: the accuracy written into each file is
-    the hub's own evaluation of that device (extractor_k + server).
+    Verification runs on the whole test split, or for a run on devices' own data on the
+    hub's held-out folder ``test_data``: the accuracy written into each file is the hub's
+    own evaluation of that device (extractor_k + server).
     """
     cfg = ExportConfig(
         checkpoint=checkpoint, out_dir=out_dir, devices=tuple(devices), data_root=data_root,
+        test_data=test_data,
         export=ExportOptions(opset), quantize="int8" if int8 else None,
         quant=QuantConfig(calibration_samples), threads=threads, latency_batches=(),
         kinds=("composed",), run_id=run_id)

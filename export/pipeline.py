@@ -32,7 +32,7 @@ from export.onnx_export import ExportOptions, export_graph
 from export.quantize import PER_CHANNEL_MIN_OPSET, QDQ_MIN_OPSET, QuantConfig, quantize_int8
 from export.report import ExportReport, GraphReport, Int8Report, Parity
 from export.runtime import median_ms, run
-from export.samples import data_config, load_images
+from export.samples import samples_for
 from export.verify import (
     ATOL,
     RTOL,
@@ -62,6 +62,7 @@ class ExportConfig:
     devices: tuple[str, ...] = ()  # extractor + composed for these; () = all in the checkpoint
     edge_states: tuple[str, ...] = ()  # device state dirs whose edge model to export
     data_root: str = "data"
+    test_data: str | None = None  # own-data runs: the hub's held-out folder (CLASS/IMAGE)
     export: ExportOptions = field(default_factory=ExportOptions)
     quantize: str | None = None  # None | "int8"
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -238,11 +239,10 @@ def run_export(cfg: ExportConfig) -> ExportReport:
     devices = list(cfg.devices) or sorted(ckpt.extractors)
     edges = [load_edge_state(Path(d)) for d in cfg.edge_states]
     specs = [s for s in build_specs(ckpt, devices, edges) if s.kind in cfg.kinds]
-    dcfg = data_config(ckpt.meta, cfg.data_root)
-    test_x, test_y = load_images(dcfg, train=False, limit=cfg.test_samples)
-    calib = (load_images(dcfg, train=True, limit=cfg.quant.calibration_samples)[0]
-             if cfg.quantize else None)
-    data = _Data(test_x, test_y, calib, [extractor_module(ckpt, d) for d in devices])
+    got = samples_for(ckpt.meta, cfg.data_root, cfg.test_data, cfg.test_samples,
+                      cfg.quant.calibration_samples if cfg.quantize else 0)
+    test_y = got.test_y
+    data = _Data(got.test_x, test_y, got.calib_x, [extractor_module(ckpt, d) for d in devices])
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     meta = ckpt.meta

@@ -14,7 +14,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
@@ -81,6 +81,7 @@ class HubStatus:
     run_id: str | None = None  # the announced run spec's
     quarantined: dict[str, int] = field(default_factory=dict)  # uploads left out, by reason
     rows: dict[str, int] = field(default_factory=dict)  # device -> distinct samples stored
+    delivery: dict | None = None  # the end-of-run model delivery's report
 
 
 class NoDevicesError(RuntimeError):
@@ -397,4 +398,8 @@ class UploadIntake:
                          class_report=self.class_report,
                          run_id=self.run_spec.run_id if self.run_spec else None,
                          **extra, quarantined=dict(self.quarantined),
-                         rows={d: u.rows for d, u in ups})
+                         rows={d: u.rows for d, u in ups}, delivery=self._delivered())
+
+    def _delivered(self) -> dict | None:
+        report = self.delivery.report if self.delivery is not None else None
+        return asdict(report) if report is not None else None

@@ -325,3 +325,28 @@ def test_a_federation_over_mqtt_ends_with_every_device_holding_its_model(tmp_pat
         _, summary = run_predict(PredictConfig((str(test_pngs),),
                                                state_dir=str(state / "devices" / d), quiet=True))
         assert summary.correct == round(accs.per_device[d] * 359)
+
+
+def test_an_own_data_runs_models_are_verified_on_the_hubs_held_out_folder(
+        hub_state, test_pngs, tmp_path, capsys):
+    """A run on devices' own folders has no academic test split: delivery verifies (and
+    calibrates int8) on the hub's --test-data folder, read with the run's preprocessing,
+    and predict on that folder scores what the file says, to the sample."""
+    from export.cli import main as export_main
+
+    ckpt = load_checkpoint(hub_state)
+    meta = dict(ckpt.meta, dataset="own", classes=[str(i) for i in range(10)],
+                preprocess=Preprocess(8, *DATA.normalization, resize="stretch").to_dict())
+    own = tmp_path / "own"
+    save_checkpoint(own, meta, ckpt.server, ckpt.extractors)
+    out = tmp_path / "models"
+    files = export_for_delivery(str(own), ["dev0"], str(out), test_data=str(test_pngs),
+                                int8=False)
+    assert set(files["dev0"]) == {"fp32"}
+    model, summary = run_predict(PredictConfig((str(test_pngs),), model=files["dev0"]["fp32"],
+                                               quiet=True))
+    assert model.meta["dataset"] == "own" and model.meta["test_samples"] == "359"
+    assert summary.correct == round(float(model.meta["test_accuracy"]) * 359)
+    # the same checkpoint without the folder: a clear usage error, not a traceback
+    assert export_main([str(own), "--out", str(tmp_path / "x"), "-q"]) == 2
+    assert "--test-data DIR" in capsys.readouterr().err

@@ -141,9 +141,13 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
 
     svc = _service(fed, opts, link, test_loader, login, worker, on_record,
                    lambda s: bar.set_postfix_str(s, refresh=True))
-    if opts.deliver_models and worker is None:  # hub workers (--workers > 1) deliver none
+    test_folder = opts.plan.test_folder if opts.plan else None
+    if opts.deliver_models and worker is None and spec and not spec.dataset and not test_folder:
+        log.warning("model delivery off: the devices' models are verified on the hub's "
+                    "held-out images before they are sent; give --test-data DIR to deliver")
+    elif opts.deliver_models and worker is None:  # hub workers (--workers > 1) deliver none
         svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
-                                             opts.service.max_payload)
+                                             opts.service.max_payload, test_folder)
     if opts.signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: svc.stop())

@@ -102,7 +102,7 @@ def plan_run(args: argparse.Namespace, cfg: FederationConfig, codec: str,
     pre = Preprocess(size, _triple(args.mean, "--mean") if args.mean else mean,
                      _triple(args.std, "--std") if args.std else std, args.resize)
     return RunPlan(build_spec(cfg, classes, pre, None, codec, codecs, round_deadline,
-                              args.upload_deadline), test)
+                              args.upload_deadline), test, args.test_data or None)
 
 
 def add_split_parser(sub: argparse._SubParsersAction) -> None:

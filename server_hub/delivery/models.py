@@ -55,6 +55,7 @@ def find_exporter() -> Exporter | None:
 @dataclass(frozen=True)
 class DeliveryConfig:
     data_root: str = "data"
+    test_data: str | None = None  # own-data runs: the held-out folder export verifies on
     int8: bool = True  # also deliver the int8 QDQ graph
     max_payload: int = 256 * 1024  # bytes per message (the broker's packet limit)
     ack_timeout: float = 120.0  # how long the end of a run waits for devices' acks
@@ -104,7 +105,8 @@ class ModelDelivery:
             todo = [d for d in todo if d not in have]
             if todo:
                 files = self.exporter(str(path), todo, str(out), data_root=self.cfg.data_root,
-                                      run_id=self.cfg.run_id, int8=self.cfg.int8)
+                                      test_data=self.cfg.test_data, run_id=self.cfg.run_id,
+                                      int8=self.cfg.int8)
                 with self._cond:
                     for device, variants in files.items():
                         self.models[device] = {
@@ -196,11 +198,12 @@ class ModelDelivery:
 
 
 
-def model_delivery(link, state_dir: str | Path, data_root: str,
-                   max_payload: int) -> ModelDelivery | None:
-    """Delivery for a hub whose devices should get their models, if the exporter is here."""
+def model_delivery(link, state_dir: str | Path, data_root: str, max_payload: int,
+                   test_data: str | None = None) -> ModelDelivery | None:
+    """Delivery for a hub whose devices should get their models, if the exporter is here.
+    ``test_data``: an own-data run's held-out folder (its models are verified on it)."""
     exporter = find_exporter()
     if exporter is None:
         return None
-    return ModelDelivery(link, state_dir, DeliveryConfig(data_root, max_payload=max_payload),
-                         exporter)
+    return ModelDelivery(link, state_dir, DeliveryConfig(data_root, test_data,
+                                                         max_payload=max_payload), exporter)

@@ -42,6 +42,7 @@ class RunResult:
     # (server_hub/run/evaluation.py class_report)
     class_report: dict | None = None
     run_spec: dict | None = None  # what the devices adopted (edge_runtime/protocol/run_spec.py)
+    delivery: dict | None = None  # the end-of-run model delivery (server_hub/delivery/models.py)
 
     def final(self) -> dict:
         last = self.rounds[-1] if self.rounds else None

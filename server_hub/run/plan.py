@@ -17,6 +17,7 @@ from server_hub.simulation.inproc import FederationConfig
 class RunPlan:
     spec: RunSpec  # run_id is fresh: spec_store.settle_run_spec keeps a saved one
     test: HeldOutImages | None = None  # own held-out images (--test-data)
+    test_folder: str | None = None  # where they were read from (model delivery verifies on it)
 
     def test_loader(self, cfg: FederationConfig):
         """Batches of held-out data: own images, the academic test split, or None."""

@@ -177,6 +177,7 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     status = outcome.status
     result.codec = codec
     result.class_report = status.class_report if status else None
+    result.delivery = status.delivery if status else None
     result.broker_bytes = {
         "hub_received": status.bytes_received if status else 0,
         "hub_sent": status.bytes_sent if status else 0,
@@ -189,4 +190,9 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
     print(f"final test accuracy {final['test_accuracy']:.4f} after {cfg.rounds} rounds; "
           f"{final['upload_bytes'] / 1e6:.2f} MB up, {final['download_bytes'] / 1e6:.2f} MB down; "
           f"{time.perf_counter() - t0:.1f} s in all")
+    if result.delivery and result.delivery["acked"]:
+        d = result.delivery
+        print(f"{len(d['acked'])} devices hold their round {d['round']} model "
+              f"({sum(d['bytes_on_wire'].values()) / 1e6:.1f} MB sent); classify images with: "
+              f"gkt-edge predict --state-dir {work / 'devices' / d['acked'][0]} IMAGES...")
     return result
