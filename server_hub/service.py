@@ -46,11 +46,13 @@ def make_intake(link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
     """The intake of a service with ``cfg``: the state dir's journal and device registry,
     the admission limits and the run's feature size (the hub's input size, if it has one)."""
     journal = journal or UploadJournal(Path(cfg.state_dir) / "uploads")
-    run_id = cfg.run_id or (cfg.run_spec.run_id if cfg.run_spec else "")
+    spec = cfg.run_spec
+    run_id = cfg.run_id or (spec.run_id if spec else "")
+    # the run spec's input size: an own-data run's data_cfg is the default dataset's
+    size = spec.preprocess["size"] if spec else getattr(data_cfg, "size", None)
     return UploadIntake(link, hub, journal, cfg.max_payload,
-                        DeviceRegistry(cfg.state_dir, run_id), cfg.admission,
-                        getattr(data_cfg, "size", None), rounds=rounds,
-                        run_spec=cfg.run_spec)
+                        DeviceRegistry(cfg.state_dir, run_id), cfg.admission, size,
+                        rounds=rounds, run_spec=spec)
 
 
 class IntakeControls:

@@ -71,6 +71,21 @@ def test_hub_refuses_a_hello_of_another_run():
     assert err.value.reason == "wrong_run" and spec.run_id in str(err.value)
 
 
+def test_the_hubs_feature_size_is_the_run_specs_not_the_default_datasets(tmp_path):
+    """`simulate --device-data` without --image-size: the run is 32x32 while the (unused)
+    default dataset, digits, is 8x8; the hub must expect the run's size."""
+    from edge_runtime.learning.preprocess import Preprocess
+    from server_hub.hub import Hub
+    from server_hub.run.plan import build_spec
+    from server_hub.service import ServiceConfig, make_intake
+    from server_hub.trainer import ServerTrainConfig
+
+    spec = build_spec(DIGITS, tuple("abc"), Preprocess(32), None)
+    cfg = ServiceConfig(str(tmp_path), run_spec=spec)
+    intake = make_intake(None, Hub(3, ServerTrainConfig(device="cpu")), cfg, DIGITS.data)
+    assert DIGITS.data.size == 8 and intake.feature_size() == 32
+
+
 @pytest.mark.mqtt
 def test_edge_with_state_of_another_run_exits_2_and_says_what_to_do(broker, make_link,
                                                                     tmp_path, capsys):
