@@ -34,7 +34,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_own_data import TAR  # noqa: E402
 
-from edge_runtime.device.refresh import DEFAULT_POLICY  # noqa: E402
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY  # noqa: E402
 
 DEFAULT_ROW = f"q8/{DEFAULT_POLICY}"
 ROWS = ["fedavg", "fp32/full", DEFAULT_ROW, "q8/full", "q4/full", "q8/delta",
@@ -78,7 +78,7 @@ def _bytes_row(row: str, cfg, args: argparse.Namespace) -> dict:
     weights after one local epoch, each way, per device and round."""
     import numpy as np
 
-    from edge_runtime.device.refresh import RefreshPolicy
+    from edge_runtime.protocol.refresh_policy import RefreshPolicy
     from server_hub.hub import Hub
     from server_hub.models import FULL_MODELS
     from server_hub.simulation.inproc import (
@@ -310,7 +310,7 @@ def main() -> None:
 
 
 def _warmup() -> int:
-    from edge_runtime.device.refresh import RefreshPolicy
+    from edge_runtime.protocol.refresh_policy import RefreshPolicy
 
     return RefreshPolicy.parse(DEFAULT_POLICY).warmup or 1
 

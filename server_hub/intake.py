@@ -19,6 +19,7 @@ from typing import Callable
 
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol import refusal, topics, wire
+from edge_runtime.protocol.codecs import LOGITS_CODEC
 from edge_runtime.protocol.limits import max_packet_size, rows_per_message
 from edge_runtime.protocol.messages import logits_messages, parse_extractor, parse_feature_chunk
 from edge_runtime.protocol.run_spec import RunSpec
@@ -346,7 +347,8 @@ class UploadIntake:
         """Send a device its server logits (kept for a re-request), naming the feature
         epoch the hub holds its maps under (None: it holds none; send full maps)."""
         per_chunk = rows_per_message(self.max_payload, 8 + 4 * self.hub.num_classes)
-        msgs = logits_messages(device, rnd, ids, logits, per_chunk,
+        codec = self.run_spec.logits_codec if self.run_spec else LOGITS_CODEC
+        msgs = logits_messages(device, rnd, ids, logits, per_chunk, codec,
                                feature_epoch=feature_epoch)
         self.sent[device] = (rnd, msgs)
         for m in msgs:

@@ -117,6 +117,7 @@ def test_serve_announces_the_run_and_a_device_process_adopts_it(broker, make_lin
          "--state-dir", str(hub_state), "--dataset", "digits", "--rounds", "1",
          "--min-devices", "1", "--server-epochs", "1", "--batch-size", "16",
          "--temperature", "2.5", "--codec", "q4", "--codecs", "q4,q8", "--device", "cpu",
+         "--refresh", "freeze:2", "--logits-codec", "s8",
          "--start-timeout", "120", "--no-progress"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     dev = None
@@ -124,6 +125,7 @@ def test_serve_announces_the_run_and_a_device_process_adopts_it(broker, make_lin
         probe = make_link(broker.url, "probe")
         spec = decode_run_spec(retained(probe, topics.RUN_TOPIC))
         assert (spec.batch_size, spec.temperature, spec.codec) == (16, 2.5, "q4")
+        assert (spec.refresh, spec.logits_codec) == ("freeze:2", "s8")
         assert spec.classes == tuple(str(i) for i in range(10)) and spec.dataset == "digits"
         saved = json.loads((hub_state / "run_spec.json").read_text())
         assert saved["run_id"] == spec.run_id
@@ -138,6 +140,7 @@ def test_serve_announces_the_run_and_a_device_process_adopts_it(broker, make_lin
             p.send_signal(signal.SIGTERM)
         out = dev.communicate(timeout=60)[0]
         assert dev.returncode == 0, out[-3000:]
+        assert "refresh freeze:2, logits s8" in out  # what the device adopted
         assert hub.wait(60) == 0, hub.stdout.read()[-3000:]
     finally:
         for p in (hub, dev):

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from edge_runtime.device.refresh import FeatureMirror, RefreshPolicy
+from edge_runtime.device.refresh import FeatureMirror
 from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.protocol import wire
 from edge_runtime.protocol.messages import feature_chunk, parse_feature_chunk
+from edge_runtime.protocol.refresh_policy import RefreshPolicy
 from server_hub.uplink.held import HeldFeatures, Resync
 
 IDS = np.arange(3, 43, dtype=np.int64) * 7  # sorted, not contiguous

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING
 from edge_runtime.device.edge_device import EdgeDevice
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_REFUSED, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
-from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.device.upload import upload_messages
 from edge_runtime.mqtt.link import MqttLink
@@ -30,6 +29,7 @@ from edge_runtime.protocol import refusal, topics, wire
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.messages import LOGITS_CODEC, parse_logits
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.protocol.round_auth import RoundGuard
 
 if TYPE_CHECKING:

@@ -21,7 +21,6 @@ import sys
 import threading
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
-from edge_runtime.device.refresh import DEFAULT_POLICY
 from edge_runtime.ops.config_file import (
     ConfigError,
     add_config_args,
@@ -29,8 +28,8 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
+from edge_runtime.protocol.codecs import LOGITS_CODECS
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
-from edge_runtime.protocol.messages import LOGITS_CODEC, LOGITS_CODECS
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -79,11 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num-shards", type=int, default=1, help="devices in the partition")
     bench.add_argument("--seed", type=int, default=0,
                        help="partition seed, same on every device")
-    run.add_argument("--refresh", default=DEFAULT_POLICY,
+    run.add_argument("--refresh", default=None,
                      help="which feature maps to upload: full | freeze:W | drift:B | delta, "
-                          f"joined with + (default {DEFAULT_POLICY}; docs/uplink.md)")
-    run.add_argument("--logits-codec", default=LOGITS_CODEC, choices=LOGITS_CODECS,
-                     help="codec of the logits we upload")
+                          "joined with + (default: the run's; docs/uplink.md)")
+    run.add_argument("--logits-codec", default=None, choices=LOGITS_CODECS,
+                     help="codec of the logits we upload (default: the run's)")
     run.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     run.add_argument("--threads", type=int, default=0,
@@ -307,16 +306,17 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
     from edge_runtime.protocol.round_auth import read_key
 
     spec = watch.spec
+    codec, refresh = pick_codec(spec, args.codec), args.refresh or spec.refresh
+    logits_codec = args.logits_codec or spec.logits_codec
     logging.getLogger("gkt.edge").info(
-        "%s: adopted run %s (%d classes, input %d, %d local epochs, lr %g, codec %s)",
-        args.device_id, spec.run_id, spec.num_classes, spec.preprocess["size"], spec.epochs,
-        spec.lr, spec.codec)
+        "%s: adopted run %s (%d classes, input %d, %d local epochs, lr %g, codec %s, "
+        "refresh %s, logits %s)", args.device_id, spec.run_id, spec.num_classes,
+        spec.preprocess["size"], spec.epochs, spec.lr, codec, refresh, logits_codec)
     state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
-    cfg = AgentConfig(args.device_id, codec=pick_codec(spec, args.codec),
+    cfg = AgentConfig(args.device_id, codec=codec,
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
-                      run_id=spec.run_id, refresh=args.refresh,
-                      logits_codec=args.logits_codec,
+                      run_id=spec.run_id, refresh=refresh, logits_codec=logits_codec,
                       round_key=read_key(args.round_key_file) if args.round_key_file else None)
     edge_cfg = edge_config(spec, args.extract_backend, args.precision)
     adopt_state_dir(state_dir, spec)

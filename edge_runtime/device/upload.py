@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import torch
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.refresh import RefreshPolicy
 from edge_runtime.learning.train import FeatureBatch
 from edge_runtime.protocol import wire
 from edge_runtime.protocol.messages import extractor_message, feature_chunk
+from edge_runtime.protocol.refresh_policy import RefreshPolicy
 
 
 def rebatch(batches: Iterator[FeatureBatch], size: int) -> Iterator[FeatureBatch]:

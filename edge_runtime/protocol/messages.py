@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from edge_runtime.protocol import wire
+from edge_runtime.protocol.codecs import LOGITS_CODEC
 
-LOGITS_CODEC = "fp16"  # both ways; fp32 or s8 on request (accuracy cost: docs/uplink.md)
-LOGITS_CODECS = ("fp32", "fp16", "s8")
 RESIDUAL_CODEC = "s8"
 
 

@@ -21,7 +21,8 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from edge_runtime.protocol.codecs import FEATURE_CODECS
+from edge_runtime.protocol.codecs import FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY, RefreshPolicy
 
 RESIZE_METHODS = ("center_crop", "stretch")  # how images of another shape become squares
 PREPROCESS_VERSION = 1
@@ -63,6 +64,8 @@ class RunSpec:
     alpha: float = 1.0  # weight of KD against the hub's logits on the device
     codec: str = "q8"  # feature codec devices use unless they pick another of ``codecs``
     codecs: tuple[str, ...] = FEATURE_CODECS  # codecs the hub accepts
+    refresh: str = DEFAULT_POLICY  # which feature maps devices upload (refresh_policy.py)
+    logits_codec: str = LOGITS_CODEC  # the logits' codec, both ways
     round_deadline: float = 300.0  # seconds the hub waits for a round's uploads
     upload_deadline: float = 600.0  # seconds a device keeps resending one upload
     # Academic benchmarks: devices load this dataset (--dataset, with their own data root
@@ -160,6 +163,13 @@ def _validate(s: RunSpec) -> None:
         _choice("codecs entry", c, FEATURE_CODECS)
     if s.codec not in s.codecs:
         raise RunSpecError(f"codec {s.codec!r} is not among the allowed codecs {list(s.codecs)}")
+    _choice("logits_codec", s.logits_codec, LOGITS_CODECS)
+    if not isinstance(s.refresh, str) or len(s.refresh) > 64:
+        raise RunSpecError(f"refresh {_short(s.refresh)} must be a short policy string")
+    try:
+        RefreshPolicy.parse(s.refresh)
+    except ValueError as err:
+        raise RunSpecError(str(err)) from None
     if s.dataset is not None:
         _choice("dataset", s.dataset, DATASETS)
     _int("model_seed", s.model_seed, 0, 2**31 - 1)

@@ -7,7 +7,6 @@ import logging
 import os
 import sys
 
-from edge_runtime.device.refresh import DEFAULT_POLICY
 from edge_runtime.learning.data import DATASETS, DataConfig
 from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.ops.config_file import (
@@ -17,8 +16,9 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
+from edge_runtime.protocol.codecs import LOGITS_CODEC
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
-from edge_runtime.protocol.messages import LOGITS_CODEC, LOGITS_CODECS
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_OK
 from server_hub.assembly.options import BrokerOptions, HubOptions, MonitorOptions, WorkerOptions
 from server_hub.cli.device import add_access_args, add_device_parser, run_device
@@ -145,11 +145,6 @@ def build_parser() -> argparse.ArgumentParser:
                      help="mqtt: broker + hub + one gkt-edge process per device (default); "
                           "inproc: everything in this process")
     sim.add_argument("--codec", default="q8", help="device feature codec: fp32|fp16|q8|q4")
-    sim.add_argument("--refresh", default=DEFAULT_POLICY,
-                     help="feature refresh policy: full | freeze:W | drift:B | delta, joined "
-                          f"with + (default {DEFAULT_POLICY}; docs/uplink.md)")
-    sim.add_argument("--logits-codec", default=LOGITS_CODEC, choices=LOGITS_CODECS,
-                     help="codec of the logits, both ways")
     sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)

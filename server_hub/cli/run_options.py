@@ -17,7 +17,8 @@ import tempfile
 from pathlib import Path
 
 from edge_runtime.learning.preprocess import RESIZE_METHODS, Preprocess
-from edge_runtime.protocol.codecs import FEATURE_CODECS
+from edge_runtime.protocol.codecs import FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
 from server_hub.run.plan import RunPlan, build_spec, dataset_plan
 from server_hub.run.test_data import channel_stats, class_folders, read_test_folder
 from server_hub.simulation.inproc import FederationConfig
@@ -46,6 +47,11 @@ def add_run_args(p: argparse.ArgumentParser, serve: bool) -> None:
                        help="feature codec devices use unless they pick another allowed one")
     g.add_argument("--codecs", default=",".join(FEATURE_CODECS), metavar="C,C",
                    help="codecs devices may choose (--codec on gkt-edge)")
+    g.add_argument("--refresh", default=DEFAULT_POLICY,
+                   help="which feature maps devices upload: full | freeze:W | drift:B | "
+                        f"delta, joined with + (default {DEFAULT_POLICY}; docs/uplink.md)")
+    g.add_argument("--logits-codec", default=LOGITS_CODEC, choices=LOGITS_CODECS,
+                   help=f"codec of the logits, both ways (default {LOGITS_CODEC})")
     g.add_argument("--upload-deadline", type=float, default=600.0,
                    help="seconds a device keeps resending one upload")
 

@@ -38,7 +38,8 @@ def build_spec(cfg: FederationConfig, classes: tuple[str, ...], pre: Preprocess,
     return RunSpec(new_run_id(), tuple(classes), pre.to_dict(), model_seed=cfg.seed,
                    epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
                    weight_decay=e.weight_decay, temperature=e.temperature, alpha=e.alpha,
-                   codec=codec, codecs=codecs, round_deadline=round_deadline,
+                   codec=codec, codecs=codecs, refresh=cfg.refresh,
+                   logits_codec=cfg.logits_codec, round_deadline=round_deadline,
                    upload_deadline=upload_deadline, dataset=dataset)
 
 

@@ -14,7 +14,7 @@ from edge_runtime.protocol.run_spec import IDENTITY, RunSpec, RunSpecError, deco
 log = logging.getLogger("gkt.hub")
 SPEC_FILE = "run_spec.json"
 SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "temperature", "alpha",
-            "codec", "codecs", "round_deadline", "upload_deadline")
+            "codec", "codecs", "refresh", "logits_codec", "round_deadline", "upload_deadline")
 
 
 class RunSpecConflict(ValueError):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.refresh import DEFAULT_POLICY, RefreshPolicy
 from edge_runtime.device.upload import upload_messages
 from edge_runtime.learning.data import DataConfig, Split, WithIds, load_split, make_loader
 from edge_runtime.learning.partition import parse_partition, partition
@@ -27,6 +26,7 @@ from edge_runtime.protocol.messages import (
     parse_feature_chunk,
     parse_logits,
 )
+from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY, RefreshPolicy
 from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import FULL_MODELS

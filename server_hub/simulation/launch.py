@@ -92,7 +92,7 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             # Devices share this machine's cores: more threads than cores makes
             # every process spin and a 0.2 s epoch takes 20 s.
             "--threads", str(max(1, (os.cpu_count() or 1) // cfg.devices)),
-            "--mode", mode, "--refresh", cfg.refresh, "--logits-codec", cfg.logits_codec,
+            "--mode", mode,  # the refresh policy and logits codec come in the run spec
             "--speed-factor", str(speed.compute), "--bandwidth", str(speed.bandwidth),
             *(["--round-key-file", str(key_file)] if key_file else [])]
 
