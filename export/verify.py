@@ -9,7 +9,8 @@
    of the same weights: on the digits ResNet-56 (logits up to 18), float32 PyTorch is
    itself up to 2.7e-5 off and onnxruntime up to 2.8e-5 (~1.5e-6 of the largest logit);
    the two float32 runs differ by up to 3.9e-5, and a plain elementwise 1e-5 fails on
-   logits near 0 for every float32 runtime, PyTorch included.
+   logits near 0 for every float32 runtime, PyTorch included. A composed graph of a GKT
+   run was 4.1e-5 off, so atol is 1e-4: export bugs are off by 1e-2 and more.
 3. For int8 graphs: top-1 accuracy within ``max_drop`` of the fp32 graph.
 """
 
@@ -32,7 +33,7 @@ from export.onnx_export import BATCH
 from export.runtime import make_session
 
 RTOL = 1e-4
-ATOL = 1e-5
+ATOL = 1e-4  # 1e-5 refused a GKT-trained composed graph 4.1e-5 off (fp32 noise)
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 # what onnxruntime raises for a graph it cannot load or run (none derive from RuntimeError)

@@ -130,3 +130,4 @@ def test_cli_simulate_async_over_mqtt_with_a_slow_device(tmp_path):
     assert data["broker_bytes"]["device_exit_codes"] == [0, 0, 0]
     assert data["rounds"][-1]["updates"] >= 6 and data["final"]["test_accuracy"] > 0.3
     assert [s["compute"] for s in data["config"]["fleet"]] == [1.0, 1.0, 3.0]
+    assert data["delivery"]["acked"] == ["dev0", "dev1", "dev2"]  # async delivers too

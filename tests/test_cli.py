@@ -72,3 +72,7 @@ def test_simulate_over_mqtt_with_device_processes(tmp_path):
     assert (tmp_path / "state" / "checkpoints" / "LATEST").exists()
     assert (tmp_path / "state" / "devices" / "dev1" / "edge.safetensors").exists()
     assert "round" in proc.stdout and "final test accuracy" in proc.stdout
+    sent = data["delivery"]  # at the end every device got its composed model
+    assert sent["round"] == 1 and sent["acked"] == ["dev0", "dev1"] and not sent["missing"]
+    assert sent["seconds_to_all_acked"] > 0 and min(sent["bytes_on_wire"].values()) > 1e5
+    assert "gkt-edge predict --state-dir" in proc.stdout

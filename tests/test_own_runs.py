@@ -111,3 +111,30 @@ def test_status_page_shows_per_class_accuracy_and_the_confusion_matrix():
     assert "&lt;dog&gt;" in html and "<dog>" not in html  # names are escaped
     assert "<td style=font-weight:bold>4</td>" in html
     assert class_tables(None) == ""
+
+
+@pytest.mark.mqtt
+def test_an_own_data_run_over_mqtt_delivers_models_that_score_the_hubs_accuracy(tmp_path):
+    """Devices on their own folders over a real broker: at the end each holds its composed
+    model, verified on the hub's --test-data, and `gkt-edge predict` with it on that folder
+    gives the hub's last evaluation (the mean over devices), to the sample."""
+    from edge_runtime.device.cli import main as edge_main
+
+    write_digits(tmp_path / "train", 15)
+    write_digits(tmp_path / "test", 6, start=15)
+    out, state = tmp_path / "run.json", tmp_path / "state"
+    assert hub_main(["simulate", "--split-data", str(tmp_path / "train"), "--test-data",
+                     str(tmp_path / "test"), "--devices", "2", "--image-size", "8",
+                     "--rounds", "1", "--server-epochs", "1", "--state-dir", str(state),
+                     "--no-progress", "--json", str(out)]) == 0
+    run = json.loads(out.read_text())
+    assert run["delivery"]["acked"] == ["dev0", "dev1"]
+    correct = 0
+    for d in ("dev0", "dev1"):
+        preds = tmp_path / f"{d}.json"
+        assert edge_main(["predict", "--state-dir", str(state / "devices" / d),
+                          str(tmp_path / "test"), "--json", str(preds)]) == 0
+        got = json.loads(preds.read_text())
+        assert len(got) == 60
+        correct += sum(p["class"] == p["label"] for p in got)
+    assert correct == round(run["final"]["test_accuracy"] * 120)
