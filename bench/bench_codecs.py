@@ -12,16 +12,15 @@ Usage: python bench/bench_codecs.py [--sizes 32 16] [--samples 512] [--steps 40]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 import zstandard
+from results_file import write_results  # noqa: E402
 
 from edge_runtime.learning.data import DataConfig, load_split
 from edge_runtime.learning.models import EdgeResNet8
@@ -127,9 +126,7 @@ def main() -> None:
                   f"{r['max_abs_error']:>11.2e} {r['rel_rmse']:>9.2e} "
                   f"{r['message_bytes_per_sample']:>12,.0f}")
         print(f"(raw fp32: {16 * size * size * 4:,} B/sample)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_file import write_results  # noqa: E402
+
 MB = 1024 * 1024
 PI4_1GB_MB = 1024  # nominal; the OS, the GPU's share of RAM and buffers come out of it
 
@@ -237,9 +239,7 @@ def main() -> None:
            "repeats": args.repeats, "import_peak_rss_mb": import_mb,
            "import_peak_rss_mb_runs": imports, "pi4_1gb_mb": PI4_1GB_MB, "summary": summary,
            "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ Usage: python bench/bench_edge_cost.py [--batch 64] [--size 32] [--rounds 5] [--
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from cpu_worker import BASELINE, TUNED, TUNED_BF16, Worker, machine_info
+from results_file import write_results  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode
 
 from edge_runtime.learning.models import EdgeResNet8, count_parameters
@@ -138,9 +137,7 @@ def main() -> None:
            "flops_convention": "training step = 3 x forward, 2 flops per multiply-add",
            **info, "load_average_end": round(os.getloadavg()[0], 2),
            "summary": summary, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

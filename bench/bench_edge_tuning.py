@@ -18,13 +18,12 @@ Usage: python bench/bench_edge_tuning.py [--rounds 5] [--calls 2] [--threads 1]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 from cpu_worker import BASELINE, TUNED, TUNED_BF16, Worker, machine_info
+from results_file import write_results  # noqa: E402
 
 ADAPTIVE_CL = {"channels_last": True, "pool": "adaptive"}
 ADAPTIVE_NCHW = {"channels_last": False, "pool": "adaptive"}
@@ -167,9 +166,7 @@ def main() -> None:
                     for k, v in round_figures.items()))
     out = {**info, "load_average_end": round(os.getloadavg()[0], 2), "rounds": args.rounds,
            "calls": args.calls, "per_round": round_figures, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ Usage: python bench/bench_federation.py [--rounds 10] [--codecs fp32,fp16,q8,q4]
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
-from pathlib import Path
+
+from results_file import write_results  # noqa: E402
 
 from edge_runtime.learning.data import DataConfig
 from edge_runtime.learning.train import EdgeTrainConfig
@@ -61,9 +61,7 @@ def main() -> None:
               f"{r['seconds']:8.1f}")
     out = {"machine": platform.machine(), "rounds": args.rounds, "devices": args.devices,
            "samples": n, "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 def summary(res, n: int, t0: float) -> dict:

@@ -17,13 +17,12 @@ Usage: python bench/bench_hub.py [--models resnet55] [--samples 256] [--batch 64
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
 from cpu_worker import BASELINE, TUNED, Worker, machine_info
+from results_file import write_results  # noqa: E402
 
 
 def main() -> None:
@@ -84,9 +83,7 @@ def main() -> None:
               f"{r['cpu_speedup']:>6.2f}")
     out = {**info, "load_average_end": round(os.getloadavg()[0], 2), "samples": args.samples,
            "rounds": args.rounds, "device": "cpu", "rows": rows}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

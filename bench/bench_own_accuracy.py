@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_own_data import TAR, prepare  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 from server_hub.cli.main import build_parser, federation_config  # noqa: E402
 from server_hub.cli.run_options import plan_run  # noqa: E402
@@ -146,9 +147,7 @@ def main() -> None:
            "final_difference": a[-1] - b[-1] if a and b else None}
     if runs["own_data_mqtt"]["delivery"]:
         out["predict"] = predict_on_devices(work / "mqtt-run", test, a[-1])
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,13 @@ Usage: python bench/bench_profile.py [--reps 3] [--steps 20] [--batch 64] [--thr
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from results_file import write_results  # noqa: E402
 
 from device_profiles.calibrate import calibrate, calibrated_this_machine
 from device_profiles.estimate import Settings, estimate, predicted_rss_growth
@@ -124,9 +123,7 @@ def main() -> None:
            "threads": torch.get_num_threads(), "torch": torch.__version__,
            "batch": args.batch, "steps": args.steps, "timing": timing,
            "median_ratio": med, "memory": memory}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ Usage: python bench/bench_transport.py [--messages 200] [--repeats 5] [--trips 2
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -26,6 +25,8 @@ import threading
 import time
 from importlib.metadata import version
 from pathlib import Path
+
+from results_file import write_results  # noqa: E402
 
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender
@@ -207,9 +208,7 @@ def main() -> None:
            "messages": args.messages, "size": args.size, "throughput_mb_s": thr,
            "ratio_vs_native": {k: v / base for k, v in thr.items()},
            "client_cpu_ms_per_mb": cpu, "seconds_and_cpu_seconds": runs, "round_trip": lat}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1))
-    print(f"wrote {args.json}")
+    write_results(args.json, out)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ def _bytes_row(row: str, cfg, args: argparse.Namespace) -> dict:
     from server_hub.simulation.inproc import (
         _train_ce,
         deliver_logits,
-        deliver_upload,
         device_names,
         make_devices,
         prepare,
+        upload_round,
         weights_wire_bytes,
     )
 
@@ -113,13 +113,7 @@ def _bytes_row(row: str, cfg, args: argparse.Namespace) -> dict:
         devices = make_devices(cfg, setup)
         hub = Hub(cfg.data.num_classes, cfg.server, seed=cfg.seed)
         for rnd in range(cfg.rounds):
-            hub.start_round()
-            up = down = 0
-            epochs = {}
-            for dev in devices:
-                dev.train(pol.frozen(rnd))
-                epochs[dev.device_id], u, d = deliver_upload(hub, dev, rnd, cfg, pol)
-                up, down = up + u, down + d
+            epochs, up, down = upload_round(hub, devices, rnd, cfg, pol)
             hub.commit_features([d.device_id for d in devices], epochs)
             for dev in devices:
                 feats = hub.bank.get(dev.device_id)

@@ -22,9 +22,8 @@ import threading
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
 from edge_runtime.ops.config_file import (
-    ConfigError,
     add_config_args,
-    parse_args,
+    parse_or_report,
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
@@ -215,10 +214,8 @@ def login_fields(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(build_parser(), argv, ENV_PREFIX)
-    except ConfigError as err:
-        print(f"gkt-edge: error: {err}", file=sys.stderr)
+    args = parse_or_report(build_parser(), argv, ENV_PREFIX)
+    if args is None:
         return EXIT_USAGE
     if args.command == "service":
         return print_service(args)

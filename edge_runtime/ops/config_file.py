@@ -146,6 +146,17 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None, env_
     return args
 
 
+def parse_or_report(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
+                    env_prefix: str) -> argparse.Namespace | None:
+    """``parse_args``, or None after printing the ConfigError as ``PROG: error: ...``
+    (the caller exits with its program's bad-arguments code)."""
+    try:
+        return parse_args(parser, argv, env_prefix)
+    except ConfigError as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return None
+
+
 def to_toml(p: argparse.ArgumentParser, args: argparse.Namespace) -> str:
     """The options of ``args`` as a flat TOML file that ``read_file`` accepts back."""
     lines = []

@@ -10,9 +10,8 @@ import sys
 from edge_runtime.learning.data import DATASETS, DataConfig
 from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.ops.config_file import (
-    ConfigError,
     add_config_args,
-    parse_args,
+    parse_or_report,
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
@@ -185,10 +184,8 @@ def print_service(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = parse_args(build_parser(), argv, ENV_PREFIX)
-    except ConfigError as err:
-        print(f"gkt-hub: error: {err}", file=sys.stderr)
+    args = parse_or_report(build_parser(), argv, ENV_PREFIX)
+    if args is None:
         return EXIT_BAD_ARGS
     if args.command == "status":
         return run_status(args)

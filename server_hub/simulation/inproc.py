@@ -128,6 +128,20 @@ def make_devices(cfg: FederationConfig, setup: Setup) -> list[EdgeDevice]:
     ]
 
 
+def upload_round(hub: Hub, devices: list[EdgeDevice], rnd: int, cfg: FederationConfig,
+                 policy: RefreshPolicy) -> tuple[dict[str, str | None], int, int]:
+    """Open round ``rnd``; every device trains and uploads: (feature epochs, bytes up,
+    bytes down in acks)."""
+    hub.start_round()
+    up = down = 0
+    epochs = {}
+    for dev in devices:
+        dev.train(policy.frozen(rnd))
+        epochs[dev.device_id], u, d = deliver_upload(hub, dev, rnd, cfg, policy)
+        up, down = up + u, down + d
+    return epochs, up, down
+
+
 def deliver_upload(hub: Hub, dev: EdgeDevice, rnd: int, cfg: FederationConfig,
                    policy: RefreshPolicy) -> tuple[str | None, int, int]:
     """Run the device's upload through the wire format into the hub, as the MQTT service
@@ -188,13 +202,7 @@ def run_gkt(cfg: FederationConfig, setup: Setup, on_round: Progress | None = Non
                        transport="inproc (every message encoded and decoded as on the wire)")
     for rnd in range(cfg.rounds):
         t0 = time.perf_counter()
-        hub.start_round()
-        up = down = 0
-        epochs = {}
-        for dev in devices:
-            dev.train(policy.frozen(rnd))
-            epochs[dev.device_id], u, d = deliver_upload(hub, dev, rnd, cfg, policy)
-            up, down = up + u, down + d
+        epochs, up, down = upload_round(hub, devices, rnd, cfg, policy)
         stats = hub.train(names)
         logits = {d: hub.logits_for(d) for d in names}
         hub.commit_features(names, epochs)
