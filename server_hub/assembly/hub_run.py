@@ -145,7 +145,11 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
     if opts.deliver_models and worker is None and spec and not spec.dataset and not test_folder:
         log.warning("model delivery off: the devices' models are verified on the hub's "
                     "held-out images before they are sent; give --test-data DIR to deliver")
-    elif opts.deliver_models and worker is None:  # hub workers (--workers > 1) deliver none
+    elif opts.deliver_models and worker is not None and worker.rank == 0:
+        # a device's model_ack and model_request land on any worker's shared subscription
+        log.warning("model delivery is off with --workers > 1: export the devices' models "
+                    "with gkt-export STATE_DIR after the run")
+    elif opts.deliver_models and worker is None:
         svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
                                              opts.service.max_payload, test_folder)
     if opts.signals:
