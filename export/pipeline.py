@@ -68,6 +68,7 @@ class ExportConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     max_int8_drop: float = 0.01  # allowed top-1 drop of int8 vs fp32 (0.01 = 1 point)
     test_samples: int = 0  # 0 = the whole test split
+    parity_samples: int = 0  # float64 parity on the first N test samples; 0 = all of them
     batch_size: int = 64
     threads: int = 1  # onnxruntime intra-op threads (the CLI sets torch's too)
     latency_batches: tuple[int, ...] = (1, 64)
@@ -153,14 +154,15 @@ class _Checked:
 
 
 def _check(partial: Path, reference: Predict, batches: Batches, cfg: ExportConfig,
-           judge: Callable[[Comparison], None], baseline: Predict | None = None) -> _Checked:
+           judge: Callable[[Comparison], None], baseline: Predict | None = None,
+           parity_samples: int = 0) -> _Checked:
     """Checker, load, compare with ``reference`` on every batch, then ``judge`` the figures."""
     session = cmp = None
     try:
         check_model(partial)
         session = load_session(partial, cfg.threads)
         cmp = compare(reference, lambda x: run(session, x.numpy()), batches, cfg.rtol, cfg.atol,
-                      baseline)
+                      baseline, parity_samples)
         judge(cmp)
     except VerificationError as err:
         return _Checked(session, cmp, str(err))
@@ -178,7 +180,7 @@ def _export_one(spec: GraphSpec, ckpt: Checkpoint, data: _Data, cfg: ExportConfi
     res = _check(partial, torch_predict(spec.module, torch.float64),
                  _batches(spec, data, cfg.batch_size), cfg,
                  lambda c: check_parity(spec.name, c, spec.is_classifier, cfg.rtol, cfg.atol),
-                 baseline=torch_predict(spec.module))
+                 baseline=torch_predict(spec.module), parity_samples=cfg.parity_samples)
     if res.error is None and spec.is_classifier:  # what it scored, in the file itself
         set_metadata(model, accuracy_metadata(res.cmp.accuracy_cand(), res.cmp.samples))
         onnx.save(model, str(partial))

@@ -13,7 +13,7 @@ from export.verify import Comparison
 class Parity:
     """onnxruntime fp32 against PyTorch: judged against float64, float32 shown beside it."""
 
-    samples: int
+    samples: int  # checked against float64 (delivery: the first 256; gkt-export: all)
     max_abs_diff: float  # vs PyTorch float64 (the checked figure)
     worst_ratio: float  # max |diff| / allowed (see export.verify); <= 1 passes
     mismatches: int
@@ -24,7 +24,7 @@ class Parity:
 
     @classmethod
     def of(cls, c: Comparison, rtol: float, atol: float) -> Parity:
-        return cls(c.samples, c.max_abs_diff, c.worst_ratio, c.mismatches, rtol, atol,
+        return cls(c.parity_samples, c.max_abs_diff, c.worst_ratio, c.mismatches, rtol, atol,
                    c.max_abs_diff_baseline, c.baseline_error)
 
 

@@ -136,3 +136,19 @@ def test_int8_needs_a_qdq_opset_before_any_work():
         ExportConfig("ckpt", "out", export=ExportOptions(9), quantize="int8")
     with pytest.raises(ValueError, match="unknown quantization"):
         ExportConfig("ckpt", "out", quantize="int4")
+
+
+def test_parity_can_stop_at_n_samples_while_top1_counts_every_batch():
+    ref = np.array([[1.0, 0.0], [0.0, 1.0]])
+    calls = []
+
+    def reference(x):
+        calls.append(len(x))
+        return ref
+
+    batches = [(torch.zeros(2, 1), np.array([0, 1]))] * 3
+    c = compare(reference, const(ref + 1e-6), batches, baseline=const(ref), parity_samples=2)
+    assert calls == [2] and c.parity_samples == 2 and c.samples == 6
+    assert c.correct_ref == c.correct_cand == 6 and c.mismatches == 0
+    full = compare(const(ref), const(ref + 1e-6), batches, baseline=const(ref))
+    assert full.parity_samples == 6
