@@ -36,11 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_own_data import TAR, prepare  # noqa: E402
+from bench_own_data import TAR, folder_run, prepare  # noqa: E402
 from results_file import write_results  # noqa: E402
 
-from server_hub.cli.main import build_parser, federation_config  # noqa: E402
-from server_hub.cli.run_options import plan_run  # noqa: E402
 from server_hub.simulation.launch import simulate_inproc, simulate_mqtt  # noqa: E402
 
 
@@ -109,15 +107,9 @@ def main() -> None:
         got["predict"] = predict_on_devices(Path(args.predict_state), test, hub)
         Path(args.json).write_text(json.dumps(got, indent=1))
         return
-    argv = ["simulate", "--test-data", str(test), "--rounds", str(args.rounds),
-            "--server-epochs", str(args.server_epochs), "--batch-size", str(args.batch_size),
-            "--no-progress"]
-    for f in folders:
-        argv += ["--device-data", str(f)]
-    sim = build_parser().parse_args(argv)
-    sim.devices = len(folders)
-    cfg = federation_config(sim)
-    plan = plan_run(sim, cfg, "q8", 600.0)  # one spec for both paths
+    # one spec for both paths
+    cfg, plan = folder_run(test, folders, "--rounds", str(args.rounds), "--server-epochs",
+                           str(args.server_epochs), "--batch-size", str(args.batch_size))
     runs = {}
     for name in ("own_data_mqtt", "shards_in_memory"):
         if name == "shards_in_memory" and args.memory_from:  # read once the MQTT run is done

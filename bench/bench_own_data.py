@@ -74,6 +74,21 @@ def prepare(tar: Path, work: Path) -> tuple[Path, Path, list[Path]]:
     return train, test, sorted(split.glob("device-*"))
 
 
+def folder_run(test: Path, folders: list[Path], *flags: str):
+    """(FederationConfig, RunPlan) of `gkt-hub simulate --test-data TEST --device-data F...
+    FLAGS`: one run spec for every path a benchmark compares."""
+    from server_hub.cli.main import build_parser, federation_config
+    from server_hub.cli.run_options import plan_run
+
+    argv = ["simulate", "--test-data", str(test), "--no-progress", *flags]
+    for f in folders:
+        argv += ["--device-data", str(f)]
+    sim = build_parser().parse_args(argv)
+    sim.devices = len(folders)
+    cfg = federation_config(sim)
+    return cfg, plan_run(sim, cfg, "q8", 600.0)
+
+
 def own_data(folder: Path, state: Path):
     from edge_runtime.learning.catalog import ImageCatalog
     from edge_runtime.learning.data import NORMALIZATION

@@ -136,22 +136,15 @@ def _bytes_row(row: str, cfg, args: argparse.Namespace) -> dict:
 def _own_folder_run(row: str, args: argparse.Namespace):
     """The row on bench_own_data's per-device CIFAR-10 folders and held-out folder, run as
     `gkt-hub simulate --transport inproc --device-data ... --test-data ...` runs it."""
+    from bench_own_data import folder_run
     from bench_own_data import prepare as own_folders
 
-    from server_hub.cli.main import build_parser, federation_config
-    from server_hub.cli.run_options import plan_run
     from server_hub.simulation.launch import simulate_inproc
 
     _, test, folders = own_folders(args.images, Path(args.own_work))
-    argv = ["simulate", "--test-data", str(test), "--rounds", str(args.rounds),
-            "--server-epochs", str(args.server_epochs), "--batch-size", str(args.batch_size),
-            "--seed", str(args.seed), "--device", args.device, "--no-progress"]
-    for f in folders:
-        argv += ["--device-data", str(f)]
-    sim = build_parser().parse_args(argv)
-    sim.devices = len(folders)
-    cfg = federation_config(sim)
-    plan = plan_run(sim, cfg, "q8", 600.0)
+    cfg, plan = folder_run(test, folders, "--rounds", str(args.rounds), "--server-epochs",
+                           str(args.server_epochs), "--batch-size", str(args.batch_size),
+                           "--seed", str(args.seed), "--device", args.device)
     if row == "fedavg":
         return simulate_inproc(cfg, "fedavg", False, plan=plan,
                                device_data=[str(f) for f in folders])

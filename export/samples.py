@@ -59,15 +59,14 @@ def folder_samples(meta: dict, folder: str, limit: int, calibration: int) -> Sam
         raise ValueError("the checkpoint names no classes; it is not from an own-data run")
     pre = preprocess_of(meta)
     held = read_test_folder(folder, tuple(meta["classes"]), pre)
-    x = torch.from_numpy(normalize(held.images, pre))
-    y = held.labels
-    if 0 < limit < len(y):
-        x, y = x[:limit], y[:limit]
+    x, y = torch.from_numpy(normalize(held.images, pre)), held.labels
     calib = None
     if calibration:
-        n = len(held.labels)
+        n = len(y)
         pick = np.sort(np.random.default_rng(0).choice(n, min(calibration, n), replace=False))
-        calib = torch.from_numpy(normalize(held.images[pick], pre))
+        calib = x[pick]
+    if 0 < limit < len(y):
+        x, y = x[:limit], y[:limit]
     return Samples(x.contiguous(), y, calib)
 
 
