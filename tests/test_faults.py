@@ -35,13 +35,14 @@ def setup():
     return prepare(FederationConfig(data=DataConfig("digits"), devices=8, partition="iid"))
 
 
-def agent(broker, tmp_path, setup, i, max_payload=16 * 1024):
+def agent(broker, tmp_path, setup, i, max_payload=16 * 1024, logits_timeout=5.0):
     dev = EdgeDevice(f"dev{i}", setup.train, setup.train_eval, setup.shards[i], 10,
                      EdgeTrainConfig(batch_size=32), seed=i)
     link = MqttLink(LinkConfig(broker.url, f"dev{i}-{tmp_path.name}", reconnect_max=1.0))
     link.connect()
     cfg = AgentConfig(f"dev{i}", codec="fp32", state_dir=str(tmp_path / f"dev{i}"),
-                      max_payload=max_payload, window=2, ack_timeout=1.0, logits_timeout=5.0)
+                      max_payload=max_payload, window=2, ack_timeout=1.0,
+                      logits_timeout=logits_timeout)
     return EdgeAgent(link, dev, cfg)
 
 
@@ -51,7 +52,11 @@ def test_broker_killed_during_uploads(broker, tmp_path, setup):
     killer_saw = {}
 
     def killer():
-        ok = wait_for(lambda: any(len(u.chunks) >= 3 for u in service.intake.uploads.values()), 120)
+        def mid_upload():  # an upload has begun and is not complete: the hub cannot train yet
+            ups = list(service.intake.uploads.values())
+            return any(len(u.chunks) >= 3 and not u.complete for u in ups)
+
+        ok = wait_for(mid_upload, 120, interval=0.005)
         killer_saw["chunks"] = sum(len(u.chunks) for u in service.intake.uploads.values())
         broker.broker.kill()  # kill -9: its in-memory queues are gone
         time.sleep(1.0)
@@ -67,6 +72,38 @@ def test_broker_killed_during_uploads(broker, tmp_path, setup):
         ids = service.hub.bank.get(a.device.device_id).ids.tolist()
         assert sorted(ids) == a.device.sample_ids.tolist()
         assert len(a.device.bank) == a.device.num_samples
+
+
+def test_broker_restarted_before_logits_reach_a_device(broker, tmp_path, setup, caplog):
+    """The broker restarts (no persistence) while the hub trains. The hub sends dev1's
+    logits before dev1 is back, to nobody; dev1 asks again on return and gets them."""
+    caplog.set_level(logging.INFO, "gkt.hub")
+    caplog.set_level(logging.INFO, "gkt.edge")
+    service, records = make_hub(broker, tmp_path, rounds=2, min_devices=2)
+    agents = [agent(broker, tmp_path, setup, 0)]
+    late = agent(broker, tmp_path, setup, 1, logits_timeout=60.0)  # only the loss makes it ask
+    late.link.client.reconnect_delay_set(6.0, 6.0)  # back well after the hub sent logits
+    agents.append(late)
+    train = service.loop.trainer.train
+
+    def train_then_restart_broker(rnd, done):
+        out = train(rnd, done)
+        if rnd == 0:
+            broker.broker.kill()
+            time.sleep(1.0)
+            broker.broker.start()
+        return out
+
+    service.loop.trainer.train = train_then_restart_broker
+    results = run_threads(("hub", service.run), ("a0", agents[0].run), ("a1", late.run),
+                          timeout=240)
+    assert results == {"hub": 0, "a0": 0, "a1": 0}
+    assert len(records) == 2
+    assert "resending" in caplog.text and "logits chunks to dev1" in caplog.text
+    assert "dev1: round 0 complete" in caplog.text  # not given up when the hub moved on
+    assert "dev1: hub moved past round 0" not in caplog.text
+    assert late.device.progress.completed_round == 1
+    assert len(late.device.bank) == late.device.num_samples
 
 
 def hub_cmd(url: str, state, rounds: int) -> list[str]:

@@ -95,6 +95,8 @@ class EdgeAgent:
         self._ignored = 0  # announcements ignored (logged the first times)
         self._quarantined = -1  # the last round whose upload the hub could not use
         link.on_auth_refused = self._on_auth_refused
+        self._session_lost = threading.Event()  # logits sent to us may be gone: ask again
+        link.on_session_lost = self._session_lost.set
         self.models = ModelReceiver(link, device.device_id, self.state_dir)  # delivered models
 
     # -- network thread ------------------------------------------------------------------
@@ -289,6 +291,7 @@ class EdgeAgent:
         if self.own_data is not None:
             self.own_data.refresh(dev)
             self.test_loader = self.own_data.val_loader()
+        self._session_lost.clear()  # only a loss after this point can take this round's logits
         t0 = time.perf_counter()
         stats = self.throttle.run(lambda: dev.train(self.policy.frozen(rnd)))
         self._train_seconds = time.perf_counter() - t0
@@ -346,27 +349,30 @@ class EdgeAgent:
         dev = self.device
         missing = set(dev.sample_ids.tolist())
         last = time.monotonic()
+        grace = 0.0  # don't give up before the hub could answer our last request
         while missing and not self._stop.is_set():
+            if self._session_lost.is_set():  # what the hub sent while we were away is gone
+                self._session_lost.clear()
+                self._request_logits(rnd, len(missing), "the broker lost our session")
+                last = time.monotonic()
+                grace = last + min(self.cfg.logits_timeout, 5.0)
             try:
                 msg = self.inbox.get(timeout=0.5)
             except queue.Empty:
+                if self._session_lost.is_set():
+                    continue  # ask again first (above), then judge whether the hub moved on
                 ann = self._announcement or {}
                 moved_on = self.cfg.mode == "sync" and int(ann.get("round", rnd)) > rnd
                 if self._quarantined == rnd:
                     log.warning("%s: the hub dropped our round %d upload; not waiting for its "
                                 "logits", dev.device_id, rnd)
                     return False
-                if ann.get("state") == "stop" or moved_on:
+                if (ann.get("state") == "stop" or moved_on) and time.monotonic() > grace:
                     log.warning("%s: hub moved past round %d before our logits arrived",
                                 dev.device_id, rnd)
                     return False
                 if time.monotonic() - last > self.cfg.logits_timeout:
-                    log.info("%s: asking the hub again for round %d logits (%d missing)",
-                             dev.device_id, rnd, len(missing))
-                    req = wire.encode_message("logits_request", dev.device_id, rnd, {},
-                                              msg_id=f"req-{uuid.uuid4().hex[:8]}",
-                                              meta={"round": rnd})
-                    self.link.publish(topics.up(dev.device_id), req, wait=False)
+                    self._request_logits(rnd, len(missing), "none came")
                     last = time.monotonic()
                 continue
             if msg.round != rnd:
@@ -384,3 +390,10 @@ class EdgeAgent:
             last = time.monotonic()
         return not missing
 
+    def _request_logits(self, rnd: int, missing: int, why: str) -> None:
+        dev = self.device
+        log.info("%s: asking the hub again for round %d logits (%d missing; %s)",
+                 dev.device_id, rnd, missing, why)
+        req = wire.encode_message("logits_request", dev.device_id, rnd, {},
+                                  msg_id=f"req-{uuid.uuid4().hex[:8]}", meta={"round": rnd})
+        self.link.publish(topics.up(dev.device_id), req, wait=False)

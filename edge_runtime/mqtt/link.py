@@ -141,6 +141,9 @@ class MqttLink:
         # Called (network thread) when the broker refuses our credentials, e.g. on a
         # reconnect after `gkt-hub device revoke`: paho would otherwise retry forever.
         self.on_auth_refused: Callable[[str], None] | None = None
+        # Called (network thread, after resubscribing) when a reconnect found our session
+        # gone, e.g. the broker restarted without persistence: what it queued is lost.
+        self.on_session_lost: Callable[[], None] | None = None
         c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cfg.client_id,
                         protocol=mqtt.MQTTv5)
         if cfg.tcp_nodelay:
@@ -310,10 +313,13 @@ class MqttLink:
             mid = self._send_subscribe(topic, qos, 1 if resumed else 0)
             if mid is not None:
                 self._resubs.add(mid)
+        lost = self._ever_connected and not flags.session_present
         self._ever_connected = True
         self._disconnected.clear()
         self._connected.set()
         self._answered.set()
+        if lost and self.on_session_lost:
+            self.on_session_lost()
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
