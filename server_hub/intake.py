@@ -341,12 +341,18 @@ class UploadIntake:
         for m in msgs:
             self.link.publish(topics.down(device), m, wait=False)
 
+    def payload_for(self, device: str) -> int:
+        """The largest message we send ``device``: ours, or its own if its hello named a
+        smaller one (a device configured with a lower --max-payload than the hub)."""
+        theirs = (self.known.get(device) or {}).get("max_payload")
+        return min(self.max_payload, int(theirs)) if theirs else self.max_payload
+
     # -- main thread ---------------------------------------------------------------------
     def send_logits(self, device: str, rnd: int, ids, logits, wait: bool = True,
                     feature_epoch: str | None = None) -> None:
         """Send a device its server logits (kept for a re-request), naming the feature
         epoch the hub holds its maps under (None: it holds none; send full maps)."""
-        per_chunk = rows_per_message(self.max_payload, 8 + 4 * self.hub.num_classes)
+        per_chunk = rows_per_message(self.payload_for(device), 8 + 4 * self.hub.num_classes)
         codec = self.run_spec.logits_codec if self.run_spec else LOGITS_CODEC
         msgs = logits_messages(device, rnd, ids, logits, per_chunk, codec,
                                feature_epoch=feature_epoch)

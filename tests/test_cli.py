@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from edge_runtime.device.cli import main as edge_main
+from server_hub.cli.main import main as hub_main
 from server_hub.broker.mosquitto import free_port
 
 
@@ -18,6 +19,15 @@ def test_edge_rejects_bad_arguments_with_exit_code_2(capsys):
     assert edge_main(["run", "--hub", "mqtt://127.0.0.1:1", "--device-id", "a",
                       "--codec", "q3"]) == 2
     assert "unknown codec" in capsys.readouterr().err
+
+
+def test_max_payload_below_the_minimum_is_refused_by_name(capsys):
+    for main, argv in ((edge_main, ["run", "--hub", "mqtt://127.0.0.1:1", "--device-id", "a"]),
+                       (hub_main, ["serve"])):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--max-payload", "1000"])
+        assert exc.value.code == 2
+        assert "--max-payload: 1000 bytes is below the minimum of 16384" in capsys.readouterr().err
 
 
 def test_edge_says_when_the_broker_is_unreachable(capsys, tmp_path):

@@ -32,6 +32,7 @@ from edge_runtime.learning.models import FeatureExtractor
 from edge_runtime.learning.preprocess import Preprocess
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
+from edge_runtime.protocol.limits import max_packet_size
 from edge_runtime.protocol.model_transfer import request_message
 from export.deliver import export_for_delivery
 from export.metadata import preprocess_of
@@ -104,6 +105,9 @@ def test_pngs(tmp_path_factory):
     return root
 
 
+SMALL_PAYLOAD = 16 * 1024
+
+
 @pytest.fixture(scope="module")
 def delivered(hub_state, tmp_path_factory):
     """A hub service with model delivery over a real broker; dev0 fetches its model on
@@ -126,7 +130,9 @@ def delivered(hub_state, tmp_path_factory):
                                  DeliveryConfig(max_payload=128 * 1024, ack_timeout=60),
                                  export_for_delivery)
         svc.intake.delivery = delivery
-        svc.intake.known.update({d: {} for d in DEVICES})
+        delivery.payload_for = svc.intake.payload_for  # as the hub's assembly wires it
+        # dev1 takes smaller messages than the hub sends (its hello says so)
+        svc.intake.known.update({"dev0": {}, "dev1": {"max_payload": SMALL_PAYLOAD}})
         svc.intake.listen()  # the hub's own upload intake: model_request/model_ack go through it
         devices = tmp_path_factory.mktemp("devices")
         states = {d: devices / d for d in DEVICES}
@@ -137,7 +143,7 @@ def delivered(hub_state, tmp_path_factory):
         receiver = ModelReceiver(link("dev1"), "dev1", states["dev1"])
 
         def on_down(topic: str, payload: bytes) -> None:
-            msg = wire.decode_message(payload, max_bytes=1 << 20)
+            msg = wire.decode_message(payload, max_bytes=max_packet_size(SMALL_PAYLOAD))
             if msg.kind == "model":
                 receiver.on_model(msg)
 

@@ -205,7 +205,8 @@ def test_schema():
                  {"num_samples": -1, "num_classes": 10, "codec": "q8"},
                  {"num_samples": 1, "num_classes": True, "codec": "q8"},
                  {"num_samples": 1, "num_classes": 10, "codec": "zip"},
-                 {"num_samples": 1, "num_classes": 10, "codec": "q8", "image_size": 0}):
+                 {"num_samples": 1, "num_classes": 10, "codec": "q8", "image_size": 0},
+                 {"num_samples": 1, "num_classes": 10, "codec": "q8", "max_payload": 1000}):
         assert encode_reason("hello", "d", 0, {}, msg_id="h", meta=meta) == "schema", meta
     bad_metas = [
         ("upload_done", {"num_samples": 1, "num_chunks": 1}),

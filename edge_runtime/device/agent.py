@@ -263,6 +263,7 @@ class EdgeAgent:
                 "codec": self.cfg.codec, "completed_round": dev.progress.completed_round,
                 "image_size": int(dev._extract.dataset[0][0].shape[-1]),
                 "feature_epoch": dev.mirror.epoch,
+                "max_payload": self.cfg.max_payload,  # the hub sends us nothing larger
                 "device_metrics": device_metrics(dev.num_samples,
                                                  skipped_files=self._skipped_files())}
         if self.cfg.run_id is not None:

@@ -28,7 +28,7 @@ from edge_runtime.ops.config_file import (
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
 from edge_runtime.protocol.codecs import LOGITS_CODECS
-from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size, payload_size
 
 ENV_PREFIX = "GKT_EDGE_"
 
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "joined with + (default: the run's; docs/uplink.md)")
     run.add_argument("--logits-codec", default=None, choices=LOGITS_CODECS,
                      help="codec of the logits we upload (default: the run's)")
-    run.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
+    run.add_argument("--max-payload", type=payload_size, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     run.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (0 = torch's default: one per core)")
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         fetch.add_argument(name, help="as for `gkt-edge run`")
     fetch.add_argument("--timeout", type=float, default=300.0,
                        help="seconds to wait (the hub may export the model first)")
-    fetch.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD)
+    fetch.add_argument("--max-payload", type=payload_size, default=DEFAULT_MAX_PAYLOAD)
     add_log_args(fetch)
     add_service_parser(sub, "gkt-edge", "run")
     return p

@@ -12,6 +12,20 @@ from __future__ import annotations
 DEFAULT_MAX_PAYLOAD = 256 * 1024
 HEADER_ROOM = 8192  # bytes a message leaves for framing and its header
 MQTT_OVERHEAD = 4096  # PUBLISH fixed header, topic and properties around a message
+MIN_PAYLOAD = 2 * HEADER_ROOM  # a smaller message would be mostly header
+
+
+def payload_size(text: str) -> int:
+    """A ``--max-payload`` value (argparse type): bytes, at least ``MIN_PAYLOAD``."""
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bytes") from None
+    if n < MIN_PAYLOAD:
+        raise argparse.ArgumentTypeError(f"{n} bytes is below the minimum of {MIN_PAYLOAD}")
+    return n
 
 
 def max_packet_size(max_payload: int) -> int:

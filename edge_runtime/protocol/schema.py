@@ -11,6 +11,7 @@ import numpy as np
 
 from edge_runtime.protocol.codecs import FEATURE_CODECS
 from edge_runtime.protocol.errors import WireError
+from edge_runtime.protocol.limits import MIN_PAYLOAD
 
 if TYPE_CHECKING:
     from edge_runtime.protocol.wire import Message, TensorSpec
@@ -113,6 +114,8 @@ def _check_meta(kind: str, meta: dict) -> None:
             raise WireError("schema", f"hello: codec must be one of {', '.join(FEATURE_CODECS)}")
         if "image_size" in meta:  # optional for now: older devices do not send it
             _meta_int(kind, meta, "image_size", 1, 4096)
+        if "max_payload" in meta:  # the largest message the device takes (optional)
+            _meta_int(kind, meta, "max_payload", MIN_PAYLOAD, _INT32)
     elif kind == "upload_done":
         _meta_int(kind, meta, "num_samples", 0, _INT32)
         _meta_int(kind, meta, "num_chunks", 0, _INT32)

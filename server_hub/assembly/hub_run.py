@@ -152,6 +152,8 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
     elif opts.deliver_models and worker is None:
         svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
                                              opts.service.max_payload, test_folder)
+        if svc.intake.delivery is not None:
+            svc.intake.delivery.payload_for = svc.intake.payload_for
     if opts.signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: svc.stop())

@@ -16,7 +16,7 @@ from edge_runtime.ops.config_file import (
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
 from edge_runtime.protocol.codecs import LOGITS_CODEC
-from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
+from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, payload_size
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_OK
 from server_hub.assembly.options import BrokerOptions, HubOptions, MonitorOptions, WorkerOptions
@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="seconds a round waits for uploads before going on without a device")
     srv.add_argument("--start-timeout", type=float, default=3600.0,
                      help="seconds to wait for the first --min-devices devices")
-    srv.add_argument("--max-payload", type=int, default=DEFAULT_MAX_PAYLOAD,
+    srv.add_argument("--max-payload", type=payload_size, default=DEFAULT_MAX_PAYLOAD,
                      help="largest message in bytes; the broker allows this + 4 KB")
     srv.add_argument("--no-progress", action="store_true")
     srv.add_argument("--no-model-delivery", action="store_true",

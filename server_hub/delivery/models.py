@@ -89,6 +89,8 @@ class ModelDelivery:
         self._export_lock = threading.Lock()
         self._requests: queue.Queue[str] = queue.Queue()
         self._worker: threading.Thread | None = None
+        # the largest message a device takes (the hub's intake knows from its hello)
+        self.payload_for: Callable[[str], int] = lambda device: cfg.max_payload
 
     # -- export --------------------------------------------------------------------------
     def export(self, devices: list[str]) -> int | None:
@@ -127,7 +129,8 @@ class ModelDelivery:
         sent = 0
         for variant in sorted(files):  # fp32 first: the one predict uses by default
             model = files[variant]
-            for payload in model_messages(device, model, self.cfg.max_payload, sorted(files)):
+            limit = min(self.cfg.max_payload, self.payload_for(device))
+            for payload in model_messages(device, model, limit, sorted(files)):
                 self.link.publish(topics.down(device), payload, wait=wait)
                 sent += len(payload)
         return sent
