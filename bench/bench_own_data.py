@@ -86,7 +86,7 @@ def folder_run(test: Path, folders: list[Path], *flags: str):
     sim = build_parser().parse_args(argv)
     sim.devices = len(folders)
     cfg = federation_config(sim)
-    return cfg, plan_run(sim, cfg, "q8", 600.0)
+    return cfg, plan_run(sim, cfg, cfg.codec, 600.0)
 
 
 def own_data(folder: Path, state: Path):

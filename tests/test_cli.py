@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from edge_runtime.device.cli import main as edge_main
-from server_hub.cli.main import main as hub_main
 from server_hub.broker.mosquitto import free_port
+from server_hub.cli.main import main as hub_main
 
 
 def test_edge_rejects_bad_arguments_with_exit_code_2(capsys):

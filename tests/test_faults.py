@@ -23,6 +23,7 @@ from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics
 from server_hub.checkpoint import latest_checkpoint
 from server_hub.journal import count_records
+from server_hub.run.spec_store import publish_run_spec
 from server_hub.simulation.inproc import FederationConfig, prepare
 
 pytestmark = pytest.mark.mqtt
@@ -159,12 +160,15 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     cmd = [sys.executable, "-m", "edge_runtime.device.cli", "run", "--hub", broker.url,
            "--device-id", "dev1", "--state-dir", str(state), "--num-shards", "8",
            "--shard", "1", "--partition", "iid", "--threads", "1", "--codec", "fp32",
-           "--no-local-eval", "--max-payload", "16384"]
+           "--no-local-eval", "--max-payload", "16384",
+           "--refresh", "full"]  # maps every round: its round 1 upload is long enough to cut
     logf = open(tmp_path / "dev1.log", "w")
     victim = subprocess.Popen(cmd, stdout=logf, stderr=logf, env=ONE_THREAD)
     # Start the hub once the victim said hello (retained), so it takes part from round 0.
+    # The device says hello once it adopted the run spec: publish the hub's (retained).
     probe = MqttLink(LinkConfig(broker.url, f"probe-{tmp_path.name}", session_expiry=0))
     probe.connect()
+    publish_run_spec(probe, service.intake.run_spec)
     hello = threading.Event()
     probe.subscribe(topics.up("dev1"), lambda t, p: p and hello.set())
     assert hello.wait(120), (tmp_path / "dev1.log").read_text()[-2000:]
@@ -173,8 +177,12 @@ def test_device_killed_mid_round_rejoins_and_resumes(broker, tmp_path, setup, ca
     steady_thread = threading.Thread(target=steady.run)
     hub_thread.start()
     steady_thread.start()
-    assert wait_for(lambda: service.intake.round == 1 and len(getattr(
-        service.intake.uploads.get("dev1"), "chunks", ())) >= 2, 240)
+    def mid_upload() -> bool:
+        up = service.intake.uploads.get("dev1")
+        return service.intake.round == 1 and up is not None and len(up.chunks) >= 2 \
+            and not up.complete
+
+    assert wait_for(mid_upload, 240, interval=0.005)
     victim.kill()  # kill -9 in the middle of its round 1 upload
     victim.wait()
     t_kill = time.monotonic()

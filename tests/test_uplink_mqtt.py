@@ -80,7 +80,7 @@ def test_refresh_survives_hub_and_device_restarts(broker, tmp_path, setup):
     for t in threads.values():
         t.join(120)
     assert [r.round for r in records2] == [2, 3]
-    assert svc2.rejected["resync"] >= 1  # dev0's first chunk named maps the hub lost
+    assert svc2.intake.rejected["resync"] >= 1  # dev0's first chunk named maps the hub lost
     assert epochs_agree(svc2, agents)
     assert records2[1].upload_bytes < records[0].upload_bytes / 10  # settled again
     assert records2[-1].test_accuracy > 0.4

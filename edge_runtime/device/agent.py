@@ -26,6 +26,7 @@ from edge_runtime.device.upload import upload_messages
 from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.mqtt.reliable import ReliableSender, SendCancelled
 from edge_runtime.protocol import refusal, topics, wire
+from edge_runtime.protocol.codecs import FEATURE_CODEC
 from edge_runtime.protocol.device_metrics import device_metrics
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.messages import LOGITS_CODEC, parse_logits
@@ -41,7 +42,7 @@ log = logging.getLogger("gkt.edge")
 @dataclass(frozen=True)
 class AgentConfig:
     device_id: str
-    codec: str = "q8"
+    codec: str = FEATURE_CODEC
     state_dir: str = "gkt-edge-state"
     max_payload: int = DEFAULT_MAX_PAYLOAD  # largest message sent (protocol/limits.py)
     window: int = 8  # un-acknowledged chunks in flight

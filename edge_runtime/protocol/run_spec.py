@@ -21,7 +21,7 @@ import secrets
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from edge_runtime.protocol.codecs import FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
+from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY, RefreshPolicy
 
 RESIZE_METHODS = ("center_crop", "stretch")  # how images of another shape become squares
@@ -62,7 +62,7 @@ class RunSpec:
     weight_decay: float = 1e-4
     temperature: float = 3.0
     alpha: float = 1.0  # weight of KD against the hub's logits on the device
-    codec: str = "q8"  # feature codec devices use unless they pick another of ``codecs``
+    codec: str = FEATURE_CODEC  # feature codec devices use unless they pick another of ``codecs``
     codecs: tuple[str, ...] = FEATURE_CODECS  # codecs the hub accepts
     refresh: str = DEFAULT_POLICY  # which feature maps devices upload (refresh_policy.py)
     logits_codec: str = LOGITS_CODEC  # the logits' codec, both ways

@@ -15,7 +15,7 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser, print_unit
-from edge_runtime.protocol.codecs import LOGITS_CODEC
+from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS, LOGITS_CODEC
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, payload_size
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_OK
@@ -70,7 +70,7 @@ def add_training_args(p: argparse.ArgumentParser, simulate: bool = False) -> Non
 def federation_config(args: argparse.Namespace) -> FederationConfig:
     return FederationConfig(
         state_dir=getattr(args, "state_dir", None),
-        codec=getattr(args, "codec", "q8"),
+        codec=getattr(args, "codec", FEATURE_CODEC),
         refresh=getattr(args, "refresh", DEFAULT_POLICY),
         logits_codec=getattr(args, "logits_codec", LOGITS_CODEC),
         data=DataConfig(args.dataset, args.data_root, args.image_size),
@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--transport", choices=("mqtt", "inproc"), default="mqtt",
                      help="mqtt: broker + hub + one gkt-edge process per device (default); "
                           "inproc: everything in this process")
-    sim.add_argument("--codec", default="q8", help="device feature codec: fp32|fp16|q8|q4")
+    sim.add_argument("--codec", default=FEATURE_CODEC, choices=FEATURE_CODECS,
+                     help="device feature codec")
     sim.add_argument("--round-deadline", type=float, default=300.0)
     sim.add_argument("--algorithm", choices=ALGORITHMS, default="gkt")
     sim.add_argument("--devices", type=int, default=4)

@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from edge_runtime.learning.preprocess import RESIZE_METHODS, Preprocess
-from edge_runtime.protocol.codecs import FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
+from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS, LOGITS_CODEC, LOGITS_CODECS
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
 from server_hub.run.plan import RunPlan, build_spec, dataset_plan
 from server_hub.run.test_data import channel_stats, class_folders, read_test_folder
@@ -43,7 +43,7 @@ def add_run_args(p: argparse.ArgumentParser, serve: bool) -> None:
     g.add_argument("--resize", choices=RESIZE_METHODS, default="center_crop",
                    help="how images of another shape become squares")
     if serve:
-        g.add_argument("--codec", default="q8", choices=FEATURE_CODECS,
+        g.add_argument("--codec", default=FEATURE_CODEC, choices=FEATURE_CODECS,
                        help="feature codec devices use unless they pick another allowed one")
     g.add_argument("--codecs", default=",".join(FEATURE_CODECS), metavar="C,C",
                    help="codecs devices may choose (--codec on gkt-edge)")

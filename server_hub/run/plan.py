@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.learning.dataset_classes import dataset_classes
 from edge_runtime.learning.preprocess import Preprocess, preprocess_of
-from edge_runtime.protocol.codecs import FEATURE_CODECS
+from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS
 from edge_runtime.protocol.run_spec import RunSpec, new_run_id
 from server_hub.run.test_data import HeldOutImages
 from server_hub.simulation.inproc import FederationConfig
@@ -30,7 +30,7 @@ class RunPlan:
 
 
 def build_spec(cfg: FederationConfig, classes: tuple[str, ...], pre: Preprocess,
-               dataset: str | None, codec: str = "q8",
+               dataset: str | None, codec: str = FEATURE_CODEC,
                codecs: tuple[str, ...] = FEATURE_CODECS, round_deadline: float = 300.0,
                upload_deadline: float = 600.0) -> RunSpec:
     """The spec of a run with ``cfg``'s training settings; its model seed is cfg.seed."""
@@ -43,7 +43,7 @@ def build_spec(cfg: FederationConfig, classes: tuple[str, ...], pre: Preprocess,
                    upload_deadline=upload_deadline, dataset=dataset)
 
 
-def dataset_plan(cfg: FederationConfig, codec: str = "q8", round_deadline: float = 300.0,
+def dataset_plan(cfg: FederationConfig, codec: str = FEATURE_CODEC, round_deadline: float = 300.0,
                  **kw) -> RunPlan:
     """An academic benchmark: devices load ``cfg.data.dataset``; the spec names its classes."""
     d = cfg.data

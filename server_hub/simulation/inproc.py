@@ -18,6 +18,7 @@ from edge_runtime.learning.data import DataConfig, Split, WithIds, load_split, m
 from edge_runtime.learning.partition import parse_partition, partition
 from edge_runtime.learning.train import EdgeTrainConfig, accuracy, make_optimizer
 from edge_runtime.protocol import wire
+from edge_runtime.protocol.codecs import FEATURE_CODEC
 from edge_runtime.protocol.messages import (
     LOGITS_CODEC,
     extractor_message,
@@ -51,7 +52,7 @@ class FederationConfig:
     server: ServerTrainConfig = field(default_factory=ServerTrainConfig)
     fedavg_model: str = "resnet56"
     state_dir: str | None = None  # where GKT writes hub checkpoints and device states
-    codec: str = "q8"  # device feature codec
+    codec: str = FEATURE_CODEC  # device feature codec
     refresh: str = DEFAULT_POLICY  # feature refresh policy (docs/uplink.md)
     logits_codec: str = LOGITS_CODEC  # both ways
     max_payload: int = 256 * 1024  # largest wire message, as over MQTT

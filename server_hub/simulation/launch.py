@@ -14,6 +14,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from edge_runtime.device.throttle import DeviceSpeed
+from edge_runtime.protocol.codecs import FEATURE_CODEC
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size
 from edge_runtime.protocol.round_auth import load_or_create_key
 from server_hub.assembly.options import HubOptions, ModeOptions, MonitorOptions
@@ -97,7 +98,7 @@ def device_command(url: str, name: str, shard: int, cfg: FederationConfig, codec
             *(["--round-key-file", str(key_file)] if key_file else [])]
 
 
-def simulate_mqtt(cfg: FederationConfig, codec: str = "q8",
+def simulate_mqtt(cfg: FederationConfig, codec: str = FEATURE_CODEC,
                   show_progress: bool = True, round_deadline: float = 300.0,
                   opts: ModeOptions | None = None,
                   monitor: MonitorOptions | None = None,
