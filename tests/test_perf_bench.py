@@ -11,6 +11,7 @@ sys.path.insert(0, str(BENCH))
 
 import cpu_worker  # noqa: E402
 import run_all  # noqa: E402
+import uplink_seeds  # noqa: E402
 
 
 def test_worker_times_the_library_training_step_in_its_own_process():
@@ -67,3 +68,21 @@ def test_every_benchmark_script_is_discovered():
     names = run_all.discover()
     assert {"edge_cost", "edge_tuning", "device_memory", "hub"} <= set(names)
     assert all(p.name.startswith("bench_") for p in names.values())
+
+
+def test_uplink_seeds_pairs_rows_by_seed(tmp_path):
+    def run(seed, rows):
+        f = tmp_path / f"s{seed}.json"
+        f.write_text(json.dumps({"setting": {"seed": seed}, "rows": {
+            name: {"final_accuracy": acc[-1], "accuracy_per_round": acc, "upload_bytes": 2e6}
+            for name, acc in rows.items()}}))
+        return str(f)
+
+    files = [run(0, {"ref": [0.1, 0.3, 0.4, 0.5], "new": [0.1, 0.3, 0.4, 0.49]}),
+             run(1, {"ref": [0.1, 0.2, 0.2, 0.2], "new": [0.1, 0.2, 0.2, 0.23]}),
+             run(2, {"ref": [0.1, 0.2, 0.2, 0.2]})]  # "new" did not run seed 2: unpaired
+    table = uplink_seeds.paired(uplink_seeds.load(files), "ref")
+    new = table["new"]
+    assert new["seeds"] == [0, 1] and new["final_points"] == [-1.0, 3.0]
+    assert new["final_mean"] == 1.0 and new["final_se"] == 2.0
+    assert new["last3_points"] == [-0.33, 1.0] and new["mean_upload_mb"] == 2.0
