@@ -17,4 +17,4 @@ write_digits('$DATA/held-out', train=False)"
 fi
 .venv/bin/gkt-hub simulate --transport mqtt --split-data "$DATA/train" \
     --test-data "$DATA/held-out" --image-size 8 --devices 4 --partition dirichlet:0.5 \
-    --rounds 10 --codec q8 --json runs/demo.json "$@"
+    --rounds 10 --json runs/demo.json "$@"

@@ -37,13 +37,13 @@ def setup():
 
 
 def test_gkt_learns_and_counts_bytes(setup):
-    result = run_gkt(SMALL, setup)  # default: q8 maps, extractor frozen after round 0
+    result = run_gkt(SMALL, setup)  # default: q4 maps, extractor frozen after round 0
     assert [r.round for r in result.rounds] == [0, 1]
     assert result.rounds[-1].test_accuracy > 0.4  # chance is 0.1
     n = sum(len(s) for s in setup.shards)
     raw_maps = n * 16 * 8 * 8 * 4
     first, second = result.rounds[0].upload_bytes, result.rounds[1].upload_bytes
-    assert n * 16 * 8 * 8 / 8 < first < raw_maps / 3  # q8 + zstd: counted as sent
+    assert n * 16 * 8 * 8 / 8 < first < raw_maps / 6  # q4 + zstd: counted as sent
     assert second < first / 10  # the hub holds the maps: ids, labels, logits only
     assert n * 10 * 2 * 0.5 < result.rounds[0].download_bytes < n * (10 * 4 + 8)  # fp16
     series = result.to_dict()["bytes"]

@@ -72,6 +72,12 @@ def client(broker, make_link):
         link.publish(t, b"", retain=True)
 
 
+def alice_chunks(run) -> set | None:
+    """The chunks of alice's upload the hub holds (None before the first arrives)."""
+    up = run.service.intake.uploads.get(ALICE)
+    return None if up is None else up.chunks
+
+
 def test_a_restarted_hub_remembers_devices_whose_retained_hellos_were_cleared(
         broker, client, tmp_path):
     state = tmp_path / "hub"
@@ -81,8 +87,7 @@ def test_a_restarted_hub_remembers_devices_whose_retained_hellos_were_cleared(
     parts = upload(ALICE, 0, "a0")
     for m in parts[:2]:  # acked and journaled, then the hub goes down
         client(topics.up(ALICE), m)
-    assert wait_for(lambda: ALICE in run.service.intake.uploads and
-                    run.service.intake.uploads[ALICE].chunks == {0, 1}, 10)
+    assert wait_for(lambda: alice_chunks(run) == {0, 1}, 30)
     run.close()
     client(topics.up(ALICE), b"", retain=True)  # a stray client clears alice's hello
     again = Run(broker, state, start_timeout=10)
@@ -90,7 +95,7 @@ def test_a_restarted_hub_remembers_devices_whose_retained_hellos_were_cleared(
         assert ALICE in again.service.intake.known  # from registry.json, before any hello
         assert wait_for(lambda: again.collecting(0), 30)
         # replayed
-        assert wait_for(lambda: again.service.intake.uploads[ALICE].chunks == {0, 1}, 10)
+        assert wait_for(lambda: alice_chunks(again) == {0, 1}, 30)
         for m in parts[2:]:
             client(topics.up(ALICE), m)
         again.thread.join(60)
@@ -257,7 +262,7 @@ def test_a_hub_stopped_mid_round_and_restarted_repeats_the_uninterrupted_run(
     first = Run(broker, tmp_path / "b", rounds=3)
     send(first, 0, messages(0))
     send(first, 1, messages(1)[:2])
-    assert wait_for(lambda: first.service.intake.uploads[ALICE].chunks == {0, 1}, 10)
+    assert wait_for(lambda: alice_chunks(first) == {0, 1}, 30)
     first.close()  # round 0 checkpointed, round 1 half acked and journaled
     again = Run(broker, tmp_path / "b", rounds=3)
     try:

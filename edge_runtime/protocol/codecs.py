@@ -38,7 +38,7 @@ from edge_runtime.protocol.errors import WireError
 
 ZSTD_LEVEL = 3  # fast; levels above ~6 cost a device far more CPU than they save bytes
 FEATURE_CODECS = ("fp32", "fp16", "q8", "q4")
-FEATURE_CODEC = "q8"  # the default for feature maps (measured: docs/uplink.md)
+FEATURE_CODEC = "q4"  # the default for feature maps, chosen by measurement (docs/uplink.md)
 LOGITS_CODEC = "fp16"  # both ways; fp32 or s8 on request (accuracy cost: docs/uplink.md)
 LOGITS_CODECS = ("fp32", "fp16", "s8")
 FLOAT_CODECS = (*FEATURE_CODECS, "s8")  # everything ``Codec`` knows; s8 keeps signs
