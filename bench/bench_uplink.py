@@ -34,11 +34,12 @@ sys.path.insert(0, str(HERE))
 
 from bench_own_data import TAR  # noqa: E402
 
+from edge_runtime.protocol.codecs import FEATURE_CODEC  # noqa: E402
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY  # noqa: E402
 
-DEFAULT_ROW = f"q8/{DEFAULT_POLICY}"
+DEFAULT_ROW = f"{FEATURE_CODEC}/{DEFAULT_POLICY}"
 LAST_ROUNDS = 3  # the accuracy goal is also judged on the mean of these
-ROWS = ["fedavg", "fp32/full", DEFAULT_ROW, "q8/full", "q4/full", "q8/delta",
+ROWS = ["fedavg", "fp32/full", DEFAULT_ROW, "q8/freeze:1", "q8/full", "q4/full", "q8/delta",
         "q8/drift:0.05", "q8/freeze:2", "q8/drift:0.05+delta"]
 
 
