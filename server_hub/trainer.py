@@ -38,9 +38,9 @@ class ServerTrainConfig:
     # speed (docs/performance.md): NHWC model and batches; on glibc, keep freed memory
     channels_last: bool = True
     reuse_memory: bool = True
-    # autocast on a CPU hub: fp32 | bf16 | auto (bf16 where the CPU runs it natively);
-    # a CUDA hub always trains under bf16 autocast
+    # autocast on a CPU hub: fp32 | bf16 | auto (bf16 where the CPU runs it natively)
     cpu_precision: str = "fp32"
+    cuda_amp: bool = True  # bf16 autocast on a CUDA hub (bench/bench_hub_gpu.py)
 
     def __post_init__(self) -> None:
         resolve_precision(self.cpu_precision)  # refuses unknown names at configuration
@@ -96,9 +96,12 @@ def _gather(bank: FeatureBank, devices: list[str]):
 
 
 def server_autocast(cfg: ServerTrainConfig, dev: torch.device):
-    """bf16 autocast of the server's forward pass: always on a CUDA hub, on a CPU hub as
-    ``cfg.cpu_precision`` says."""
-    amp = dev.type == "cuda" or resolve_precision(cfg.cpu_precision) == "bf16"
+    """bf16 autocast of the server's forward pass: on a CUDA hub unless ``cfg.cuda_amp`` is
+    off, on a CPU hub as ``cfg.cpu_precision`` says."""
+    if dev.type == "cuda":
+        amp = cfg.cuda_amp
+    else:
+        amp = resolve_precision(cfg.cpu_precision) == "bf16"
     return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp)
 
 
