@@ -91,7 +91,8 @@ def check_features(msg: wire.Message, feature_size: int | None, totals: UploadTo
                                              f"[{FEATURE_CHANNELS}, {want}, {want}]")
     check_chunk_count(msg.chunks, hello_samples)
     peak = float(np.abs(feats).max()) if feats.size else 0.0
-    logit_peak = float(np.abs(msg.tensors["logits"]).max())
+    logits = msg.tensors.get("logits")
+    logit_peak = float(np.abs(logits).max()) if logits is not None else 0.0
     if not (peak <= limits.max_feature_abs and logit_peak <= limits.max_feature_abs):
         raise Refusal(refusal.MAGNITUDE, f"|features| up to {peak:.3g}, |logits| up to "
                                          f"{logit_peak:.3g}; the bound is "

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from edge_runtime.protocol.errors import WireError
+from edge_runtime.protocol.messages import FeatureChunk
 from server_hub.checkpoint import (
     Checkpoint,
     latest_checkpoint,
@@ -80,6 +82,20 @@ class Hub:
         if int(chunk.labels.min()) < 0 or int(chunk.labels.max()) >= self.num_classes:
             raise ValueError(f"device {device}: labels outside [0, {self.num_classes})")
         self.bank.add(device, chunk)
+
+    def receive_chunk(self, device: str, chunk: FeatureChunk) -> None:
+        """A decoded feature chunk, its maps rebuilt on what the hub holds (Resync if it
+        cannot be). A device leaves its logits out when the run spec says the hub does not
+        distil from them (``device_logits``); they are kept as zeros, which nothing reads."""
+        logits = chunk.logits
+        if logits is None:
+            if self.cfg.alpha > 0:
+                raise WireError("schema", f"device {device}: its upload has no logits, but "
+                                          f"this hub distils from them (server alpha "
+                                          f"{self.cfg.alpha:g})")
+            logits = torch.zeros(len(chunk.ids), self.num_classes)
+        maps = self.held.reconstruct(device, chunk)
+        self.receive_features(device, DeviceFeatures(chunk.ids, maps, logits, chunk.labels))
 
     def receive_extractor(self, device: str, state: dict[str, torch.Tensor]) -> None:
         extractor_from_state(state)  # validates names and shapes before we keep it

@@ -25,7 +25,6 @@ from edge_runtime.protocol.messages import logits_messages, parse_extractor, par
 from edge_runtime.protocol.run_spec import RunSpec
 from server_hub import admission
 from server_hub.admission import AdmissionLimits, Refusal, UploadTotals
-from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.journal import UploadJournal
 from server_hub.registry import DeviceRegistry
@@ -287,8 +286,7 @@ class UploadIntake:
             fsize = admission.check_features(msg, self.feature_size(), up.totals,
                                             hello_samples, self.limits)
             b = parse_feature_chunk(msg)
-            maps = self.hub.held.reconstruct(device, b)
-            self.hub.receive_features(device, DeviceFeatures(b.ids, maps, b.logits, b.labels))
+            self.hub.receive_chunk(device, b)
             self.registry.settle_feature_size(fsize)
             up.totals.ids.update(b.ids.tolist())
             up.totals.wire_bytes += admission.msg_wire_bytes(msg)

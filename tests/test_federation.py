@@ -44,7 +44,9 @@ def test_gkt_learns_and_counts_bytes(setup):
     raw_maps = n * 16 * 8 * 8 * 4
     first, second = result.rounds[0].upload_bytes, result.rounds[1].upload_bytes
     assert n * 16 * 8 * 8 / 8 < first < raw_maps / 6  # q4 + zstd: counted as sent
-    assert second < first / 10  # the hub holds the maps: ids, labels, logits only
+    # the hub holds the maps and trains CE only (server alpha 0): ids and labels alone
+    assert second < n * 8
+    assert second < first / 20
     assert n * 10 * 2 * 0.5 < result.rounds[0].download_bytes < n * (10 * 4 + 8)  # fp16
     series = result.to_dict()["bytes"]
     assert series["uplink_cumulative"] == [first, first + second]
@@ -86,6 +88,37 @@ def test_hub_rejects_labels_out_of_range():
     with pytest.raises(ValueError, match="labels outside"):
         hub.receive_features("a", bad)
     assert hub.bank.devices == []
+
+
+def test_devices_send_their_logits_only_to_a_hub_that_distils(setup):
+    from dataclasses import replace
+
+    one = replace(SMALL, rounds=2)
+    ce = run_gkt(one, setup).rounds[1].upload_bytes
+    kd = run_gkt(replace(one, server=replace(one.server, alpha=0.5)), setup).rounds[1].upload_bytes
+    n = sum(len(s) for s in setup.shards)
+    assert kd - ce > n * 10 * 2 * 0.5  # fp16 logits of every sample, after zstd
+    # what the run spec tells devices over MQTT
+    from server_hub.run.plan import dataset_plan
+
+    assert not dataset_plan(one).spec.device_logits
+    assert dataset_plan(replace(one, server=replace(one.server, alpha=0.5))).spec.device_logits
+
+
+def test_a_hub_that_distils_refuses_an_upload_without_logits():
+    from edge_runtime.protocol.errors import WireError
+    from edge_runtime.protocol.messages import FeatureChunk
+
+    ids, labels = torch.tensor([3, 4]), torch.tensor([1, 2])
+    chunk = FeatureChunk(ids, labels, None, torch.ones(2, 16, 4, 4))
+    kd = Hub(10, ServerTrainConfig(device="cpu", alpha=0.5))
+    with pytest.raises(WireError, match="no logits") as err:
+        kd.receive_chunk("a", chunk)
+    assert err.value.reason == "schema" and kd.bank.devices == []
+    ce = Hub(10, ServerTrainConfig(device="cpu"))
+    ce.receive_chunk("a", chunk)
+    held = ce.bank.get("a")
+    assert held.ids.tolist() == [3, 4] and not held.logits.any()
 
 
 def test_device_state_survives_a_restart(setup, tmp_path):

@@ -33,15 +33,17 @@ def setup():
     return prepare(FederationConfig(data=DATA, devices=2))
 
 
-def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0, max_extensions=3):
+def make_hub(broker, tmp_path, rounds=2, min_devices=2, deadline=60.0, max_extensions=3,
+             alpha=0.0):
     link = MqttLink(LinkConfig(broker.url, f"hub-{tmp_path.name}"))
     link.connect()
-    hub = Hub(10, ServerTrainConfig(epochs=1, batch_size=32, device="cpu"))
+    hub = Hub(10, ServerTrainConfig(epochs=1, batch_size=32, device="cpu", alpha=alpha))
     test_loader = make_loader(prepare_test(), 256, shuffle=False)
     cfg = ServiceConfig(str(tmp_path / "hub"), rounds=rounds, min_devices=min_devices,
                         round_deadline=deadline, start_timeout=60,
                         max_extensions=max_extensions,
-                        run_spec=dataset_plan(FederationConfig(data=DATA)).spec)
+                        run_spec=dataset_plan(FederationConfig(
+                            data=DATA, server=ServerTrainConfig(alpha=alpha))).spec)
     records = []
     return HubService(link, hub, cfg, DATA, test_loader, records.append), records
 
@@ -112,6 +114,25 @@ def test_logits_come_back_for_the_right_samples(broker, tmp_path, setup):
     assert mask.all()
     assert torch.allclose(got, z.half().float(), atol=1e-5)  # logits travel as fp16
     assert set(stored.ids.tolist()) == set(feats)
+
+
+def test_a_hub_that_distils_gets_logits_and_refuses_a_device_that_leaves_them_out(
+        broker, tmp_path, setup):
+    """Server alpha > 0: the run spec asks for the devices' logits; one that sends none is
+    refused (a retry would not help) and the round goes on with the other."""
+    from edge_runtime.device.exit_codes import EXIT_REFUSED
+
+    service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=20.0,
+                                alpha=0.5)
+    good = make_agent(broker, tmp_path, setup, 0)  # send_logits: the spec's device_logits
+    bad = make_agent(broker, tmp_path, setup, 1, send_logits=False)
+    results = run_threads(("hub", service.run), ("a0", good.run), ("a1", bad.run))
+    assert results == {"hub": 0, "a0": 0, "a1": EXIT_REFUSED}
+    assert bad.refused == "protocol" and service.intake.rejected["schema"] >= 1
+    assert len(records) == 1 and good.device.progress.completed_round == 0
+    assert service.hub.bank.devices == ["dev0"]
+    held = service.hub.bank.get("dev0")
+    assert held.logits.abs().sum() > 0  # the device's own logits, for KD on the hub
 
 
 def hostile_messages(device: str) -> list[tuple[str, bytes, str]]:

@@ -26,7 +26,8 @@ def spec(**kw) -> RunSpec:
 def test_round_trip_keeps_every_field():
     s = spec(epochs=2, batch_size=64, lr=0.01, temperature=2.0, alpha=0.5, codec="q4",
              codecs=("q4", "q8"), round_deadline=60.0, upload_deadline=120.0,
-             model_seed=7, dataset="cifar10", refresh="drift:0.05+delta", logits_codec="s8")
+             model_seed=7, dataset="cifar10", refresh="drift:0.05+delta", logits_codec="s8",
+             device_logits=False)
     back = decode_run_spec(s.to_json())
     assert back == s
     assert back.classes == ("cat", "dog", "bird") and back.num_classes == 3
@@ -70,6 +71,8 @@ def test_unknown_version_is_refused_by_name():
     ({"refresh": "sometimes"}, "refresh policy"),
     ({"refresh": 5}, "refresh"),
     ({"logits_codec": "q4"}, "logits_codec"),
+    ({"device_logits": "yes"}, "device_logits"),
+    ({"device_logits": 1}, "device_logits"),
     ({"edge_model": "resnet1000"}, "edge_model"),
     ({"optimizer": "sgd"}, "optimizer"),
     ({"dataset": "imagenet"}, "dataset"),

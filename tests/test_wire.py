@@ -94,6 +94,18 @@ def test_feature_chunks_round_trip(codec):
     assert wire.FEATURE_CHANNELS == FEATURE_CHANNELS
 
 
+def test_a_features_chunk_may_leave_the_logits_out():
+    tensors = {k: v for k, v in feature_tensors().items() if k != "logits"}
+    msg = decode_message(encode_message("features", "dev0", 3, tensors, msg_id="r3-ab:0"),
+                         max_bytes=MAX)
+    assert "logits" not in msg.tensors and [s.name for s in msg.specs] == [
+        "ids", "labels", "features"]
+    bad = dict(tensors, labels=(np.array([0, 1, -2, 3, 4], np.int64), "exact"))
+    assert encode_reason("features", "d", 0, bad, msg_id="a") == "schema"
+    # the hub -> device logits message still needs them
+    assert encode_reason("logits", "d", 0, {"ids": tensors["ids"]}, msg_id="a") == "schema"
+
+
 def test_logits_may_travel_as_fp16_and_decode_to_float32():
     logits = np.random.default_rng(1).normal(size=(5, 10)).astype(np.float32)
     msg = decode_message(features_msg(logits=(logits, "fp16")), max_bytes=MAX)

@@ -56,6 +56,7 @@ class AgentConfig:
     round_key: bytes | None = None  # follow only round announcements signed with it
     refresh: str = DEFAULT_POLICY  # which feature maps to upload (refresh.py)
     logits_codec: str = LOGITS_CODEC
+    send_logits: bool = True  # the run spec's device_logits: upload our logits
 
     def __post_init__(self) -> None:
         RefreshPolicy.parse(self.refresh)  # refuses a bad policy now, not mid-round
@@ -335,7 +336,8 @@ class EdgeAgent:
                 "device_metrics": device_metrics(dev.num_samples, self._train_seconds,
                                                  local_acc, self._skipped_files())}
         messages = upload_messages(dev, rnd, upload_id, self.cfg.max_payload, self.cfg.codec,
-                                   self.policy, self.cfg.logits_codec, meta)
+                                   self.policy,
+                                   self.cfg.logits_codec if self.cfg.send_logits else None, meta)
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)

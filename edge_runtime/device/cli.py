@@ -314,6 +314,7 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
                       run_id=spec.run_id, refresh=refresh, logits_codec=logits_codec,
+                      send_logits=spec.device_logits,
                       round_key=read_key(args.round_key_file) if args.round_key_file else None)
     edge_cfg = edge_config(spec, args.extract_backend, args.precision)
     adopt_state_dir(state_dir, spec)

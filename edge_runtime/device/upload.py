@@ -42,20 +42,23 @@ def _slice(b: FeatureBatch, lo: int, hi: int) -> FeatureBatch:
     return FeatureBatch(b.ids[lo:hi], b.features[lo:hi], b.logits[lo:hi], b.labels[lo:hi])
 
 
-def per_chunk(dev: EdgeDevice, max_payload: int, maps: bool = True) -> int:
+def per_chunk(dev: EdgeDevice, max_payload: int, maps: bool = True, logits: bool = True) -> int:
     """Samples per feature chunk: what fits ``max_payload`` at fp32, the worst case (with
-    ``maps`` False: ids, labels and logits alone)."""
+    ``maps`` False: ids, labels and logits alone; with ``logits`` False, without logits)."""
     x = dev._extract.dataset[0][0]
-    raw = (16 * x.shape[-1] * x.shape[-2] * 4 if maps else 0) + dev.bank.num_classes * 4 + 16
+    raw = ((16 * x.shape[-1] * x.shape[-2] * 4 if maps else 0)
+           + (dev.bank.num_classes * 4 if logits else 0) + 16)
     return wire.chunk_sizes(dev.num_samples, raw, max_payload)[0]
 
 
 def upload_messages(dev: EdgeDevice, rnd: int, upload_id: str, max_payload: int, codec: str,
-                    policy: RefreshPolicy, logits_codec: str,
+                    policy: RefreshPolicy, logits_codec: str | None,
                     done_meta: dict | None = None) -> Iterator[tuple[str, bytes]]:
-    """(msg id, payload) of the whole upload, each at most ``max_payload`` bytes."""
+    """(msg id, payload) of the whole upload, each at most ``max_payload`` bytes;
+    ``logits_codec`` None leaves the device's logits out (the hub does not distil)."""
     digest = dev.extractor_digest()
-    size = per_chunk(dev, max_payload, maps=not dev.mirror.unchanged(digest, policy))
+    size = per_chunk(dev, max_payload, maps=not dev.mirror.unchanged(digest, policy),
+                     logits=logits_codec is not None)
     n_chunks = -(-dev.num_samples // size)
     pieces = dev.mirror.plan(rebatch(dev.features(), size), digest, codec, policy)
     for i, p in enumerate(pieces):

@@ -43,7 +43,7 @@ class FeatureChunk:
 
     ids: torch.Tensor
     labels: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None: the device left its logits out
     features: torch.Tensor
     rows: np.ndarray | None = None
     base: str | None = None
@@ -56,16 +56,19 @@ class FeatureChunk:
 
 
 def feature_chunk(device: str, round_: int, msg_id: str, chunk: int, chunks: int,
-                  batch: FeatureBatch, codec: str, logits_codec: str = LOGITS_CODEC,
+                  batch: FeatureBatch, codec: str, logits_codec: str | None = LOGITS_CODEC,
                   rows: np.ndarray | None = None, base: str | None = None) -> bytes:
     """``batch.features`` holds the maps of ``rows`` only when ``rows`` is given; with
-    ``codec`` "s8" they are residuals. Both need ``base``."""
+    ``codec`` "s8" they are residuals. Both need ``base``. ``logits_codec`` None leaves the
+    logits out."""
     tensors = {
         "ids": (batch.ids.numpy().astype(np.int64), "delta"),
         "labels": (batch.labels.numpy(), "exact"),
         "logits": (batch.logits.float().numpy(), logits_codec),
         "features": (batch.features.float().numpy(), codec),
     }
+    if logits_codec is None:
+        del tensors["logits"]
     if rows is not None:
         tensors["rows"] = (np.asarray(rows, dtype=np.int64), "delta")
     meta = {"base": base} if base is not None else None
@@ -78,7 +81,8 @@ def parse_feature_chunk(msg: wire.Message) -> FeatureChunk:
     return FeatureChunk(
         torch.from_numpy(np.ascontiguousarray(t["ids"])),
         torch.from_numpy(np.ascontiguousarray(t["labels"])),
-        torch.from_numpy(np.ascontiguousarray(t["logits"], dtype=np.float32)),
+        torch.from_numpy(np.ascontiguousarray(t["logits"], dtype=np.float32))
+        if "logits" in t else None,
         torch.from_numpy(np.ascontiguousarray(t["features"], dtype=np.float32)),
         np.array(t["rows"]) if "rows" in t else None,
         msg.meta.get("base"),

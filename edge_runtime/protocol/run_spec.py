@@ -66,6 +66,9 @@ class RunSpec:
     codecs: tuple[str, ...] = FEATURE_CODECS  # codecs the hub accepts
     refresh: str = DEFAULT_POLICY  # which feature maps devices upload (refresh_policy.py)
     logits_codec: str = LOGITS_CODEC  # the logits' codec, both ways
+    # devices upload their own logits: only a hub that distils from them (server alpha > 0)
+    # asks for them; without, a round after warm-up sends ids and labels alone
+    device_logits: bool = True
     round_deadline: float = 300.0  # seconds the hub waits for a round's uploads
     upload_deadline: float = 600.0  # seconds a device keeps resending one upload
     # Academic benchmarks: devices load this dataset (--dataset, with their own data root
@@ -164,6 +167,8 @@ def _validate(s: RunSpec) -> None:
     if s.codec not in s.codecs:
         raise RunSpecError(f"codec {s.codec!r} is not among the allowed codecs {list(s.codecs)}")
     _choice("logits_codec", s.logits_codec, LOGITS_CODECS)
+    if type(s.device_logits) is not bool:
+        raise RunSpecError(f"device_logits {_short(s.device_logits)} must be true or false")
     if not isinstance(s.refresh, str) or len(s.refresh) > 64:
         raise RunSpecError(f"refresh {_short(s.refresh)} must be a short policy string")
     try:

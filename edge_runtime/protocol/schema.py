@@ -56,6 +56,8 @@ def check_schema(m: Message) -> None:
         expected = _MODEL if m.kind == "model" else _TENSORS.get(m.kind, {})
         if m.kind == "features" and "rows" in specs:  # features for only these rows
             expected = {**expected, "rows": (_INT64, 1)}
+        if m.kind == "features" and "logits" not in specs:  # a hub that does not distil
+            expected = {k: v for k, v in expected.items() if k != "logits"}
         if set(specs) != set(expected):
             raise WireError("schema", f"{m.kind}: tensors {sorted(specs)}, expected "
                                       f"{sorted(expected)}")
@@ -67,7 +69,7 @@ def check_schema(m: Message) -> None:
             "rows", "features"))}
         if len(set(firsts.values())) != 1:
             raise WireError("shape", f"{m.kind}: first dimensions differ: {firsts}")
-        if not 1 <= specs["logits"].shape[1] <= MAX_CLASSES:
+        if "logits" in specs and not 1 <= specs["logits"].shape[1] <= MAX_CLASSES:
             raise WireError("shape", f"{m.kind}: {specs['logits'].shape[1]} classes")
     if m.kind == "features":
         shape = specs["features"].shape
@@ -195,6 +197,8 @@ def check_values(m: Message, arrays: dict[str, np.ndarray]) -> None:
         if rows is not None and rows.size and (rows.min() < 0 or rows.max() >= len(ids) or (
                 np.diff(rows) <= 0).any()):
             raise WireError("schema", "features: rows must increase within the chunk")
-        labels, classes = arrays["labels"], arrays["logits"].shape[1]
-        if labels.size and not (0 <= labels.min() and labels.max() < classes):
-            raise WireError("schema", f"features: labels outside [0, {classes})")
+        labels = arrays["labels"]
+        if labels.size and labels.min() < 0:
+            raise WireError("schema", "features: negative label")
+        if "logits" in arrays and labels.size and labels.max() >= arrays["logits"].shape[1]:
+            raise WireError("schema", f"features: labels outside [0, {arrays['logits'].shape[1]})")

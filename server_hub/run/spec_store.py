@@ -14,7 +14,8 @@ from edge_runtime.protocol.run_spec import IDENTITY, RunSpec, RunSpecError, deco
 log = logging.getLogger("gkt.hub")
 SPEC_FILE = "run_spec.json"
 SETTINGS = ("epochs", "batch_size", "optimizer", "lr", "weight_decay", "temperature", "alpha",
-            "codec", "codecs", "refresh", "logits_codec", "round_deadline", "upload_deadline")
+            "codec", "codecs", "refresh", "logits_codec", "device_logits",
+            "round_deadline", "upload_deadline")
 
 
 class RunSpecConflict(ValueError):

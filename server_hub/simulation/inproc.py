@@ -28,7 +28,6 @@ from edge_runtime.protocol.messages import (
     parse_logits,
 )
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY, RefreshPolicy
-from server_hub.feature_bank import DeviceFeatures
 from server_hub.hub import Hub
 from server_hub.models import FULL_MODELS
 from server_hub.monitoring.results import RoundRecord, RunResult
@@ -153,19 +152,17 @@ def deliver_upload(hub: Hub, dev: EdgeDevice, rnd: int, cfg: FederationConfig,
         epoch, resync = None, False
         hub.bank.clear(dev.device_id)
         for _, payload in upload_messages(dev, rnd, f"r{rnd}-{attempt}", cfg.max_payload,
-                                          cfg.codec, policy, cfg.logits_codec):
+                                          cfg.codec, policy,
+                                          cfg.logits_codec if cfg.server.alpha > 0 else None):
             up += len(payload)
             down += ack_bytes(dev.device_id, rnd)
             msg = wire.decode_message(payload, max_bytes=cfg.max_payload)
             if msg.kind == "features":
                 c = parse_feature_chunk(msg)
                 try:
-                    maps = hub.held.reconstruct(dev.device_id, c)
+                    hub.receive_chunk(dev.device_id, c)
                 except Resync:
                     resync = True
-                    continue
-                hub.receive_features(dev.device_id,
-                                     DeviceFeatures(c.ids, maps, c.logits, c.labels))
             elif msg.kind == "extractor":
                 hub.receive_extractor(dev.device_id, parse_extractor(msg))
             else:
