@@ -19,10 +19,15 @@ from results_file import write_results
 
 
 def load(paths: list[str]) -> dict[str, dict[int, dict]]:
-    """row -> seed -> {final, last3, upload_bytes}; the first file wins for a (row, seed)."""
+    """row -> seed -> {final, last3, upload_bytes}; the first file wins for a (row, seed).
+    Files that are not bench_uplink runs with accuracy (this script's own output, a
+    ``--bytes-only`` run) are skipped, so a glob may name them."""
     rows: dict[str, dict[int, dict]] = {}
     for path in paths:
         d = json.loads(Path(path).read_text())
+        if d.get("bench") != "uplink" or d["setting"].get("bytes_only"):
+            print(f"skipped {path}: not a bench_uplink run with accuracy")
+            continue
         seed = d["setting"]["seed"]
         for name, r in d["rows"].items():
             acc = r["accuracy_per_round"]

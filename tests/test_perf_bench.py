@@ -73,7 +73,7 @@ def test_every_benchmark_script_is_discovered():
 def test_uplink_seeds_pairs_rows_by_seed(tmp_path):
     def run(seed, rows):
         f = tmp_path / f"s{seed}.json"
-        f.write_text(json.dumps({"setting": {"seed": seed}, "rows": {
+        f.write_text(json.dumps({"bench": "uplink", "setting": {"seed": seed}, "rows": {
             name: {"final_accuracy": acc[-1], "accuracy_per_round": acc, "upload_bytes": 2e6}
             for name, acc in rows.items()}}))
         return str(f)
@@ -81,7 +81,9 @@ def test_uplink_seeds_pairs_rows_by_seed(tmp_path):
     files = [run(0, {"ref": [0.1, 0.3, 0.4, 0.5], "new": [0.1, 0.3, 0.4, 0.49]}),
              run(1, {"ref": [0.1, 0.2, 0.2, 0.2], "new": [0.1, 0.2, 0.2, 0.23]}),
              run(2, {"ref": [0.1, 0.2, 0.2, 0.2]})]  # "new" did not run seed 2: unpaired
-    table = uplink_seeds.paired(uplink_seeds.load(files), "ref")
+    own_output = tmp_path / "seeds.json"  # what a glob like uplink-*seed*.json also finds
+    own_output.write_text(json.dumps({"bench": "uplink_seeds", "rows": {}}))
+    table = uplink_seeds.paired(uplink_seeds.load([*files, str(own_output)]), "ref")
     new = table["new"]
     assert new["seeds"] == [0, 1] and new["final_points"] == [-1.0, 3.0]
     assert new["final_mean"] == 1.0 and new["final_se"] == 2.0
