@@ -54,14 +54,14 @@ def prepare_test():
     return load_split(DataConfig("digits", augment=False), train=False).dataset
 
 
-def make_agent(broker, tmp_path, setup, i, codec="q8", **cfg):
+def make_agent(broker, tmp_path, setup, i, codec="q8", spec_watch=None, **cfg):
     dev = EdgeDevice(f"dev{i}", setup.train, setup.train_eval, setup.shards[i], 10,
                      EdgeTrainConfig(batch_size=32), seed=i)
     link = MqttLink(LinkConfig(broker.url, f"dev{i}-{tmp_path.name}"))
     link.connect()
     acfg = AgentConfig(f"dev{i}", codec=codec, state_dir=str(tmp_path / f"dev{i}"),
                        max_payload=64 * 1024, **cfg)
-    return EdgeAgent(link, dev, acfg)
+    return EdgeAgent(link, dev, acfg, spec_watch=spec_watch)
 
 
 def run_threads(*targets, timeout=120):
@@ -119,13 +119,18 @@ def test_logits_come_back_for_the_right_samples(broker, tmp_path, setup):
 def test_a_hub_that_distils_gets_logits_and_refuses_a_device_that_leaves_them_out(
         broker, tmp_path, setup):
     """Server alpha > 0: the run spec asks for the devices' logits; one that sends none is
-    refused (a retry would not help) and the round goes on with the other."""
+    refused (a retry would not help) and the round goes on with the other. A device
+    follows the hub's newest spec: one that adopted it without logits sends them now."""
+    from edge_runtime.device.adopt import RunSpecWatch
     from edge_runtime.device.exit_codes import EXIT_REFUSED
 
     service, records = make_hub(broker, tmp_path, rounds=1, min_devices=1, deadline=20.0,
                                 alpha=0.5)
-    good = make_agent(broker, tmp_path, setup, 0)  # send_logits: the spec's device_logits
-    bad = make_agent(broker, tmp_path, setup, 1, send_logits=False)
+    assert service.cfg.run_spec.device_logits
+    watch = RunSpecWatch(None)
+    watch.spec = service.cfg.run_spec  # as the retained spec topic delivers it
+    good = make_agent(broker, tmp_path, setup, 0, spec_watch=watch, send_logits=False)
+    bad = make_agent(broker, tmp_path, setup, 1, send_logits=False)  # follows no spec
     results = run_threads(("hub", service.run), ("a0", good.run), ("a1", bad.run))
     assert results == {"hub": 0, "a0": 0, "a1": EXIT_REFUSED}
     assert bad.refused == "protocol" and service.intake.rejected["schema"] >= 1

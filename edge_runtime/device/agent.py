@@ -329,6 +329,12 @@ class EdgeAgent:
                      "maps", self.device.device_id)
             self.device.mirror.invalidate()
 
+    def _send_logits(self) -> bool:
+        """Whether the hub distils from our logits, as its newest run spec says: a hub
+        restarted with another --server-alpha announces it without a new run."""
+        live = self.spec_watch.spec if self.spec_watch is not None else None
+        return live.device_logits if live is not None else self.cfg.send_logits
+
     def _send_upload(self, rnd: int, local_acc: float | None) -> None:
         dev = self.device
         upload_id = f"r{rnd}-{uuid.uuid4().hex[:8]}"
@@ -337,7 +343,7 @@ class EdgeAgent:
                                                  local_acc, self._skipped_files())}
         messages = upload_messages(dev, rnd, upload_id, self.cfg.max_payload, self.cfg.codec,
                                    self.policy,
-                                   self.cfg.logits_codec if self.cfg.send_logits else None, meta)
+                                   self.cfg.logits_codec if self._send_logits() else None, meta)
         self._sender = ReliableSender(self.link, topics.up(dev.device_id),
                                       window=self.cfg.window, ack_timeout=self.cfg.ack_timeout,
                                       deadline=self.cfg.upload_deadline)
