@@ -46,9 +46,10 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def train_rate(cfg: ServerTrainConfig, dev: torch.device, batch: int, steps: int,
-               warmup: int) -> float:
-    """samples/s of ``steps`` server steps after ``warmup`` (a fresh model per call)."""
+def train_rate(cfg: ServerTrainConfig, dev: torch.device, steps: int, warmup: int) -> float:
+    """samples/s of ``steps`` server steps of ``cfg.batch_size`` after ``warmup`` (a fresh
+    model per call)."""
+    batch = cfg.batch_size
     torch.manual_seed(0)
     model = build_server(cfg.model, 10).to(dev)
     if cfg.channels_last:
@@ -104,7 +105,7 @@ def main() -> None:
         for batch in batches:
             for setting, (amp, cl) in SETTINGS.items():
                 cfg = replace(base, cuda_amp=amp, channels_last=cl, batch_size=batch)
-                r = train_rate(cfg, dev, batch, args.steps, args.warmup)
+                r = train_rate(cfg, dev, args.steps, args.warmup)
                 rates.setdefault((batch, setting), []).append(r)
         print(f"repeat {rep + 1}/{args.repeats} done ({time.perf_counter() - t0:.0f} s)",
               flush=True)

@@ -3,43 +3,31 @@
 # root of a machine with a GPU, a mosquitto and this package installed.
 #  1. bench/bench_hub_gpu.py: ResNet-55 training samples/s, with and without bf16 autocast
 #     and channels-last (while the CIFAR-10 archive is unpacked on the CPU);
-#  2. all 50,000 CIFAR-10 training images: 100 a class held out at the hub (1,000), the
+#  2. all 50,000 CIFAR-10 training images: 1,000 drawn at random held out at the hub, the
 #     other 49,000 split over 4 device folders (Dirichlet 0.5), then `gkt-hub simulate`
 #     over real MQTT (broker, CUDA hub, 4 gkt-edge processes on the CPU) for the default
 #     (q4, freeze:1) and GKT fp32 (full) at once, each cut off after LIMIT seconds.
-# Environment: OUT (results), TAR, DEVICE (cuda), ROUNDS (8), LIMIT (s), PER_CLASS (5000:
-# how many of each class's images to use), HUB_BENCH (extra bench_hub_gpu.py flags), PY.
+# Environment: OUT (results), TAR, DEVICE (cuda), ROUNDS (8), LIMIT (s), N_TRAIN (49000),
+# N_TEST (1000: held out at the hub), HUB_BENCH (extra bench_hub_gpu.py flags), PY.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 TAR=${TAR:-.gpu/cifar10-train-jpg.tar.gz}
 DEVICE=${DEVICE:-cuda}
 ROUNDS=${ROUNDS:-8}
 LIMIT=${LIMIT:-440}
-PER_CLASS=${PER_CLASS:-5000}
+N_TRAIN=${N_TRAIN:-49000}
+N_TEST=${N_TEST:-1000}
 PY=${PY:-python3}
 WORK=${WORK:-/tmp/gpu-check-work}
 mkdir -p "$OUT" "$WORK"
 stamp() { echo "[$(date +%T)] $*"; }
 
-stamp "unpacking $TAR ($PER_CLASS a class) while the GPU benchmark runs"
-$PY - "$TAR" "$WORK" "$PER_CLASS" >"$WORK/data.log" 2>&1 <<'EOF' &
-import sys, tarfile, time
-from pathlib import Path
-tar, work, per_class = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-t0 = time.perf_counter()
-n = 0
-with tarfile.open(tar) as tf:
-    for m in tf:
-        parts = m.name.split("/")
-        if not m.isfile() or len(parts) != 3 or int(Path(parts[2]).stem) >= per_class:
-            continue
-        split = "test" if int(Path(parts[2]).stem) < 100 else "train"
-        dest = work / split / parts[1] / parts[2]
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(tf.extractfile(m).read())
-        n += 1
-print(f"unpacked {n} JPEGs in {time.perf_counter() - t0:.1f} s", flush=True)
-EOF
+stamp "unpacking $TAR ($N_TRAIN training, $N_TEST held out) while the GPU benchmark runs"
+# the same seeded draw as `bench_uplink.py --images TAR --train-images N --test-images M`
+$PY -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path
+from bench_uplink import extract_images
+extract_images(Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), 0)
+print('unpacked', flush=True)" "$TAR" "$WORK" "$N_TRAIN" "$N_TEST" >"$WORK/data.log" 2>&1 &
 unpack=$!
 # shellcheck disable=SC2086
 $PY bench/bench_hub_gpu.py --device "$DEVICE" ${HUB_BENCH:-} --json "$OUT/hub_gpu.json" 2>&1

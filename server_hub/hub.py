@@ -89,7 +89,7 @@ class Hub:
         distil from them (``device_logits``); they are kept as zeros, which nothing reads."""
         logits = chunk.logits
         if logits is None:
-            if self.cfg.alpha > 0:
+            if self.cfg.distils:
                 raise WireError("schema", f"device {device}: its upload has no logits, but "
                                           f"this hub distils from them (server alpha "
                                           f"{self.cfg.alpha:g})")

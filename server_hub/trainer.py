@@ -45,6 +45,11 @@ class ServerTrainConfig:
     def __post_init__(self) -> None:
         resolve_precision(self.cpu_precision)  # refuses unknown names at configuration
 
+    @property
+    def distils(self) -> bool:
+        """Whether training reads the devices' logits (so they must upload them)."""
+        return self.alpha > 0
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
@@ -127,7 +132,7 @@ def server_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg: ServerT
     else:
         loss = (weights * F.cross_entropy(z, yb, reduction="none")).mean()
         kd_weight = cfg.alpha * weights.mean()
-    if cfg.alpha > 0:
+    if cfg.distils:
         loss = loss + kd_weight * kd_loss(z, z_c, cfg.temperature)
     optimizer.zero_grad(set_to_none=True)
     (loss * scale if scale != 1.0 else loss).backward()

@@ -39,7 +39,7 @@ def build_spec(cfg: FederationConfig, classes: tuple[str, ...], pre: Preprocess,
                    epochs=e.epochs, batch_size=e.batch_size, lr=e.lr,
                    weight_decay=e.weight_decay, temperature=e.temperature, alpha=e.alpha,
                    codec=codec, codecs=codecs, refresh=cfg.refresh,
-                   logits_codec=cfg.logits_codec, device_logits=cfg.server.alpha > 0,
+                   logits_codec=cfg.logits_codec, device_logits=cfg.server.distils,
                    round_deadline=round_deadline,
                    upload_deadline=upload_deadline, dataset=dataset)
 

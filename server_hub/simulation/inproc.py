@@ -153,7 +153,7 @@ def deliver_upload(hub: Hub, dev: EdgeDevice, rnd: int, cfg: FederationConfig,
         hub.bank.clear(dev.device_id)
         for _, payload in upload_messages(dev, rnd, f"r{rnd}-{attempt}", cfg.max_payload,
                                           cfg.codec, policy,
-                                          cfg.logits_codec if cfg.server.alpha > 0 else None):
+                                          cfg.logits_codec if cfg.server.distils else None):
             up += len(payload)
             down += ack_bytes(dev.device_id, rnd)
             msg = wire.decode_message(payload, max_bytes=cfg.max_payload)
