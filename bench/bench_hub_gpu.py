@@ -35,9 +35,9 @@ from server_hub.trainer import ServerTrainConfig, server_logits, server_step  # 
 
 SETTINGS = {  # name: (cuda_amp, channels_last)
     "fp32 nchw": (False, False),
-    "fp32 channels-last": (False, True),
+    "fp32 channels-last (hub default)": (False, True),
     "bf16 nchw": (True, False),
-    "bf16 channels-last (hub default)": (True, True),
+    "bf16 channels-last": (True, True),
 }
 
 
