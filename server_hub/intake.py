@@ -387,6 +387,9 @@ class UploadIntake:
                          on_status: Callable[[str], None]) -> None:
         t_end = time.monotonic() + timeout
         with self.cond:
+            if len(self.known) < min_devices:  # a line for logs too, not only the status bar
+                log.info("waiting for devices: %d of %d joined (up to %.0f s)",
+                         len(self.known), min_devices, timeout)
             while len(self.known) < min_devices and not self.stopped.is_set():
                 left = t_end - time.monotonic()
                 if left <= 0:

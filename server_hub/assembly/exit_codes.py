@@ -8,3 +8,4 @@ EXIT_NOT_FOUND = 1  # `device revoke` of a device that is not enrolled
 EXIT_BAD_ARGS = 2  # bad arguments, a missing dataset, a port that cannot be served
 EXIT_NO_DEVICES = 3  # too few devices joined, or none uploaded, before a deadline
 EXIT_BROKER = 4  # broker unreachable or could not start; `status`: hub unreachable
+EXIT_INTERRUPTED = 130  # Ctrl-C: `simulate` at once, `serve` at the second (128 + SIGINT)

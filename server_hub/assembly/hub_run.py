@@ -155,8 +155,7 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
         if svc.intake.delivery is not None:
             svc.intake.delivery.payload_for = svc.intake.payload_for
     if opts.signals:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: svc.stop())
+        stop_on_signals(svc)
     monitor = None
     try:
         ok = True
@@ -181,6 +180,21 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
             monitor.close()
         bar.close()
         link.close()
+
+
+def stop_on_signals(svc) -> None:
+    """SIGTERM and Ctrl-C end the run after the current step (a restart resumes); a second
+    Ctrl-C raises KeyboardInterrupt at once."""
+    def on_signal(sig: int, _frame) -> None:
+        if sig == signal.SIGINT and svc.wait_stopped(0):
+            raise KeyboardInterrupt
+        log.warning("%s: stopping after the current step; a restart resumes%s",
+                    signal.Signals(sig).name,
+                    " (Ctrl-C again to stop at once)" if sig == signal.SIGINT else "")
+        svc.stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
 
 
 def _service(fed: FederationConfig, opts: HubOptions, link: MqttLink, test_loader,

@@ -232,8 +232,11 @@ class ManagedBroker:
         self._stop_stale()
         with open(self.log_path, "ab") as logf:
             offset = logf.tell()
+            # its own session: a Ctrl-C in the hub's terminal must not kill the broker under
+            # the hub, which stops it itself (a stale one is found by its pid file)
             self.proc = subprocess.Popen([exe, "-c", str(self.conf_path)],
-                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+                                         stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                         start_new_session=True)
         self.pid_path.write_text(f"{self.proc.pid}\n")
         try:
             self._wait_listening(timeout, offset)

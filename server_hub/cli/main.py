@@ -18,8 +18,14 @@ from edge_runtime.ops.service_unit import add_service_parser, print_unit
 from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS, LOGITS_CODEC
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, payload_size
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
-from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_OK
-from server_hub.assembly.options import BrokerOptions, HubOptions, MonitorOptions, WorkerOptions
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_INTERRUPTED, EXIT_OK
+from server_hub.assembly.options import (
+    BrokerOptions,
+    HubOptions,
+    ModeOptions,
+    MonitorOptions,
+    WorkerOptions,
+)
 from server_hub.cli.device import add_access_args, add_device_parser, run_device
 from server_hub.cli.feature_args import (
     add_monitoring_args,
@@ -36,6 +42,7 @@ from server_hub.cli.run_options import (
     run_split,
 )
 from server_hub.models import SERVER_MODELS
+from server_hub.run.plan import RunPlan
 from server_hub.service import ServiceConfig
 from server_hub.simulation.inproc import ALGORITHMS, FederationConfig
 from server_hub.trainer import ServerTrainConfig
@@ -217,29 +224,42 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from server_hub.cli.serve import serve
 
-        return serve(fed, opts, broker)
-    if args.command == "simulate":
-        from server_hub.simulation.launch import simulate_inproc, simulate_mqtt
+        try:
+            return serve(fed, opts, broker)
+        except KeyboardInterrupt:  # Ctrl-C at start-up, or a second one (the first stops cleanly)
+            print("\ngkt-hub: stopped at once by Ctrl-C; a restart resumes after the last "
+                  "checkpoint", file=sys.stderr)
+            return EXIT_INTERRUPTED
+    try:
+        return simulate(args, cfg, opts, plan)
+    except KeyboardInterrupt:
+        print("\ngkt-hub: simulate stopped by Ctrl-C (devices and broker stopped; the "
+              "state dir keeps the last completed round)", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
-        if args.transport == "mqtt" and args.algorithm == "gkt":
-            result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
-                                   opts, monitor_options(args), plan=plan,
-                                   device_data=args.device_data,
-                                   deliver_models=not args.no_model_delivery)
-        else:
-            if args.transport == "mqtt":
-                print(f"note: {args.algorithm} runs in-process (no network transport for it)")
-            try:
-                result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts,
-                                         plan, args.device_data)
-            except ValueError as err:  # own folders without --test-data, nothing usable
-                print(f"gkt-hub: error: {err}", file=sys.stderr)
-                return 2
-        if args.json:
-            result.write_json(args.json)
-            print(f"wrote {args.json}")
+
+def simulate(args: argparse.Namespace, cfg: FederationConfig, opts: ModeOptions,
+             plan: RunPlan) -> int:
+    from server_hub.simulation.launch import simulate_inproc, simulate_mqtt
+
+    if args.transport == "mqtt" and args.algorithm == "gkt":
+        result = simulate_mqtt(cfg, args.codec, not args.no_progress, args.round_deadline,
+                               opts, monitor_options(args), plan=plan,
+                               device_data=args.device_data,
+                               deliver_models=not args.no_model_delivery)
+    else:
+        if args.transport == "mqtt":
+            print(f"note: {args.algorithm} runs in-process (no network transport for it)")
+        try:
+            result = simulate_inproc(cfg, args.algorithm, not args.no_progress, opts,
+                                     plan, args.device_data)
+        except ValueError as err:  # own folders without --test-data, nothing usable
+            print(f"gkt-hub: error: {err}", file=sys.stderr)
+            return EXIT_BAD_ARGS
+    if args.json:
+        result.write_json(args.json)
+        print(f"wrote {args.json}")
     return EXIT_OK
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -149,7 +149,9 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = FEATURE_CODEC,
                              max_payload, opts.mode, fleet[i],
                              device_data[i] if device_data else None, plan.test is not None,
                              key_file)
-        procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT), logf))
+        # own session: a Ctrl-C reaches this process alone, which then stops the devices
+        procs.append((subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                                       start_new_session=True), logf))
     config = {**asdict(cfg), "fleet": [asdict(s) for s in fleet],
               "async": asdict(opts.acfg) if opts.acfg else None}
     result = RunResult("gkt", spec.dataset or "own", cfg.devices, config, transport="mqtt",
@@ -161,17 +163,21 @@ def simulate_mqtt(cfg: FederationConfig, codec: str = FEATURE_CODEC,
         opts, monitor or MonitorOptions(), progress=show_progress, signals=False,
         spill_features=False, deliver_models=deliver_models, plan=plan)
     sys_counters: dict[str, int] = {}
+    wait_s = 60.0  # for devices to see the hub's "stop"
     try:
         outcome = run_hub(cfg, hub_opts, broker.url, on_round=result.rounds.append,
                           desc=f"gkt/mqtt/{opts.mode}")
         sys_counters = read_sys_counters(broker.url)
+    except BaseException:  # Ctrl-C or a crash: no "stop" will come, so stop the devices
+        wait_s = 0.0
+        raise
     finally:
         codes = []
         for p, logf in procs:
             try:
-                codes.append(p.wait(timeout=60))
+                codes.append(p.wait(timeout=wait_s))
             except subprocess.TimeoutExpired:
-                p.terminate()
+                p.terminate()  # SIGTERM: a device saves its state and exits 0
                 codes.append(p.wait())
             logf.close()
         broker.stop()
