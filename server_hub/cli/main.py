@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return simulate(args, cfg, opts, plan)
     except KeyboardInterrupt:
-        print("\ngkt-hub: simulate stopped by Ctrl-C (devices and broker stopped; the "
-              "state dir keeps the last completed round)", file=sys.stderr)
+        print("\ngkt-hub: simulate stopped by Ctrl-C, with its device processes and broker; "
+              "its state dir keeps the last completed round", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
