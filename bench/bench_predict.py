@@ -43,12 +43,12 @@ import torch.nn.functional as F
 from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.predict import PredictConfig, run_predict
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
+from edge_runtime.learning.dataset_classes import CIFAR10_CLASSES
 from edge_runtime.learning.models import EdgeResNet8, FeatureExtractor
 from edge_runtime.learning.preprocess import Preprocess, load_image, to_rgb_u8
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
 from edge_runtime.protocol import topics, wire
 from export.deliver import export_for_delivery
-from export.metadata import CIFAR10_CLASSES
 from export.onnx_export import ExportOptions
 from export.pipeline import ExportConfig, run_export
 from export.quantize import QuantConfig

@@ -1,6 +1,7 @@
 """The benchmark suite's plumbing: the timing worker and run_all's collection and tables."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,3 +89,15 @@ def test_uplink_seeds_pairs_rows_by_seed(tmp_path):
     assert new["seeds"] == [0, 1] and new["final_points"] == [-1.0, 3.0]
     assert new["final_mean"] == 1.0 and new["final_se"] == 2.0
     assert new["last3_points"] == [-0.33, 1.0] and new["mean_upload_mb"] == 2.0
+
+
+def test_every_benchmark_script_imports():
+    """A refactor that moves a name a benchmark imports breaks it only when someone runs
+    it, maybe sessions later; importing each bench_*.py (one interpreter) catches that."""
+    code = ("import importlib, sys; sys.path.insert(0, sys.argv[1]); "
+            "[importlib.import_module(n) for n in sys.argv[2:]]")
+    names = sorted(p.stem for p in BENCH.glob("bench_*.py"))
+    assert len(names) >= 15
+    proc = subprocess.run([sys.executable, "-c", code, str(BENCH), *names],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
