@@ -9,6 +9,7 @@ closes what it opened. ``open_broker`` starts (or joins) the broker first.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass, replace
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from edge_runtime.learning.data import DataConfig, load_split, make_loader
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
@@ -171,7 +173,9 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
             ok = broadcast(ok)  # every worker stops, not only rank 0
         if not ok:
             return HubOutcome(EXIT_BAD_ARGS, svc.status())
-        code = svc.run()
+        # log lines above the progress bar, not glued to its end (tqdm.write)
+        with logging_redirect_tqdm() if opts.progress else contextlib.nullcontext():
+            code = svc.run()
         if monitor:
             monitor.linger(opts.monitor.linger, svc)
         return HubOutcome(code, svc.status())
