@@ -43,9 +43,33 @@ QUICK_ARGS: dict[str, list[str]] = {
     "workers": ["--epochs", "1", "--launches", "1"],
     "async": ["--rounds", "4", "--plot", "bench/results/quick/async-vs-sync.png"],
 }
+QUICK_ARGS |= {
+    "predict": ["--train", "600", "--test", "200", "--epochs", "1", "--runs", "10"],
+    "own_data": ["--rounds", "2"],
+}
 # Thread counts in the full run: the device default (one per core) and one thread, which
 # holds steady when other processes share the cores.
-FULL_ARGS: dict[str, list[str]] = {"edge_cost": ["--threads", "0,1"]}
+ARCHIVE = "/work/shared/data/cifar10-train-jpg.tar.gz"  # CIFAR-10 as JPEGs (docs/own-data.md)
+FULL_ARGS: dict[str, list[str]] = {"edge_cost": ["--threads", "0,1"],
+                                   "uplink": ["--images", ARCHIVE]}
+# Hours of server training on a CPU: a --quick run leaves them out (run them alone).
+LONG = {"own_accuracy": "8+ rounds of ResNet-55 training, about an hour on 2 cores",
+        "uplink": "8 rows x 8 rounds of server training, hours on 2 cores"}
+NEEDS_ARCHIVE = {"own_data", "own_accuracy", "predict", "uplink"}
+
+
+def skip_reason(name: str, quick: bool) -> str | None:
+    """Why ``name`` cannot run here (or in a quick run), or None."""
+    if quick and name in LONG:
+        return f"left out of --quick: {LONG[name]}"
+    if name == "hub_gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            return "needs a CUDA GPU (bench/gpu_check.sh runs it there)"
+    if name in NEEDS_ARCHIVE and not Path(ARCHIVE).exists():
+        return f"needs the CIFAR-10 JPEG archive at {ARCHIVE}"
+    return None
 
 
 def discover() -> dict[str, Path]:
@@ -171,6 +195,9 @@ def write_markdown(path: Path, info: dict, records: dict[str, dict], quick: bool
     if heads:
         lines += ["## Headline figures", "", *heads, ""]
     for name, rec in records.items():
+        if rec.get("skipped"):
+            lines += [f"## {name}", "", f"not run: {rec['skipped']}", ""]
+            continue
         lines += [f"## {name}", "", f"`{rec['command']}`: {rec['seconds']:.0f} s, started "
                   f"{rec['started']}", ""]
         if not rec["ok"]:
@@ -204,6 +231,11 @@ def main() -> int:
     started = dt.datetime.now().isoformat(timespec="seconds")
     records = {}
     for name in names:
+        why = skip_reason(name, args.quick)
+        if why:
+            records[name] = {"skipped": why, "ok": True}
+            print(f"[{name}] not run: {why}", flush=True)
+            continue
         extra = QUICK_ARGS.get(name, []) if args.quick else FULL_ARGS.get(name, [])
         print(f"[{name}] running ...", flush=True)
         records[name] = run_one(name, scripts[name], extra, results, args.timeout)

@@ -57,10 +57,12 @@ def test_run_one_records_results_and_failures(tmp_path):
     md = tmp_path / "RESULTS.md"
     info = {"cpu": "cpu", "cores": 2, "memory_gb": 1.0, "machine": "x", "python": "3",
             "torch": "t", "load_average": 0.5}
-    run_all.write_markdown(md, info, {"good": ok, "bad": failed}, True, "now", 1.0,
-                           tmp_path / "quick" / "summary.json")
+    skipped = {"skipped": "needs a CUDA GPU", "ok": True}
+    run_all.write_markdown(md, info, {"good": ok, "bad": failed, "gpu": skipped}, True, "now",
+                           1.0, tmp_path / "quick" / "summary.json")
     text = md.read_text()
     assert "| x |" in text and "**failed**" in text and "cpu, 2 cores" in text
+    assert "## gpu\n\nnot run: needs a CUDA GPU" in text
     assert "[quick/summary.json](quick/summary.json)" in text
     json.dumps({"good": ok, "bad": failed})  # summary.json must be plain JSON
 
@@ -101,3 +103,13 @@ def test_every_benchmark_script_imports():
     proc = subprocess.run([sys.executable, "-c", code, str(BENCH), *names],
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_a_quick_run_leaves_out_the_hour_long_and_the_unrunnable(monkeypatch, tmp_path):
+    assert "left out of --quick" in run_all.skip_reason("own_accuracy", quick=True)
+    assert run_all.skip_reason("edge_cost", quick=True) is None
+    monkeypatch.setattr(run_all, "ARCHIVE", str(tmp_path / "absent.tar.gz"))
+    assert "archive" in run_all.skip_reason("predict", quick=True)
+    import torch
+
+    assert (run_all.skip_reason("hub_gpu", quick=False) is None) == torch.cuda.is_available()
