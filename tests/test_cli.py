@@ -86,3 +86,6 @@ def test_simulate_over_mqtt_with_device_processes(tmp_path):
     assert sent["round"] == 1 and sent["acked"] == ["dev0", "dev1"] and not sent["missing"]
     assert sent["seconds_to_all_acked"] > 0 and min(sent["bytes_on_wire"].values()) > 1e5
     assert "gkt-edge predict --state-dir" in proc.stdout
+    dev_log = (tmp_path / "state" / "logs" / "dev0.log").read_text()  # the device says it too
+    dev_state = tmp_path / "state" / "devices" / "dev0"
+    assert f"classify images with: gkt-edge predict --state-dir {dev_state}" in dev_log

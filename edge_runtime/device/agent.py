@@ -233,17 +233,23 @@ class EdgeAgent:
             seen = (ann["round"], ann.get("state"), ann.get("epoch"))
             state, rnd = ann.get("state"), int(ann["round"])
             if state == "stop":
-                log.info("%s: hub finished the federation", dev.device_id)
+                self._finished()
                 return 0
             if state == "collect" and rnd > dev.progress.completed_round:
                 self._round(rnd)
         return 0
 
+    def _finished(self) -> None:
+        log.info("%s: hub finished the federation", self.device.device_id)
+        if self.models.stored:  # the next thing a person wants to type
+            log.info("%s: classify images with: gkt-edge predict --state-dir %s IMAGES...",
+                     self.device.device_id, self.state_dir)
+
     def _run_async(self) -> int:
         """Asynchronous GKT: train, upload, wait for our own logits, again, until stop."""
         while not self._stop.is_set() and not self.run_moved:
             if (self._announcement or {}).get("state") == "stop":
-                log.info("%s: hub finished the federation", self.device.device_id)
+                self._finished()
                 break
             self._round(self.device.progress.completed_round + 1)
         return 0
@@ -382,7 +388,9 @@ class EdgeAgent:
                                 dev.device_id, rnd)
                     return False
                 if time.monotonic() - last > self.cfg.logits_timeout:
-                    self._request_logits(rnd, len(missing), "none came")
+                    self._request_logits(rnd, len(missing),
+                                         f"none in {self.cfg.logits_timeout:.0f} s; the hub "
+                                         "may still be training")
                     last = time.monotonic()
                 continue
             if msg.round != rnd:
