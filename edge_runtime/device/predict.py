@@ -212,7 +212,7 @@ def predict(model: Model, items: list[Item], cfg: PredictConfig, out: TextIO = s
 
     summary = Summary()
     k = min(cfg.top_k, len(model.classes))
-    bar = tqdm(total=len(items), unit="img", desc="predict", disable=not progress,
+    bar = tqdm(total=len(items), unit="img", desc="predict", disable=None if progress else True,
                file=sys.stderr)
     say = (lambda s: bar.write(s, file=out)) if progress else (lambda s: print(s, file=out))
     note = (lambda s: bar.write(s, file=sys.stderr)) if progress else (

@@ -120,7 +120,7 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
         return HubOutcome(EXIT_BROKER)
     sync = opts.mode.mode == "sync"
     bar = tqdm(total=fed.rounds if sync else None, desc=desc, unit="round",
-               disable=not opts.progress, leave=False)
+               disable=None if opts.progress else True, leave=False)  # None: a terminal only
     write = bar.write if opts.progress else (lambda line: print(line, flush=True))
     if worker is None or worker.rank == 0:
         write(HEADER)

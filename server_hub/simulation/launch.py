@@ -47,8 +47,8 @@ def simulate_inproc(cfg: FederationConfig, algorithm: str, show_progress: bool =
     print(f"{algorithm} on {what} ({size}x{size}), "
           f"{cfg.devices} devices [{sizes} samples], partition {cfg.partition}, "
           f"{cfg.rounds} rounds, seed {cfg.seed}")
-    bar = tqdm(total=cfg.rounds, desc=algorithm, unit="round", disable=not show_progress,
-               leave=False)
+    bar = tqdm(total=cfg.rounds, desc=algorithm, unit="round",
+               disable=None if show_progress else True, leave=False)  # None: a terminal only
     bar.write(HEADER)
 
     def on_round(rec: RoundRecord) -> None:
