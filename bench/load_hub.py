@@ -70,7 +70,9 @@ def _service(args: argparse.Namespace, state: Path, records: list):
     link.connect()
     cfg = ServiceConfig(str(state), rounds=1, min_devices=args.devices, round_deadline=600,
                         start_timeout=600, max_payload=payload)
-    common = (DataConfig("digits"), DataLoader(images, batch_size=4), records.append)
+    # the maps the senders make are --size wide, so the run admits that size
+    common = (DataConfig("digits", image_size=args.size), DataLoader(images, batch_size=4),
+              records.append)
     if args.mode == "async":  # one upload each, so it never finishes: stopped by hub_main
         acfg = AsyncConfig(max_updates=args.devices + 1, eval_seconds=3600.0)
         return AsyncHubService(link, hub, cfg, acfg, *common), link
