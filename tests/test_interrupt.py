@@ -30,30 +30,29 @@ def processes_naming(text: str) -> list[int]:
     return pids
 
 
-def ctrl_c(proc: subprocess.Popen) -> None:
-    os.killpg(proc.pid, signal.SIGINT)
+def ctrl_c_after(argv: list[str], out: Path, ready: str) -> tuple[int, str]:
+    """Start ``gkt-hub argv`` in a process group of its own, press Ctrl-C (SIGINT to the
+    group, as a terminal does) once ``ready`` is in its output; (exit code, output)."""
+    with open(out, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "server_hub.cli.main", *argv],
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert wait_for(lambda: ready in out.read_text(), timeout=240, interval=0.2), \
+            out.read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGINT)
+        rc = proc.wait(timeout=90)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return rc, out.read_text()
 
 
 @pytest.mark.mqtt
 def test_ctrl_c_stops_a_simulation_with_its_devices_and_broker(tmp_path):
     state = tmp_path / "state"
-    out = tmp_path / "out.txt"
-    with open(out, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server_hub.cli.main", "simulate", "--devices", "2",
-             "--rounds", "50", "--server-epochs", "1", "--state-dir", str(state),
-             "--no-progress", "--no-model-delivery"],
-            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_for(lambda: "round 0: collect" in out.read_text(), timeout=240,
-                        interval=0.2), out.read_text()[-3000:]
-        assert processes_naming(str(state))  # the devices and the broker run
-        ctrl_c(proc)
-        rc = proc.wait(timeout=90)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = out.read_text()
+    rc, text = ctrl_c_after(["simulate", "--devices", "2", "--rounds", "50", "--server-epochs",
+                             "1", "--state-dir", str(state), "--no-progress",
+                             "--no-model-delivery"], tmp_path / "out.txt", "round 0: collect")
     assert rc == 130, text[-3000:]
     assert "stopped by Ctrl-C" in text
     assert "Traceback" not in text
@@ -66,21 +65,9 @@ def test_ctrl_c_stops_a_simulation_with_its_devices_and_broker(tmp_path):
 
 @pytest.mark.mqtt
 def test_ctrl_c_stops_serve_cleanly_and_says_so(broker, tmp_path):
-    out = tmp_path / "hub.txt"
-    with open(out, "w") as f:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server_hub.cli.main", "serve", "--broker", broker.url,
-             "--state-dir", str(tmp_path / "hub"), "--no-progress", "--dataset", "digits"],
-            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        assert wait_for(lambda: "waiting for devices: 0 of" in out.read_text(), timeout=120,
-                        interval=0.2), out.read_text()[-3000:]
-        ctrl_c(proc)
-        rc = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = out.read_text()
+    rc, text = ctrl_c_after(["serve", "--broker", broker.url, "--state-dir",
+                             str(tmp_path / "hub"), "--no-progress", "--dataset", "digits"],
+                            tmp_path / "hub.txt", "waiting for devices: 0 of")
     assert rc == 0, text[-3000:]
     assert "SIGINT: stopping after the current step" in text
     assert "Traceback" not in text
