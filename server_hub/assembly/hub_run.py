@@ -150,10 +150,10 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
         log.warning("model delivery is off with --workers > 1: export the devices' models "
                     "with gkt-export STATE_DIR after the run")
     elif opts.deliver_models and worker is None:
-        svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
-                                             opts.service.max_payload, test_folder)
-        if svc.intake.delivery is not None:
-            svc.intake.delivery.payload_for = svc.intake.payload_for
+        delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
+                                  opts.service.max_payload, test_folder)
+        if delivery is not None:  # devices' replies come on their model topics
+            svc.intake.attach_delivery(delivery)
     if opts.signals:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: svc.stop())
