@@ -156,8 +156,8 @@ def deliver(state: Path, root: Path, devices_dir: Path) -> dict:
 
         hub = link("hub")
         delivery = ModelDelivery(hub, state, DeliveryConfig(str(root)), export_for_delivery)
-        hub.subscribe(topics.UP_WILDCARD, lambda t, p: delivery.on_message(
-            topics.device_from_topic(t), wire.decode_message(p, max_bytes=1 << 20)))
+        hub.subscribe(topics.MODEL_WILDCARD, lambda t, p: delivery.on_message(
+            topics.device_from_topic(t, "model"), wire.decode_message(p, max_bytes=1 << 20)))
         for d in DEVICES:
             receiver = ModelReceiver(link(d), d, devices_dir / d)
             links[-1].subscribe(topics.down(d), lambda t, p, r=receiver: r.on_model(

@@ -32,6 +32,8 @@ from server_hub.uplink.held import Resync
 
 log = logging.getLogger("gkt.hub")
 UPLOAD_KINDS = ("features", "extractor", "upload_done")
+MODEL_KINDS = ("model_request", "model_ack")  # what devices send on their model topic
+MODEL_REPLY_BYTES = 16 * 1024  # a model_ack or model_request is a header, no tensors
 
 
 @dataclass
@@ -135,6 +137,15 @@ class UploadIntake:
         self.link.subscribe(topic_filter, self.on_up)
         self.listening.set()
 
+    def attach_delivery(self, delivery) -> None:
+        """Deliver models through ``delivery`` (a delivery.models.ModelDelivery) and take
+        the devices' ``model_ack`` / ``model_request`` on their model topics. Only the hub
+        that delivers calls this (one hub; rank 0 of hub workers): the subscription is not
+        shared, so every device's replies reach it whichever worker took its uploads."""
+        self.delivery = delivery
+        delivery.payload_for = self.payload_for
+        self.link.subscribe(topics.MODEL_WILDCARD, self.on_model)
+
     def stop(self) -> None:
         self.stopped.set()
         with self.cond:
@@ -172,10 +183,41 @@ class UploadIntake:
             self.dropped.add(topic.split("/")[-2])
             log.exception("quarantined a replayed message on %s: %s", topic, err)
 
+    def on_model(self, topic: str, payload: bytes) -> None:
+        """A device's ``model_ack`` or ``model_request`` on its model topic: the same checks
+        as ``on_up`` (the topic names the device, the header must name the same one), then
+        to the delivery. Anything else is logged, counted and refused; never raised."""
+        if not payload:
+            return
+        msg = None
+        try:
+            device = topics.device_from_topic(topic, "model")
+            msg = wire.decode_message(payload, max_bytes=MODEL_REPLY_BYTES)
+            if msg.device != device:
+                raise wire.WireError("spoofed", f"header names device {msg.device!r} "
+                                                f"on {device!r}'s topic")
+            if msg.kind not in MODEL_KINDS:
+                raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent on a model "
+                                                   "topic")
+            if self.delivery is not None:
+                self.delivery.on_message(device, msg)
+            for observer in self.observers:  # monitoring counts every device message
+                observer.on_accepted(device, msg, len(payload), self.merged_update(device),
+                                     self.completed(device))
+        except (wire.WireError, ValueError) as err:
+            reason = getattr(err, "reason", "invalid")
+            self.rejected[reason] += 1
+            log.warning("rejected message on %s (%s): %s", topic[:200], reason, err)
+            self.refuse(topic, msg.msg_id if msg else "", reason, str(err))
+        except Exception:  # noqa: BLE001 (the network thread must keep serving the run)
+            self.rejected["failed"] += 1
+            log.exception("a model message on %s failed", topic[:200])
+
     def refuse(self, topic: str, msg_id: str, reason: str, detail: str) -> None:
         """Tell the device why (errors as data), a few times per period at most."""
         try:
-            device = topics.device_from_topic(topic)
+            leaf = "model" if isinstance(topic, str) and topic.endswith("/model") else "up"
+            device = topics.device_from_topic(topic, leaf)
         except wire.WireError:
             return
         if not self.replies.allow(device, reason, time.monotonic()) or not self.link.connected:
@@ -208,7 +250,7 @@ class UploadIntake:
                 self.on_hello(device, msg)
         elif msg.kind == "logits_request":
             self._resend_logits(device, msg.round)
-        elif msg.kind in ("model_request", "model_ack"):
+        elif msg.kind in MODEL_KINDS:  # devices older than the model topic send them here
             if self.delivery is not None:
                 self.delivery.on_message(device, msg)
         elif msg.kind in UPLOAD_KINDS:

@@ -129,11 +129,10 @@ def delivered(hub_state, tmp_path_factory):
         delivery = ModelDelivery(hub_link, hub_state,
                                  DeliveryConfig(max_payload=128 * 1024, ack_timeout=60),
                                  export_for_delivery)
-        svc.intake.delivery = delivery
-        delivery.payload_for = svc.intake.payload_for  # as the hub's assembly wires it
+        svc.intake.attach_delivery(delivery)  # as the hub's assembly wires it
         # dev1 takes smaller messages than the hub sends (its hello says so)
         svc.intake.known.update({"dev0": {}, "dev1": {"max_payload": SMALL_PAYLOAD}})
-        svc.intake.listen()  # the hub's own upload intake: model_request/model_ack go through it
+        svc.intake.listen()  # the hub's own upload intake (model replies: attach_delivery)
         devices = tmp_path_factory.mktemp("devices")
         states = {d: devices / d for d in DEVICES}
         got = fetch_model(link("dev0"), "dev0", states["dev0"], timeout=120,

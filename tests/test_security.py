@@ -24,6 +24,7 @@ from server_hub.broker.enrol import (
     ensure_hub_users,
     hub_credentials,
     list_devices,
+    refresh_acl,
     render_acl,
     revoke_device,
 )
@@ -44,9 +45,21 @@ def test_acl_gives_each_device_only_its_topics():
     acl = render_acl(["b", "a"])
     assert acl.index("user a") < acl.index("user b")
     block = acl.split("user a\n")[1].split("\n\n")[0].splitlines()
-    assert block == ["topic write gkt/v1/dev/a/up", "topic read gkt/v1/dev/a/down",
-                     "topic read gkt/v1/hub/round", "topic read gkt/v1/hub/run"]
+    assert block == ["topic write gkt/v1/dev/a/up", "topic write gkt/v1/dev/a/model",
+                     "topic read gkt/v1/dev/a/down", "topic read gkt/v1/hub/round",
+                     "topic read gkt/v1/hub/run"]
     assert f"user {HUB_USER}\ntopic readwrite gkt/v1/#" in acl
+
+
+def test_an_acl_from_before_the_model_topic_is_rewritten_when_the_hub_starts(broker_dir):
+    add_device(broker_dir, "devO")
+    acl = SecurityPaths.of(broker_dir).acl
+    old = acl.read_text().replace(f"topic write {topics.model('devO')}\n", "")
+    acl.write_text(old)  # what an older version generated: devO could not ack its model
+    broker_access(AccessConfig(str(broker_dir)))
+    assert f"user devO\ntopic write {topics.up('devO')}\ntopic write " \
+           f"{topics.model('devO')}\n" in acl.read_text()
+    assert not refresh_acl(broker_dir)  # current: left alone
 
 
 def test_enrol_rejects_bad_ids_and_the_hub_user(broker_dir):
@@ -75,6 +88,12 @@ def test_device_a_cannot_publish_as_b_nor_read_b_logits(broker_dir, broker_facto
         la.publish(topics.up("devA"), b"mine")
         with pytest.raises(ConnectionError, match="refused the publish.*authorized"):
             la.publish(topics.up("devB"), b"spoofed")
+        # model delivery's replies: A may write its own model topic, not B's
+        models: list[str] = []
+        hub.subscribe(topics.MODEL_WILDCARD, lambda t, p: models.append(t))
+        la.publish(topics.model("devA"), b"ack")
+        with pytest.raises(ConnectionError, match="refused the publish.*authorized"):
+            la.publish(topics.model("devB"), b"spoofed ack")
         # A tries every way to see B's logits; the broker delivers none of them to A.
         seen_a: list[tuple[str, bytes]] = []
         for f in (topics.down("devB"), "gkt/v1/dev/+/down", "#", topics.down("devA")):
@@ -87,6 +106,7 @@ def test_device_a_cannot_publish_as_b_nor_read_b_logits(broker_dir, broker_facto
         time.sleep(0.3)
         assert {p for _, p in seen_a} == {b"logits for A"}
         assert ups == [topics.up("devA")]  # the spoofed upload never reached the hub
+        assert models == [topics.model("devA")]
     finally:
         for link in (hub, la, lb):
             link.close()

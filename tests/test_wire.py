@@ -425,7 +425,8 @@ def test_bad_device_ids_say_what_is_wrong(bad, problem):
 
 
 def test_device_from_topic_takes_only_up_topics():
-    for topic in ("gkt/v1/dev/dev0/down", "gkt/v1/dev//up", "gkt/v1/dev/a/b/up",
+    for topic in ("gkt/v1/dev/dev0/down", "gkt/v1/dev/dev0/model", "gkt/v1/dev//up",
+                  "gkt/v1/dev/a/b/up",
                   "gkt/v2/dev/dev0/up", "gkt/v1/hub/round", "gkt/v1/dev/+/up", ""):
         with pytest.raises(WireError) as err:
             topics.device_from_topic(topic)

@@ -3,6 +3,7 @@ over a real Mosquitto: uploads split over the workers by a shared subscription."
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -13,9 +14,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from polling import wait_for
 
 from edge_runtime.device.agent import AgentConfig, EdgeAgent
 from edge_runtime.device.edge_device import EdgeDevice
+from edge_runtime.device.fetch import fetch_model
+from edge_runtime.device.model_store import current_model
 from edge_runtime.learning.data import DataConfig
 from edge_runtime.learning.train import EdgeTrainConfig
 from edge_runtime.mqtt.link import LinkConfig, MqttLink
@@ -35,6 +39,10 @@ def setup():
 def small(setup):
     """350 samples per device: enough to spread over two workers, quick to train."""
     return replace(setup, shards=[s[:350] for s in setup.shards])
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
@@ -140,3 +148,56 @@ def test_two_workers_reach_the_accuracy_of_one(broker_factory, tmp_path, setup):
                                             for (w, s), a in acc.items()})
     one, two = (sum(acc[w, s] for s in (0, 1)) / 2 for w in (1, 2))
     assert abs(one - two) < 0.05
+
+
+def test_two_workers_deliver_every_device_its_model(broker, tmp_path, small):
+    """`serve --workers 2` delivers models as one hub does: rank 0 exports each device's
+    composed model and sends it; the devices' acks and a ``fetch-model`` request come on
+    their model topics, which rank 0 alone subscribes to (unshared), so they reach it
+    whichever worker took the device's uploads. Each device ends holding exactly the files
+    rank 0 exported (fp32 and int8, same SHA-256)."""
+    state = tmp_path / "hub"
+    proc, log = start_hub(broker.url, state, workers=2, rounds=1, epochs=1)
+    meta = state / "checkpoints" / "round-0000" / "meta.json"
+    fetched: dict = {}
+
+    def fetch() -> None:  # `gkt-edge fetch-model` for dev0 once round 0 is checkpointed
+        if not wait_for(meta.is_file, 300, 0.2):
+            return
+        link = MqttLink(LinkConfig(broker.url, f"fetch-dev0-{tmp_path.name}"))
+        link.connect()
+        try:
+            fetched.update(fetch_model(link, "dev0", tmp_path / "fetched", timeout=240,
+                                       max_bytes=1 << 20))
+        finally:
+            link.close()
+
+    fetcher = threading.Thread(target=fetch)
+    fetcher.start()
+    try:
+        agents = run_devices(broker.url, tmp_path, small, "deliver")
+        assert proc.wait(240) == 0, log.read_text()[-3000:]
+        fetcher.join(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text()
+    assert "model delivery is off" not in text
+    assert "models of round 0 delivered to 2/2 devices" in text, text[-3000:]
+    assert "dev0 asked for its model: sending round 0" in text, text[-3000:]
+    exported = state / "models" / "round-0000"
+    held = {}
+    for a in agents:
+        d = a.cfg.device_id
+        hub_files = {sha256(p) for p in exported.glob(f"composed_{d}*.onnx")}
+        mine = {v: current_model(Path(a.cfg.state_dir), v) for v in ("fp32", "int8")}
+        assert all(mine.values()), f"{d} holds no model: {mine}"
+        assert {sha256(p) for p in mine.values()} == hub_files and len(hub_files) == 2
+        held[d] = max(p.stat().st_mtime for p in mine.values())
+    assert {v: r for v, (r, _) in fetched.items()} == {"fp32": 0, "int8": 0}
+    assert {sha256(p) for _, p in fetched.values()} == {
+        sha256(p) for p in exported.glob("composed_dev0*.onnx")}
+    # from the last round's checkpoint to the last device holding its models
+    print(f"\nlast round -> every device holds its model: "
+          f"{max(held.values()) - meta.stat().st_mtime:.1f} s; hub: "
+          f"{text[text.index('models of round 0 delivered'):].splitlines()[0]}")

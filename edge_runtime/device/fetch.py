@@ -34,6 +34,8 @@ def fetch_model(link, device_id: str, state_dir: Path, timeout: float,
             log.warning("rejected message on %s: %s", topic, err)
 
     link.subscribe(topics.down(device_id), on_down)
-    link.publish(topics.up(device_id), request_message(device_id, uuid.uuid4().hex[:8]))
+    # the model topic reaches the hub that delivers (with hub workers, rank 0; ``up`` goes
+    # to any worker)
+    link.publish(topics.model(device_id), request_message(device_id, uuid.uuid4().hex[:8]))
     receiver.wait_complete(timeout)
     return dict(receiver.stored)

@@ -100,7 +100,9 @@ class ModelReceiver:
         else:
             log.info("%s: stored the round %d %s model (%d bytes) at %s", self.device_id,
                      model.round, model.variant, len(model.data), path)
-        self.link.publish(topics.up(self.device_id), ack_message(self.device_id, model),
+        # on the model topic: only the hub that delivers (one hub, or rank 0 of hub
+        # workers) reads it; ``up`` may go to any worker
+        self.link.publish(topics.model(self.device_id), ack_message(self.device_id, model),
                           wait=False)
         with self._lock:
             if path is not None:

@@ -1,13 +1,19 @@
 """MQTT topics: a versioned prefix and one subtree per device.
 
     gkt/v1/dev/{device}/up     device -> hub (hello, feature chunks, extractor, upload_done)
-    gkt/v1/dev/{device}/down   hub -> device (acks, logits)
+    gkt/v1/dev/{device}/model  device -> hub (model_ack, model_request: model delivery)
+    gkt/v1/dev/{device}/down   hub -> device (acks, logits, model chunks)
     gkt/v1/hub/round           hub announcements, retained
     gkt/v1/hub/run             the run spec (protocol/run_spec.py), JSON, retained
 
 With the device id as its MQTT user name, a broker ACL line ``pattern readwrite
 gkt/v1/dev/%u/#`` (plus ``pattern read gkt/v1/hub/#``) pins each device to its own
 topics, which is why ids may not hold MQTT's special characters.
+
+Model delivery's replies have a topic of their own because hub workers take ``up`` on a
+shared subscription (any worker gets any message) while one hub, or rank 0 of the
+workers, delivers the models: it alone subscribes to ``MODEL_WILDCARD``, unshared. A hub
+still takes ``model_ack`` / ``model_request`` on ``up`` from devices older than this topic.
 """
 
 from __future__ import annotations
@@ -20,10 +26,11 @@ PREFIX = "gkt/v1"
 ROUND_TOPIC = f"{PREFIX}/hub/round"
 RUN_TOPIC = f"{PREFIX}/hub/run"
 UP_WILDCARD = f"{PREFIX}/dev/+/up"
+MODEL_WILDCARD = f"{PREFIX}/dev/+/model"
 DEVICE_ID_MAX = 64
 
 _DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]+")
-_UP = re.compile(rf"{re.escape(PREFIX)}/dev/([^/]*)/up")
+_TO_HUB = re.compile(rf"{re.escape(PREFIX)}/dev/([^/]*)/(up|model)")
 
 
 def validate_device_id(device: str) -> str:
@@ -60,12 +67,18 @@ def down(device: str) -> str:
     return f"{PREFIX}/dev/{validate_device_id(device)}/down"
 
 
-def device_from_topic(topic: str) -> str:
-    """The device of an up topic (what the hub receives on ``UP_WILDCARD``); WireError for
-    any other topic."""
-    m = _UP.fullmatch(topic) if isinstance(topic, str) else None
-    if m is None:
-        raise WireError("bad_topic", f"not a device upload topic: {str(topic)[:200]!r}")
+def model(device: str) -> str:
+    """Device -> hub: model delivery's ``model_ack`` and ``model_request``."""
+    return f"{PREFIX}/dev/{validate_device_id(device)}/model"
+
+
+def device_from_topic(topic: str, leaf: str = "up") -> str:
+    """The device of a device -> hub topic ending in ``leaf`` ("up": what the hub receives
+    on ``UP_WILDCARD``, "model": on ``MODEL_WILDCARD``); WireError for any other topic."""
+    m = _TO_HUB.fullmatch(topic) if isinstance(topic, str) else None
+    if m is None or m.group(2) != leaf:
+        what = "upload" if leaf == "up" else leaf
+        raise WireError("bad_topic", f"not a device {what} topic: {str(topic)[:200]!r}")
     try:
         return validate_device_id(m.group(1))
     except ValueError as err:

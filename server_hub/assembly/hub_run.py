@@ -144,18 +144,17 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
     svc = _service(fed, opts, link, test_loader, login, worker, on_record,
                    lambda s: bar.set_postfix_str(s, refresh=True))
     test_folder = opts.plan.test_folder if opts.plan else None
-    if opts.deliver_models and worker is None and spec and not spec.dataset and not test_folder:
+    # One hub delivers the models, or rank 0 of hub workers (it writes the checkpoints and
+    # holds every device's extractor); devices' replies come on their model topics.
+    delivers = opts.deliver_models and (worker is None or worker.rank == 0)
+    if delivers and spec and not spec.dataset and not test_folder:
         log.warning("model delivery off: the devices' models are verified on the hub's "
                     "held-out images before they are sent; give --test-data DIR to deliver")
-    elif opts.deliver_models and worker is not None and worker.rank == 0:
-        # a device's model_ack and model_request land on any worker's shared subscription
-        log.warning("model delivery is off with --workers > 1: export the devices' models "
-                    "with gkt-export STATE_DIR after the run")
-    elif opts.deliver_models and worker is None:
-        svc.intake.delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
-                                             opts.service.max_payload, test_folder)
-        if svc.intake.delivery is not None:
-            svc.intake.delivery.payload_for = svc.intake.payload_for
+    elif delivers:
+        delivery = model_delivery(link, opts.service.state_dir, fed.data.root,
+                                  opts.service.max_payload, test_folder)
+        if delivery is not None:
+            svc.intake.attach_delivery(delivery)
     if opts.signals:
         stop_on_signals(svc)
     monitor = None

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server_hub.broker.enrol import SecurityPaths, hub_credentials
+from server_hub.broker.enrol import SecurityPaths, hub_credentials, refresh_acl
 
 log = logging.getLogger("gkt.hub")
 
@@ -70,6 +70,8 @@ def broker_access(cfg: AccessConfig) -> BrokerAccess:
                     "for a local simulation only", cfg.listen)
     fields: dict = {}
     if creds is not None:
+        if refresh_acl(cfg.state_dir):
+            log.info("rewrote %s for this version's topics", paths.acl)
         fields.update(allow_anonymous=False, password_file=str(paths.passwd),
                       acl_file=str(paths.acl), use_username_as_clientid=True)
     ca = None

@@ -8,9 +8,11 @@ Everything lives under ``STATE/security/``:
     hub.secret    the hub's own MQTT password (mode 0600)
 
 Each device's MQTT user name is its device id, and the ACL gives it exactly
-``gkt/v1/dev/ID/up`` to write and ``gkt/v1/dev/ID/down``, ``gkt/v1/hub/round`` and
-``gkt/v1/hub/run`` to read, so valid credentials for one device cannot publish as another
-nor read its logits. A running managed broker is told to reload (SIGHUP) after every change.
+``gkt/v1/dev/ID/up`` and ``gkt/v1/dev/ID/model`` to write and ``gkt/v1/dev/ID/down``,
+``gkt/v1/hub/round`` and ``gkt/v1/hub/run`` to read, so valid credentials for one device
+cannot publish as another nor read its logits. A running managed broker is told to reload
+(SIGHUP) after every change; ``refresh_acl`` rewrites an ACL an older version generated
+(the hub calls it before it starts its broker).
 """
 
 from __future__ import annotations
@@ -84,9 +86,29 @@ def render_acl(devices: list[str], hub_users: tuple[str, ...] = (HUB_USER,)) -> 
     for user in hub_users:
         lines += [f"user {user}", f"topic readwrite {topics.PREFIX}/#", "topic read $SYS/#", ""]
     for d in sorted(devices):
-        lines += [f"user {d}", f"topic write {topics.up(d)}", f"topic read {topics.down(d)}",
-                  f"topic read {topics.ROUND_TOPIC}", f"topic read {topics.RUN_TOPIC}", ""]
+        lines += [f"user {d}", f"topic write {topics.up(d)}", f"topic write {topics.model(d)}",
+                  f"topic read {topics.down(d)}", f"topic read {topics.ROUND_TOPIC}",
+                  f"topic read {topics.RUN_TOPIC}", ""]
     return "\n".join(lines)
+
+
+def refresh_acl(state_dir: str | Path) -> bool:
+    """Regenerate the ACL from devices.json if it differs from what this version writes
+    (one from before the model topic lets no device acknowledge its model); True if it was
+    rewritten. Nothing to do where nobody was enrolled."""
+    paths = SecurityPaths.of(state_dir)
+    if not paths.enabled:
+        return False
+    reg = load_registry(paths)
+    enrolled = [d for d, e in reg.items() if e.get("status") == "enrolled"]
+    want = render_acl(enrolled, (HUB_USER, *_hub_users(paths))) + "\n"
+    try:
+        if paths.acl.read_text() == want:
+            return False
+    except OSError:
+        pass
+    _write_registry_and_acl(paths, reg)
+    return True
 
 
 def load_registry(paths: SecurityPaths) -> dict[str, dict]:

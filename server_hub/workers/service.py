@@ -10,7 +10,8 @@ every ``poll`` seconds and rank 0 decides (deadline, extensions) and broadcasts 
 decision; a device counts when the union of the workers' chunks completes its upload. Then
 all ranks train with DDP (``DdpTrainer``, ddp_trainer.py), each sends the logits of the
 samples it trained, they evaluate a share of the devices each, and rank 0 announces rounds
-and writes the checkpoint.
+and writes the checkpoint. At the end rank 0 alone delivers the devices' models, as one hub
+does (assembly/hub_run.py): their replies come on the unshared model topics, not ``up``.
 """
 
 from __future__ import annotations
