@@ -4,6 +4,8 @@ refuses. No network: a stand-in link records subscriptions and publishes."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from edge_runtime.protocol import topics, wire
@@ -154,3 +156,31 @@ def test_a_failing_delivery_does_not_take_the_network_thread_down(hub, tmp_path,
     intake.attach_delivery(Delivery(fail=True))
     intake.on_model(topics.model("dev0"), request_message("dev0", "n1"))
     assert intake.rejected["failed"] == 1 and "export blew up" in caplog.text
+
+
+def test_a_device_asking_again_and_again_gets_one_model_per_interval(tmp_path):
+    """A model_request is a few bytes in and the whole model out: a device that repeats it
+    (a loop, a hostile one) is answered once per ``request_interval``."""
+    from polling import wait_for
+
+    from server_hub.delivery.models import DeliveryConfig, ModelDelivery
+
+    link = Link()
+    delivery = ModelDelivery(link, tmp_path, DeliveryConfig(request_interval=0.5))
+    delivery.export = lambda devices: MODEL.round  # the checkpoint's models, exported
+    delivery.models["devA"] = {"fp32": MODEL}
+    delivery.models["devB"] = {"fp32": MODEL}
+    ask = wire.decode_message(request_message("devA", "n1"), max_bytes=1 << 16)
+
+    def sends(device: str) -> int:
+        return sum(t == topics.down(device) for t, _ in link.sent)
+
+    for _ in range(50):
+        delivery.on_message("devA", ask)
+    delivery.on_message("devB", wire.decode_message(request_message("devB", "n2"),
+                                                    max_bytes=1 << 16))
+    assert wait_for(lambda: sends("devA") == 1 and sends("devB") == 1)
+    assert not wait_for(lambda: sends("devA") > 1, timeout=0.3)  # the 49 repeats: nothing
+    assert wait_for(lambda: delivery._asked["devA"] + 0.5 < time.monotonic(), timeout=2)
+    delivery.on_message("devA", ask)  # after the interval: answered again
+    assert wait_for(lambda: sends("devA") == 2)

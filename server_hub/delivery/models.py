@@ -59,6 +59,8 @@ class DeliveryConfig:
     int8: bool = True  # also deliver the int8 QDQ graph
     max_payload: int = 256 * 1024  # bytes per message (the broker's packet limit)
     ack_timeout: float = 120.0  # how long the end of a run waits for devices' acks
+    # a model_request is a few bytes in and megabytes out: one answer a device this often
+    request_interval: float = 10.0
     run_id: str | None = None
 
 
@@ -88,6 +90,7 @@ class ModelDelivery:
         self._cond = threading.Condition()
         self._export_lock = threading.Lock()
         self._requests: queue.Queue[str] = queue.Queue()
+        self._asked: dict[str, float] = {}  # device -> when its last request was taken
         self._worker: threading.Thread | None = None
         # the largest message a device takes (the hub's intake knows from its hello)
         self.payload_for: Callable[[str], int] = lambda device: cfg.max_payload
@@ -175,6 +178,17 @@ class ModelDelivery:
             log.info("device %s stored its round %d %s model", device, msg.round,
                      msg.meta["variant"])
         elif msg.kind == "model_request":
+            now = time.monotonic()
+            with self._cond:
+                last = self._asked.get(device)
+                if last is not None and now - last < self.cfg.request_interval:
+                    ignored = True
+                else:
+                    self._asked[device], ignored = now, False
+            if ignored:  # a repeat is answered by the copy already on its way
+                log.debug("device %s asked for its model again within %.0f s; ignored",
+                          device, self.cfg.request_interval)
+                return
             self._requests.put(device)
             self._start_worker()
 
