@@ -61,7 +61,7 @@ def start_hub(url: str, state: Path, workers: int, rounds: int, epochs: int = 2,
     log = state / "hub.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True)  # a Ctrl-C group
     return proc, log
 
 

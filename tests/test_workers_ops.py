@@ -5,6 +5,7 @@ real devices, two gloo workers."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import time
@@ -157,10 +158,12 @@ def test_shared_subscription_under_the_acl(broker_dir, broker_factory, make_link
     assert spy == []
 
 
-def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_path):
+@pytest.mark.parametrize("ctrl_c", [False, True], ids=["sigterm", "ctrl-c"])
+def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_path, ctrl_c):
     """SIGTERM to `gkt-hub serve --workers 2` while round 0 collects: both workers stop at
     the next exchange with exit 0 and tell the devices nothing (a restart resumes), as the
-    single hub does; no round is recorded."""
+    single hub does; no round is recorded. Ctrl-C (SIGINT to the whole group, so each
+    worker gets it twice: from the terminal and passed on) stops them the same way."""
     ghosts = [say_hello(broker, tmp_path, f"ghost{i}") for i in range(2)]  # never upload
     rounds: list[dict] = []
     watcher = MqttLink(LinkConfig(broker.url, f"watch-{tmp_path.name}"))
@@ -171,7 +174,10 @@ def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_pa
     try:
         assert wait_for(lambda: any(r["state"] == "collect" for r in rounds), 120), \
             log.read_text()[-3000:]
-        proc.send_signal(signal.SIGTERM)
+        if ctrl_c:
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGTERM)
         code = proc.wait(60)
     finally:
         if proc.poll() is None:
@@ -180,6 +186,7 @@ def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_pa
             link.close()
     text = log.read_text()
     assert code == 0, text[-3000:]
+    assert "Traceback" not in text
     assert len(re.findall(r"rank\d gkt.hub: stopped; a restart resumes", text)) == 2, text
     assert [r["state"] for r in rounds] == ["collect"]  # no "stop" reached the devices
     assert not (tmp_path / "hub" / "checkpoints").exists()

@@ -156,7 +156,9 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
         if delivery is not None:
             svc.intake.attach_delivery(delivery)
     if opts.signals:
-        stop_on_signals(svc)
+        # a hub worker gets each Ctrl-C twice (from the terminal and passed on by its
+        # parent), so only a single hub takes a second one as "stop at once"
+        stop_on_signals(svc, second_sigint_forces=worker is None)
     monitor = None
     try:
         ok = True
@@ -185,15 +187,17 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
         link.close()
 
 
-def stop_on_signals(svc) -> None:
-    """SIGTERM and Ctrl-C end the run after the current step (a restart resumes); a second
-    Ctrl-C raises KeyboardInterrupt at once."""
+def stop_on_signals(svc, second_sigint_forces: bool = True) -> None:
+    """SIGTERM and Ctrl-C end the run after the current step (a restart resumes); with
+    ``second_sigint_forces`` a second Ctrl-C raises KeyboardInterrupt at once."""
     def on_signal(sig: int, _frame) -> None:
-        if sig == signal.SIGINT and svc.wait_stopped(0):
+        again = svc.wait_stopped(0)
+        if sig == signal.SIGINT and again and second_sigint_forces:
             raise KeyboardInterrupt
-        log.warning("%s: stopping after the current step; a restart resumes%s",
-                    signal.Signals(sig).name,
-                    " (Ctrl-C again to stop at once)" if sig == signal.SIGINT else "")
+        if not again:
+            log.warning("%s: stopping after the current step; a restart resumes%s",
+                        signal.Signals(sig).name, " (Ctrl-C again to stop at once)"
+                        if sig == signal.SIGINT and second_sigint_forces else "")
         svc.stop()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
