@@ -46,6 +46,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     assert rest == ["run", "--config", str(cfg.resolve())]
     assert (unit["Restart"], unit["RestartPreventExitStatus"], unit["KillSignal"]) == \
         ("on-failure", "2 5 6", "SIGTERM")
+    assert unit["KillMode"] == "mixed"  # the hub stops its broker itself
     assert unit["WantedBy"] == "multi-user.target" and unit["User"] == "root"
     analyze = shutil.which("systemd-analyze")
     if analyze is None:

@@ -64,6 +64,10 @@ def render_unit(cfg: UnitConfig) -> str:
         f"RestartSec={cfg.restart_sec:g}",
         f"RestartPreventExitStatus={' '.join(map(str, cfg.no_restart))}",
         "KillSignal=SIGTERM",
+        # SIGTERM to the program alone: the hub stops its own broker and workers once its
+        # step is done (they would otherwise die under it and be restarted); what is left
+        # at TimeoutStopSec gets SIGKILL
+        "KillMode=mixed",
         f"TimeoutStopSec={cfg.stop_timeout:g}",
         "",
         "[Install]",
