@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -178,7 +179,10 @@ def test_sigterm_mid_round_stops_every_worker_as_it_stops_one_hub(broker, tmp_pa
             os.killpg(proc.pid, signal.SIGINT)
         else:
             proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the hub did not stop:\n" + log.read_text()[-4000:])
     finally:
         if proc.poll() is None:
             proc.kill()

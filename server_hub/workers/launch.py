@@ -88,14 +88,22 @@ def serve_workers(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOp
     init_method = f"tcp://127.0.0.1:{free_port()}"
     forwarded: list[int] = []
     try:
-        ctx = mp.start_processes(_spawned, nprocs=workers, join=False,
-                                 args=(fed, opts, url, logins, init_method, workers))
+        # Workers are born ignoring Ctrl-C (a Python started with SIGINT ignored keeps it
+        # so): one pressed while a worker still imports would raise KeyboardInterrupt there
+        # and leave the other waiting in a collective. The parent turns both signals into
+        # SIGTERM, which a worker takes as "stop after this step" once its hub is up.
+        sigint = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            ctx = mp.start_processes(_spawned, nprocs=workers, join=False,
+                                     args=(fed, opts, url, logins, init_method, workers))
+        finally:
+            signal.signal(signal.SIGINT, sigint)
 
         def forward(sig: int, _frame: object) -> None:  # each worker stops cleanly
-            forwarded.append(sig)
+            forwarded.append(signal.SIGTERM)
             for proc in ctx.processes:
                 if proc.is_alive():
-                    os.kill(proc.pid, sig)
+                    os.kill(proc.pid, signal.SIGTERM)
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, forward)
