@@ -47,7 +47,9 @@ class AsyncHubService(IntakeControls):
         self.intake = make_intake(link, hub, cfg, data_cfg, rounds=False)
         self.intake.accept = self._accept_update
         self.intake.on_hello = self._hello
-        self.intake.phase = "async"
+        # not "async" before run() restored the checkpoint and replayed the journal: the
+        # status page, up already, would show version 0 for a hub about to resume
+        self.intake.phase = "starting"
         self.announcer = Announcer(link, self.intake)
         self.ahub = AsyncHub(hub, acfg)
         self.merged: dict[str, int] = {}  # device -> its newest merged update
