@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from edge_runtime.device.own_data_source import OwnDataSource
 
 log = logging.getLogger("gkt.edge")
+MODEL_GRACE_S = 30.0  # at "stop", how long a model still arriving is waited for
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,12 @@ class EdgeAgent:
 
     def _finished(self) -> None:
         log.info("%s: hub finished the federation", self.device.device_id)
+        # the hub stops waiting for acks after a while: a model still on its way (a slow
+        # link) is in the broker's queue for us, so take it before leaving
+        if self.models.offered and not self.models.wait_complete(MODEL_GRACE_S):
+            log.warning("%s: the hub's model did not arrive complete within %.0f s; "
+                        "`gkt-edge fetch-model` asks for it again", self.device.device_id,
+                        MODEL_GRACE_S)
         if self.models.stored:  # the next thing a person wants to type
             log.info("%s: classify images with: gkt-edge predict --state-dir %s IMAGES...",
                      self.device.device_id, self.state_dir)
