@@ -42,8 +42,6 @@ QUICK_ARGS: dict[str, list[str]] = {
     "load": ["--devices", "8", "--collect-samples", "32"],
     "workers": ["--epochs", "1", "--launches", "1"],
     "async": ["--rounds", "4", "--plot", "bench/results/quick/async-vs-sync.png"],
-}
-QUICK_ARGS |= {
     "predict": ["--train", "600", "--test", "200", "--epochs", "1", "--runs", "10"],
     "own_data": ["--rounds", "2"],
 }

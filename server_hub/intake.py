@@ -157,25 +157,18 @@ class UploadIntake:
             return
         msg = None
         try:
-            device = topics.device_from_topic(topic)
-            msg = wire.decode_message(payload, max_bytes=max_packet_size(self.max_payload))
-            if msg.device != device:
-                raise wire.WireError("spoofed", f"header names device {msg.device!r} "
-                                                f"on {device!r}'s topic")
+            device, msg = self._decode(topic, "up", payload, max_packet_size(self.max_payload))
             self._handle(device, msg, payload, replay)
-            for observer in self.observers:
-                observer.on_accepted(device, msg, len(payload), self.merged_update(device),
-                                     self.completed(device))
+            self._observe(device, msg, payload)
         except (wire.WireError, ValueError) as err:
             reason = getattr(err, "reason", "invalid")
-            self.rejected[reason] += 1
             if replay:
+                self.rejected[reason] += 1
                 self.quarantined[f"replay_{reason}"] += 1
                 self.dropped.add(topic.split("/")[-2])
                 log.warning("quarantined a replayed message on %s (%s): %s", topic, reason, err)
             else:
-                log.warning("rejected message on %s (%s): %s", topic, reason, err)
-                self.refuse(topic, msg.msg_id if msg else "", reason, str(err))
+                self._reject(topic, msg, err)
         except Exception as err:  # noqa: BLE001 (a replayed message must never crash-loop)
             if not replay:
                 raise
@@ -191,27 +184,42 @@ class UploadIntake:
             return
         msg = None
         try:
-            device = topics.device_from_topic(topic, "model")
-            msg = wire.decode_message(payload, max_bytes=MODEL_REPLY_BYTES)
-            if msg.device != device:
-                raise wire.WireError("spoofed", f"header names device {msg.device!r} "
-                                                f"on {device!r}'s topic")
+            device, msg = self._decode(topic, "model", payload, MODEL_REPLY_BYTES)
             if msg.kind not in MODEL_KINDS:
                 raise wire.WireError("unexpected", f"kind {msg.kind!r} is not sent on a model "
                                                    "topic")
             if self.delivery is not None:
                 self.delivery.on_message(device, msg)
-            for observer in self.observers:  # monitoring counts every device message
-                observer.on_accepted(device, msg, len(payload), self.merged_update(device),
-                                     self.completed(device))
+            self._observe(device, msg, payload)
         except (wire.WireError, ValueError) as err:
-            reason = getattr(err, "reason", "invalid")
-            self.rejected[reason] += 1
-            log.warning("rejected message on %s (%s): %s", topic[:200], reason, err)
-            self.refuse(topic, msg.msg_id if msg else "", reason, str(err))
+            self._reject(topic, msg, err)
         except Exception:  # noqa: BLE001 (the network thread must keep serving the run)
             self.rejected["failed"] += 1
             log.exception("a model message on %s failed", topic[:200])
+
+    @staticmethod
+    def _decode(topic: str, leaf: str, payload: bytes, max_bytes: int
+                ) -> tuple[str, wire.Message]:
+        """(device, message) of a device -> hub message whose header names the device its
+        topic names; WireError otherwise."""
+        device = topics.device_from_topic(topic, leaf)
+        msg = wire.decode_message(payload, max_bytes=max_bytes)
+        if msg.device != device:
+            raise wire.WireError("spoofed", f"header names device {msg.device!r} "
+                                            f"on {device!r}'s topic")
+        return device, msg
+
+    def _observe(self, device: str, msg: wire.Message, payload: bytes) -> None:
+        for observer in self.observers:  # monitoring counts every accepted device message
+            observer.on_accepted(device, msg, len(payload), self.merged_update(device),
+                                 self.completed(device))
+
+    def _reject(self, topic: str, msg: wire.Message | None, err: Exception) -> None:
+        """Count, log and answer a message refused on ``topic``."""
+        reason = getattr(err, "reason", "invalid")
+        self.rejected[reason] += 1
+        log.warning("rejected message on %s (%s): %s", topic[:200], reason, err)
+        self.refuse(topic, msg.msg_id if msg else "", reason, str(err))
 
     def refuse(self, topic: str, msg_id: str, reason: str, detail: str) -> None:
         """Tell the device why (errors as data), a few times per period at most."""

@@ -194,7 +194,7 @@ class OwnData:
         self.label_of = {c: i for i, c in enumerate(cfg.spec.classes)}
         self._named: set[tuple[str, str]] = set()  # bad files already in the log
         self._digests: list[bytes] = []  # rows of _pixels
-        self._last_summary: tuple[int, ...] | None = None  # the last scan's, as logged
+        self._last_counts: tuple[int, ...] | None = None  # the last scan's, as logged
         self._pixels = np.zeros((0, *self.shape), np.uint8)
 
     @property
@@ -251,12 +251,12 @@ class OwnData:
             self._name(what, why)
         if not pixels:
             raise OwnDataError(self._nothing_usable(len(entries), skipped))
-        summary = (len(pixels), decoded, duplicates, len(skipped))
+        counts = (len(pixels), duplicates, len(skipped))
         # every round rescans: say so only when the folder changed (or on the first scan)
-        log.log(logging.INFO if summary != self._last_summary else logging.DEBUG,
+        log.log(logging.INFO if decoded or counts != self._last_counts else logging.DEBUG,
                 "%s: %d images (%d newly decoded, %d duplicate files, %d skipped)",
-                self.cfg.path, *summary)
-        self._last_summary = (len(pixels), 0, duplicates, len(skipped))
+                self.cfg.path, len(pixels), decoded, duplicates, len(skipped))
+        self._last_counts = counts
         return self._arrays(found, pixels, tuple(skipped), duplicates, decoded)
 
     def _known_labels(self, listing: Listing) -> tuple[list[Entry], list[tuple[str, str]]]:

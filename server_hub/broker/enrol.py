@@ -100,10 +100,8 @@ def refresh_acl(state_dir: str | Path) -> bool:
     if not paths.enabled:
         return False
     reg = load_registry(paths)
-    enrolled = [d for d, e in reg.items() if e.get("status") == "enrolled"]
-    want = render_acl(enrolled, (HUB_USER, *_hub_users(paths))) + "\n"
     try:
-        if paths.acl.read_text() == want:
+        if paths.acl.read_text() == _acl_text(paths, reg) + "\n":
             return False
     except OSError:
         pass
@@ -236,10 +234,14 @@ def _mosquitto_passwd(args: list[str], stdin: str | None = None) -> None:
                          f"{(proc.stderr or proc.stdout).strip()}")
 
 
-def _write_registry_and_acl(paths: SecurityPaths, reg: dict[str, dict]) -> None:
+def _acl_text(paths: SecurityPaths, reg: dict[str, dict]) -> str:
     enrolled = [d for d, e in reg.items() if e.get("status") == "enrolled"]
+    return render_acl(enrolled, (HUB_USER, *_hub_users(paths)))
+
+
+def _write_registry_and_acl(paths: SecurityPaths, reg: dict[str, dict]) -> None:
     for path, text in ((paths.registry, json.dumps(reg, indent=1, sort_keys=True)),
-                       (paths.acl, render_acl(enrolled, (HUB_USER, *_hub_users(paths))))):
+                       (paths.acl, _acl_text(paths, reg))):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text + "\n")
         tmp.replace(path)

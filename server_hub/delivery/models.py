@@ -15,6 +15,7 @@ thread: the network thread never exports.
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -180,15 +181,12 @@ class ModelDelivery:
         elif msg.kind == "model_request":
             now = time.monotonic()
             with self._cond:
-                last = self._asked.get(device)
-                if last is not None and now - last < self.cfg.request_interval:
-                    ignored = True
-                else:
-                    self._asked[device], ignored = now, False
-            if ignored:  # a repeat is answered by the copy already on its way
-                log.debug("device %s asked for its model again within %.0f s; ignored",
-                          device, self.cfg.request_interval)
-                return
+                if now - self._asked.get(device, -math.inf) < self.cfg.request_interval:
+                    # a repeat: answered by the copy already on its way
+                    log.debug("device %s asked for its model again within %.0f s; ignored",
+                              device, self.cfg.request_interval)
+                    return
+                self._asked[device] = now
             self._requests.put(device)
             self._start_worker()
 
