@@ -28,6 +28,15 @@ fi
 # have no local wheel. aarch64 (Raspberry Pi, Jetson) gets a CPU build.
 if ! .venv/bin/python -c "import torch, torchvision" >/dev/null 2>&1; then
     echo "== installing torch"
+    # The x86_64 wheel is a CUDA build (about 5.6 GB installed), the aarch64 one about 0.7 GB;
+    # say so up front instead of failing half-way with pip's 'No space left on device'.
+    need_mb=7000; [ "$(uname -m)" = "aarch64" ] && need_mb=1500
+    free_mb=$(df -Pm .venv | awk 'NR==2 {print $4}')
+    if [ "${free_mb:-0}" -lt "$need_mb" ]; then
+        echo "error: torch needs about $need_mb MB free for .venv, but $(pwd) has $free_mb MB free;" \
+             "free some disk space and run this again" >&2
+        exit 1
+    fi
     if [ "$(uname -m)" = "aarch64" ]; then
         .venv/bin/pip install -q "torch==2.9.1" "torchvision==0.24.1"
     else
