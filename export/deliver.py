@@ -51,7 +51,9 @@ def export_for_delivery(checkpoint: str, devices: list[str], out_dir: str,
             continue
         files = out[g.device] = {"fp32": g.path}
         if g.int8 is not None and g.int8.error:
-            log.error("model delivery: %s int8 not delivered: %s", g.name, g.int8.error)
+            # verification working as meant: the device still gets its fp32 model
+            log.warning("model delivery: %s: int8 withheld, fp32 only: %s", g.name,
+                        g.int8.error)
         elif g.int8 is not None:
             files["int8"] = g.int8.path
     return out

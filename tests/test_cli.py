@@ -89,3 +89,22 @@ def test_simulate_over_mqtt_with_device_processes(tmp_path):
     dev_log = (tmp_path / "state" / "logs" / "dev0.log").read_text()  # the device says it too
     dev_state = tmp_path / "state" / "devices" / "dev0"
     assert f"classify images with: gkt-edge predict --state-dir {dev_state}" in dev_log
+
+
+def test_serve_ends_with_a_line_that_says_where_the_run_ended():
+    from pathlib import Path
+
+    from server_hub.assembly.hub_run import HubOutcome
+    from server_hub.cli.serve import finished_line
+    from server_hub.intake import HubStatus
+    from server_hub.monitoring.results import RoundRecord
+
+    status = HubStatus("sync", 9, 10, "done", 60.0, {}, {}, {}, 0, 0, run_id="run-abc",
+                       class_report={"classes": ["cat", "dog"],
+                                     "per_class_accuracy": [0.9, 0.625], "confusion": []},
+                       delivery={"round": 9, "acked": ["a", "b"], "missing": ["c"]})
+    line = finished_line(HubOutcome(0, status, RoundRecord(9, 0.7625, 0, 0, 1.0)),
+                         Path("hub"))
+    assert line == ("run run-abc finished at round 9: test accuracy 0.7625 (weakest class "
+                    "dog: 0.6250); every round in hub/run.json; 2/3 devices hold their "
+                    "round 9 model")

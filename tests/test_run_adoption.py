@@ -169,13 +169,17 @@ def test_serve_evaluates_on_test_data_and_writes_per_class_results(broker, tmp_p
          str(tmp_path / "dev"), "--threads", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert hub.wait(300) == 0, hub.stdout.read()[-3000:]
+        out = hub.communicate(timeout=300)[0]
+        assert hub.returncode == 0, out[-3000:]
         assert dev.wait(60) == 0, dev.stdout.read()[-3000:]
     finally:
         for p in (hub, dev):
             if p.poll() is None:
                 p.kill()
     run = json.loads((tmp_path / "hub" / "run.json").read_text())
+    acc = run["rounds"][0]["test_accuracy"]
+    assert (f"finished at round 0: test accuracy {acc:.4f} (weakest class " in out
+            and "1/1 devices hold their round 0 model" in out), out[-3000:]
     spec = run["run_spec"]
     assert spec["classes"] == [str(d) for d in range(10)] and spec["preprocess"]["size"] == 8
     assert spec["preprocess"]["mean"] != [0.5, 0.5, 0.5]  # measured on the held-out images

@@ -5,11 +5,11 @@ training settings); what it is given here stays on the device: its data, codec c
 threads, precision, state dir and credentials.
 
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
-2 bad arguments or config, or a state dir saved under another run, 4 cannot reach the
-broker, 5 the broker refused the credentials. predict: 0 done (unreadable files are
-skipped), 1 no image could be read, 2 no usable model. fetch-model: 0 stored, 1 none
-arrived in time. Options can come from `--config FILE` (TOML) and GKT_EDGE_* variables;
-flags > environment > file > defaults.
+2 bad arguments or config, or a state dir saved under another run or device or in use by
+another gkt-edge, 4 cannot reach the broker, 5 the broker refused the credentials.
+predict: 0 done (unreadable files are skipped), 1 no image could be read, 2 no usable model.
+fetch-model: 0 stored, 1 none arrived in time. Options can come from `--config FILE` (TOML)
+and GKT_EDGE_* variables; flags > environment > file > defaults.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import logging
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
 from edge_runtime.ops.config_file import (
@@ -27,6 +28,7 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
+from edge_runtime.ops.state_lock import claim_for_device, lock_state_dir
 from edge_runtime.protocol.codecs import LOGITS_CODECS
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size, payload_size
 
@@ -155,8 +157,6 @@ def run_predict_command(args: argparse.Namespace) -> int:
 
 
 def run_fetch_command(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from edge_runtime.device.fetch import fetch_model
     from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
     from edge_runtime.protocol.topics import validate_device_id
@@ -224,10 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.log_format, args.log_level)
     if args.command == "fetch-model":
         return run_fetch_command(args)
-    from edge_runtime.device.adopt import RunSpecWatch
-    from edge_runtime.device.edge_device import DeviceStateError
     from edge_runtime.device.throttle import DeviceSpeed, parse_bandwidth
-    from edge_runtime.mqtt.link import AuthRefusedError, LinkConfig, MqttLink
+    from edge_runtime.mqtt.link import LinkConfig, MqttLink
     from edge_runtime.protocol.codecs import get_codec
     from edge_runtime.protocol.topics import validate_device_id
 
@@ -244,6 +242,28 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+    lock = None
+    try:  # one process per state dir, and one device's dir is not another's
+        lock = lock_state_dir(state_dir, "gkt-edge run")
+        claim_for_device(state_dir, args.device_id)
+    except (ValueError, OSError) as err:
+        if lock is not None:
+            lock.close()
+        print(f"gkt-edge: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return run_device(args, link, speed)
+    finally:
+        lock.close()
+
+
+def run_device(args: argparse.Namespace, link, speed) -> int:
+    """`gkt-edge run` once its arguments are valid and its state dir is ours."""
+    from edge_runtime.device.adopt import RunSpecWatch
+    from edge_runtime.device.edge_device import DeviceStateError
+    from edge_runtime.mqtt.link import AuthRefusedError
+
     if args.threads > 0:
         import torch
 
@@ -294,8 +314,6 @@ def main(argv: list[str] | None = None) -> int:
 def build_agent(args: argparse.Namespace, link, watch, speed):
     """The device for the adopted run spec: its data, model and state dir (ValueError,
     FileNotFoundError or RunSpecMismatch name what is wrong: exit 2)."""
-    from pathlib import Path
-
     from edge_runtime.device.adopt import adopt_state_dir, edge_config, pick_codec
     from edge_runtime.device.agent import AgentConfig, EdgeAgent
     from edge_runtime.learning.own_data import DataSpec
@@ -331,8 +349,6 @@ def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
                     model_seed: int):
     """(device, its data source) for the device's own images (--data) under the run's
     ``spec`` (a ``DataSpec``), scanned once now (OwnDataError if nothing is usable)."""
-    from pathlib import Path
-
     from edge_runtime.device.edge_device import EdgeDevice
     from edge_runtime.device.own_data_source import OwnDataSource
     from edge_runtime.learning.catalog import ImageCatalog

@@ -76,6 +76,7 @@ class HubOutcome:
 
     code: int  # the program's exit code (server_hub/exit_codes.py)
     status: HubStatus | None = None  # the service's last status (None: it never started)
+    last: RoundRecord | None = None  # the last round this process recorded
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
             code = svc.run()
         if monitor:
             monitor.linger(opts.monitor.linger, svc)
-        return HubOutcome(code, svc.status())
+        return HubOutcome(code, svc.status(), run.rounds[-1] if run and run.rounds else None)
     finally:
         if monitor:
             monitor.close()

@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from server_hub.assembly.hub_run import BrokerSetupError, open_broker, run_hub
+from edge_runtime.ops.state_lock import lock_state_dir
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS
+from server_hub.assembly.hub_run import BrokerSetupError, HubOutcome, open_broker, run_hub
 from server_hub.assembly.options import BrokerOptions, HubOptions
 from server_hub.simulation.inproc import FederationConfig
 
@@ -17,7 +19,19 @@ log = logging.getLogger("gkt.hub")
 
 def serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions) -> int:
     state = Path(opts.service.state_dir)
-    state.mkdir(parents=True, exist_ok=True)
+    try:  # two hubs on one state dir would overwrite each other's checkpoints and journal
+        lock = lock_state_dir(state, "gkt-hub serve")
+    except (ValueError, OSError) as err:
+        log.error("%s", err)
+        return EXIT_BAD_ARGS
+    try:
+        return _serve(fed, opts, broker_opts, state)
+    finally:
+        lock.close()
+
+
+def _serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions,
+           state: Path) -> int:
     if opts.workers.workers > 1:
         from server_hub.workers.launch import serve_workers
 
@@ -28,7 +42,29 @@ def serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions) -
         log.error("%s", err)
         return err.exit_code
     try:
-        return run_hub(fed, opts, url, (access.username, access.password)).code
+        outcome = run_hub(fed, opts, url, (access.username, access.password))
+        if outcome.code == 0 and outcome.last is not None:
+            print(finished_line(outcome, state), flush=True)
+        return outcome.code
     finally:
         if broker:
             broker.stop()
+
+
+def finished_line(outcome: HubOutcome, state: Path) -> str:
+    """The closing line of a run: where it ended, its accuracy, where things are."""
+    last, status = outcome.last, outcome.status
+    parts = [f"run {status.run_id} finished" if status.run_id else "run finished",
+             f"at round {last.round}: test accuracy {last.test_accuracy:.4f}"]
+    report = status.class_report or {}
+    scored = [(a, c) for c, a in zip(report.get("classes", []),
+                                     report.get("per_class_accuracy") or []) if a is not None]
+    if scored:
+        acc, name = min(scored)
+        parts.append(f"(weakest class {name}: {acc:.4f})")
+    line = " ".join(parts) + f"; every round in {state / 'run.json'}"
+    if status.delivery:
+        d = status.delivery
+        got = len(d["acked"])
+        line += f"; {got}/{got + len(d['missing'])} devices hold their round {d['round']} model"
+    return line
