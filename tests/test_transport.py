@@ -334,3 +334,31 @@ def test_fast_publish_decoder_refuses_a_property_overrunning_its_length():
     packet = b"\x00\x01t" + b"\x01\x0b\x05" + b"payload"
     with pytest.raises(paho_patch._packet.MalformedPacket):
         paho_patch._decode_publish(0x30, packet, MQTTProtocolVersion.MQTTv5)
+
+
+@pytest.mark.mqtt
+def test_two_clients_with_one_client_id_are_named_as_the_cause(broker, make_link, caplog):
+    """Mosquitto drops the older of two clients with one id, which reconnects and drops the
+    other, forever: each link says so once it sees the pattern (same --device-id twice)."""
+    caplog.set_level(logging.WARNING, logger="gkt.mqtt")
+    a = make_link(broker.url, "twin", reconnect_min=0.1, reconnect_max=0.2)
+    b = make_link(broker.url, "twin", reconnect_min=0.1, reconnect_max=0.2)
+    assert wait_for(lambda: min(a.takeovers, b.takeovers) >= 5, 30)
+    named = [r.getMessage() for r in caplog.records if "same client id" in r.getMessage()]
+    assert len(named) == 2 and all("-twin'" in m and "own id" in m for m in named)
+    b.close()  # the other one leaves: the survivor stays connected
+    assert wait_for(lambda: a.connected, 10)
+    drops = a.takeovers
+    time.sleep(3)
+    assert a.connected and a.takeovers == drops
+
+
+def test_a_connection_lost_after_a_while_is_not_a_takeover():
+    link = MqttLink(LinkConfig("mqtt://127.0.0.1:1", "solo"))
+    link._connected_at = time.monotonic() - 60  # connected for a minute, then dropped
+    link._on_disconnect(None, None, None, "Unspecified error", None)
+    assert link.takeovers == 0
+    link._connected_at = time.monotonic()
+    for _ in range(3):
+        link._on_disconnect(None, None, None, "Unspecified error", None)
+    assert link.takeovers == 3

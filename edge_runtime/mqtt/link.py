@@ -10,7 +10,10 @@ Facts this module encodes (each learned from a failure):
 - a broker restart can drop or duplicate messages, so delivery rests on application
   acks and retries (``edge_runtime.mqtt.reliable``) and on idempotent receivers;
 - paho 2.x decodes each received PUBLISH ~3 ms per MB slower than it needs to;
-  ``paho_patch.install()`` (called by every ``MqttLink``) swaps in a one-copy decoder.
+  ``paho_patch.install()`` (called by every ``MqttLink``) swaps in a one-copy decoder;
+- a second client with our client id (the same --device-id run twice) makes the broker
+  drop us, we reconnect and drop it, and so on forever; Mosquitto 2.0 closes the socket
+  without MQTT v5's "session taken over" reason, so we recognise the pattern instead.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
@@ -36,6 +40,10 @@ Handler = Callable[[str, bytes], None]
 AUTH_REFUSED = {0x86: "bad user name or password", 0x87: "not authorized", 0x8A: "banned",
                 0x8C: "bad authentication method"}
 DEFAULT_MAX_PACKET_SIZE = 512 * 1024  # the managed broker's default too
+# A connection dropped this soon after it was made, this many times in a row, is another
+# client taking our client id, not a bad network.
+TAKEOVER_WINDOW_S = 2.0
+TAKEOVER_COUNT = 5
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,8 @@ class MqttLink:
         self._answered = threading.Event()  # first CONNACK (good or bad) of connect()
         self._ever_connected = False
         self._closing = False
+        self._connected_at = 0.0
+        self.takeovers = 0  # connections in a row the broker dropped within the window
         self._refused: str | None = None
         self._refused_auth = False
         # Called (network thread) when the broker refuses our credentials, e.g. on a
@@ -303,7 +313,8 @@ class MqttLink:
         # process, or the session was lost) do, so we see the current state.
         resumed = self._ever_connected and flags.session_present
         if self._ever_connected and (flags.session_present or not self.cfg.session_expiry):
-            self.log.info("reconnected to %s:%d", self.host, self.port)
+            self.log.log(logging.DEBUG if self.takeovers >= TAKEOVER_COUNT else logging.INFO,
+                         "reconnected to %s:%d", self.host, self.port)
         elif self._ever_connected:
             self.log.warning("reconnected to %s:%d with a new session: what the broker had "
                              "queued for us is lost", self.host, self.port)
@@ -315,6 +326,7 @@ class MqttLink:
                 self._resubs.add(mid)
         lost = self._ever_connected and not flags.session_present
         self._ever_connected = True
+        self._connected_at = time.monotonic()
         self._disconnected.clear()
         self._connected.set()
         self._answered.set()
@@ -324,9 +336,19 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
         self._disconnected.set()
-        if not self._closing:
-            self.log.warning("lost the connection to MQTT broker %s:%d (%s); reconnecting",
-                             self.host, self.port, reason_code)
+        if self._closing:
+            return
+        short = time.monotonic() - self._connected_at < TAKEOVER_WINDOW_S
+        self.takeovers = self.takeovers + 1 if short else 0
+        if self.takeovers >= TAKEOVER_COUNT and (self.takeovers - TAKEOVER_COUNT) % 60 == 0:
+            self.log.error("MQTT broker %s:%d dropped this connection right after it was "
+                           "made %d times in a row: another client is connected with the "
+                           "same client id %r, probably this --device-id running on another "
+                           "process or machine; every device needs its own id. Retrying.",
+                           self.host, self.port, self.takeovers, self.cfg.client_id)
+        level = logging.DEBUG if self.takeovers > TAKEOVER_COUNT else logging.WARNING
+        self.log.log(level, "lost the connection to MQTT broker %s:%d (%s); reconnecting",
+                     self.host, self.port, reason_code)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         if mid in self._resubs:
