@@ -43,17 +43,21 @@ def _serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions,
         return err.exit_code
     try:
         outcome = run_hub(fed, opts, url, (access.username, access.password))
-        if outcome.code == 0 and outcome.last is not None:
-            print(finished_line(outcome, state), flush=True)
+        line = finished_line(outcome, state)
+        if line:
+            print(line, flush=True)
         return outcome.code
     finally:
         if broker:
             broker.stop()
 
 
-def finished_line(outcome: HubOutcome, state: Path) -> str:
-    """The closing line of a run: where it ended, its accuracy, where things are."""
+def finished_line(outcome: HubOutcome, state: Path) -> str | None:
+    """The closing line of a finished run: where it ended, its accuracy, where things are
+    (None for a run that did not finish: a SIGTERM ends with a restart note instead)."""
     last, status = outcome.last, outcome.status
+    if outcome.code or last is None or status is None or status.phase != "done":
+        return None
     parts = [f"run {status.run_id} finished" if status.run_id else "run finished",
              f"at round {last.round}: test accuracy {last.test_accuracy:.4f}"]
     report = status.class_report or {}
