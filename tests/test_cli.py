@@ -92,6 +92,7 @@ def test_simulate_over_mqtt_with_device_processes(tmp_path):
 
 
 def test_serve_ends_with_a_line_that_says_where_the_run_ended():
+    import dataclasses
     from pathlib import Path
 
     from server_hub.assembly.hub_run import HubOutcome
@@ -108,6 +109,7 @@ def test_serve_ends_with_a_line_that_says_where_the_run_ended():
     assert line == ("run run-abc finished at round 9: test accuracy 0.7625 (weakest class "
                     "dog: 0.6250); every round in hub/run.json; 2/3 devices hold their "
                     "round 9 model")
-    status.phase = "train"  # stopped by SIGTERM mid-run: a restart resumes, nothing finished
-    assert finished_line(HubOutcome(0, status, RoundRecord(9, 0.7625, 0, 0, 1.0)),
+    # stopped by SIGTERM mid-run: a restart resumes, nothing finished
+    stopped = dataclasses.replace(status, phase="train")
+    assert finished_line(HubOutcome(0, stopped, RoundRecord(9, 0.7625, 0, 0, 1.0)),
                          Path("hub")) is None
