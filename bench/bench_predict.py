@@ -90,7 +90,8 @@ def write_cifar_format(src: Path, root: Path) -> None:
 
     def arrays(split: str) -> dict:
         files = sorted((src / split).glob("*/*.jpg"))
-        data = np.stack([to_rgb_u8(load_image(f), spec) for f in files])  # (n, 32, 32, 3)
+        data = np.stack([to_rgb_u8(load_image(f, spec.size), spec)  # (n, 32, 32, 3)
+                         for f in files])
         labels = [CIFAR10_CLASSES.index(f.parent.name) for f in files]
         return {"data": data.transpose(0, 3, 1, 2).reshape(len(files), -1), "labels": labels}
 

@@ -142,3 +142,38 @@ def test_bad_files_raise_unreadable_naming_the_file(tmp_path):
         with pytest.raises(UnreadableImage, match=why) as err:
             load_image(tmp_path / name)
         assert name in str(err.value)
+
+
+def _photo(path: Path, w: int, h: int, fmt: str = "JPEG", exif_rotate: bool = False) -> None:
+    rng = np.random.default_rng(w)
+    x = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    x[: h // 2, : w // 3] = (30, 160, 90)  # a block whose edges the resize must keep
+    img = Image.fromarray(np.clip(x + rng.normal(0, 6, x.shape), 0, 255).astype(np.uint8))
+    exif = img.getexif()
+    if exif_rotate:
+        exif[0x0112] = 6
+    img.save(path, fmt, quality=90, exif=exif)
+
+
+@pytest.mark.parametrize("resize", ["center_crop", "stretch"])
+def test_a_large_jpeg_decodes_at_reduced_scale_to_nearly_the_same_pixels(tmp_path, resize):
+    path, spec = tmp_path / "photo.jpg", Preprocess(size=32, resize=resize)
+    _photo(path, 2048, 1536, exif_rotate=True)
+    reduced = load_image(path, spec.size)
+    assert reduced.size == (256, 192)  # 1/8 scale: both sides still >= 4 x 32
+    full = to_rgb_u8(load_image(path), spec)
+    fast = to_rgb_u8(reduced, spec)
+    assert fast.shape == full.shape == (32, 32, 3)
+    diff = np.abs(full.astype(int) - fast.astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.5, (diff.max(), diff.mean())
+
+
+def test_small_jpegs_and_other_formats_decode_in_full(tmp_path):
+    _photo(tmp_path / "small.jpg", 100, 80)
+    _photo(tmp_path / "big.png", 2048, 1536, fmt="PNG")
+    assert load_image(tmp_path / "small.jpg", 32).size == (100, 80)  # 1/2 would go below 128
+    assert load_image(tmp_path / "big.png", 32).size == (2048, 1536)
+    spec = Preprocess(size=32)
+    for name in ("small.jpg", "big.png"):
+        assert np.array_equal(to_rgb_u8(load_image(tmp_path / name, 32), spec),
+                              to_rgb_u8(load_image(tmp_path / name), spec))

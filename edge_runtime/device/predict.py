@@ -194,7 +194,7 @@ def _batches(items: list[Item], spec: Preprocess, size: int, skipped: list[str],
     arrays: list[np.ndarray] = []
     for item in items:
         try:
-            arrays.append(preprocess(load_image(item.path), spec))
+            arrays.append(preprocess(load_image(item.path, spec.size), spec))
             good.append(item)
         except UnreadableImage as err:
             skipped.append(str(err))

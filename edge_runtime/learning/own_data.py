@@ -301,7 +301,8 @@ class OwnData:
                 data = Path(e.path).read_bytes()
             except OSError as err:
                 raise UnreadableImage(f"{e.path}: cannot read ({err.strerror})") from err
-        return to_rgb_u8(decode_image(data, e.path), self.cfg.spec.preprocess)
+        pre = self.cfg.spec.preprocess
+        return to_rgb_u8(decode_image(data, e.path, pre.size), pre)
 
     def _arrays(self, found: dict[bytes, int], pixels: dict[bytes, np.ndarray],
                 skipped: tuple[tuple[str, str], ...], duplicates: int,

@@ -55,7 +55,7 @@ def read_test_folder(root: str | Path, classes: tuple[str, ...], pre: Preprocess
     for c in class_folders(root):
         for f in sorted(p for p in (root / c).rglob("*") if p.is_file()):
             try:
-                images.append(to_rgb_u8(load_image(f), pre))
+                images.append(to_rgb_u8(load_image(f, pre.size), pre))
             except UnreadableImage as err:
                 skipped.append(str(err))
                 continue
