@@ -25,6 +25,7 @@ from edge_runtime.protocol.messages import logits_messages, parse_extractor, par
 from edge_runtime.protocol.run_spec import RunSpec
 from server_hub import admission
 from server_hub.admission import AdmissionLimits, Refusal, UploadTotals
+from server_hub.disk import DiskRoom
 from server_hub.hub import Hub
 from server_hub.journal import UploadJournal
 from server_hub.registry import DeviceRegistry
@@ -128,6 +129,7 @@ class UploadIntake:
         # How upload messages are taken: the round rule here, async mode its own.
         self.accept: Callable[[str, wire.Message, bytes, bool], None] = self.accept_round_upload
         self.on_hello: Callable[[str, wire.Message], None] | None = None
+        self.disk: DiskRoom | None = None  # warns when the fleet's maps outgrow the disk
         self.merged_update: Callable[[str], int | None] = lambda device: None
         self.delivery = None  # a delivery.models.ModelDelivery: devices get their models
         # (upload id, samples) of the upload a device's message completed, for observers
@@ -254,6 +256,9 @@ class UploadIntake:
             if first:
                 log.info("device %s joined (%s samples, codec %s)", device,
                          msg.meta.get("num_samples"), msg.meta.get("codec"))
+                if self.disk is not None:
+                    self.disk.check(sum(int(m.get("num_samples") or 0)
+                                        for m in self.known.values()), self.feature_size())
             if self.on_hello:
                 self.on_hello(device, msg)
         elif msg.kind == "logits_request":

@@ -16,6 +16,7 @@ from edge_runtime.mqtt.link import MqttLink
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD
 from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.admission import AdmissionLimits
+from server_hub.disk import DiskRoom
 from server_hub.hub import Hub
 from server_hub.intake import HubStatus, UploadIntake
 from server_hub.journal import UploadJournal
@@ -50,9 +51,11 @@ def make_intake(link: MqttLink, hub: Hub, cfg: ServiceConfig, data_cfg,
     run_id = cfg.run_id or (spec.run_id if spec else "")
     # the run spec's input size: an own-data run's data_cfg is the default dataset's
     size = spec.preprocess["size"] if spec else getattr(data_cfg, "size", None)
-    return UploadIntake(link, hub, journal, cfg.max_payload,
-                        DeviceRegistry(cfg.state_dir, run_id), cfg.admission, size,
-                        rounds=rounds, run_spec=spec)
+    intake = UploadIntake(link, hub, journal, cfg.max_payload,
+                          DeviceRegistry(cfg.state_dir, run_id), cfg.admission, size,
+                          rounds=rounds, run_spec=spec)
+    intake.disk = DiskRoom(cfg.state_dir)
+    return intake
 
 
 class IntakeControls:

@@ -70,8 +70,8 @@ def test_hub_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     unit = parse_unit(text)
     exe, *rest = shlex.split(unit["ExecStart"])
     assert Path(exe).name == "gkt-hub" and rest == ["serve", "--config", str(cfg.resolve())]
-    # only bad arguments are final for the hub: no devices yet (3) or no broker (4) retry
-    assert (unit["RestartPreventExitStatus"], unit["TimeoutStopSec"]) == ("2", "300")
+    # bad arguments (2) and a full disk (5) are final; no devices yet (3) or no broker (4) retry
+    assert (unit["RestartPreventExitStatus"], unit["TimeoutStopSec"]) == ("2 5", "300")
     path = tmp_path / "gkt-hub.service"
     path.write_text(text)
     ok = subprocess.run([shutil.which("systemd-analyze") or "systemd-analyze", "verify",

@@ -18,7 +18,12 @@ from edge_runtime.ops.service_unit import add_service_parser, print_unit
 from edge_runtime.protocol.codecs import FEATURE_CODEC, FEATURE_CODECS, LOGITS_CODEC
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, payload_size
 from edge_runtime.protocol.refresh_policy import DEFAULT_POLICY
-from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_INTERRUPTED, EXIT_OK
+from server_hub.assembly.exit_codes import (
+    EXIT_BAD_ARGS,
+    EXIT_DISK_FULL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+)
 from server_hub.assembly.options import (
     BrokerOptions,
     HubOptions,
@@ -186,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def print_service(args: argparse.Namespace) -> int:
-    # 2 (bad arguments) is final; 3 (no devices yet) and 4 (broker) are worth a retry.
+    # 2 (bad arguments) and 5 (disk full) need a person; 3 (no devices yet) and 4 (broker)
+    # are worth a retry.
     return print_unit(args, build_parser(), "gkt-hub", "serve", "GKT hub (gkt-hub serve)",
-                      (EXIT_BAD_ARGS,), stop_timeout=300.0)
+                      (EXIT_BAD_ARGS, EXIT_DISK_FULL), stop_timeout=300.0)
 
 
 def main(argv: list[str] | None = None) -> int:

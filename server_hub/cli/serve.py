@@ -9,9 +9,10 @@ import logging
 from pathlib import Path
 
 from edge_runtime.ops.state_lock import lock_state_dir
-from server_hub.assembly.exit_codes import EXIT_BAD_ARGS
+from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_DISK_FULL
 from server_hub.assembly.hub_run import BrokerSetupError, HubOutcome, open_broker, run_hub
 from server_hub.assembly.options import BrokerOptions, HubOptions
+from server_hub.disk import disk_full_message, is_disk_full
 from server_hub.simulation.inproc import FederationConfig
 
 log = logging.getLogger("gkt.hub")
@@ -42,7 +43,13 @@ def _serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions,
         log.error("%s", err)
         return err.exit_code
     try:
-        outcome = run_hub(fed, opts, url, (access.username, access.password))
+        try:
+            outcome = run_hub(fed, opts, url, (access.username, access.password))
+        except OSError as err:
+            if not is_disk_full(err):
+                raise
+            log.error("%s", disk_full_message(err, state))
+            return EXIT_DISK_FULL
         line = finished_line(outcome, state)
         if line:
             print(line, flush=True)
