@@ -58,3 +58,26 @@ def test_serve_stops_with_exit_5_and_what_to_do_when_the_disk_fills(broker, tmp_
     assert f"the disk of {tmp_path} is full" in err and "resumes from its last checkpoint" in err
     assert "Traceback" not in err
 
+
+
+@pytest.mark.mqtt
+def test_a_device_whose_disk_fills_exits_7_and_says_what_to_do(broker, make_link, tmp_path,
+                                                             monkeypatch, capsys):
+    from edge_runtime.device.agent import EdgeAgent
+    from edge_runtime.device.cli import main as edge_main
+    from edge_runtime.learning.data import DataConfig
+    from server_hub.run.plan import dataset_plan
+    from server_hub.run.spec_store import publish_run_spec
+    from server_hub.simulation.inproc import FederationConfig
+
+    def full(self):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "optimizer.pt"))
+
+    monkeypatch.setattr(EdgeAgent, "run", full)
+    publish_run_spec(make_link(broker.url, "hub"),
+                     dataset_plan(FederationConfig(data=DataConfig("digits"))).spec)
+    rc = edge_main(["run", "--hub", broker.url, "--device-id", "a", "--dataset", "digits",
+                    "--state-dir", str(tmp_path), "--threads", "1"])
+    assert rc == 7
+    err = capsys.readouterr().err
+    assert f"the disk of {tmp_path} is full" in err and "resumes from its last saved" in err

@@ -213,7 +213,7 @@ def test_edge_with_refused_credentials_exits_5_and_the_unit_does_not_restart_it(
     assert out.returncode == 5, out.stderr
     assert "refused the connection" in out.stderr and "gkt-hub device add" in out.stderr
     unit = render_unit(UnitConfig("gkt-edge devW", exec_start=cmd))
-    assert "RestartPreventExitStatus=2 5 6" in unit
+    assert "RestartPreventExitStatus=2 5 6 7" in unit
 
 
 def test_a_device_cannot_take_over_the_hub_or_another_device(broker_dir, broker_factory, caplog):

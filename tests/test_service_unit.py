@@ -45,7 +45,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path, capsys):
     assert Path(exe).is_absolute() and os.access(exe, os.X_OK) and Path(exe).name == "gkt-edge"
     assert rest == ["run", "--config", str(cfg.resolve())]
     assert (unit["Restart"], unit["RestartPreventExitStatus"], unit["KillSignal"]) == \
-        ("on-failure", "2 5 6", "SIGTERM")
+        ("on-failure", "2 5 6 7", "SIGTERM")
     assert unit["KillMode"] == "mixed"  # the hub stops its broker itself
     assert unit["WantedBy"] == "multi-user.target" and unit["User"] == "root"
     analyze = shutil.which("systemd-analyze")

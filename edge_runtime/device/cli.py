@@ -6,7 +6,8 @@ threads, precision, state dir and credentials.
 
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
 2 bad arguments or config, or a state dir saved under another run or device or in use by
-another gkt-edge, 4 cannot reach the broker, 5 the broker refused the credentials.
+another gkt-edge, 4 cannot reach the broker, 5 the broker refused the credentials,
+6 the hub refused the device for good, 7 the state dir's disk is full.
 predict: 0 done (unreadable files are skipped), 1 no image could be read, 2 no usable model.
 fetch-model: 0 stored, 1 none arrived in time. Options can come from `--config FILE` (TOML)
 and GKT_EDGE_* variables; flags > environment > file > defaults.
@@ -15,13 +16,20 @@ and GKT_EDGE_* variables; flags > environment > file > defaults.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import signal
 import sys
 import threading
 from pathlib import Path
 
-from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_BROKER, EXIT_USAGE, NO_RESTART
+from edge_runtime.device.exit_codes import (
+    EXIT_AUTH,
+    EXIT_BROKER,
+    EXIT_DISK_FULL,
+    EXIT_USAGE,
+    NO_RESTART,
+)
 from edge_runtime.ops.config_file import (
     add_config_args,
     parse_or_report,
@@ -307,6 +315,14 @@ def run_device(args: argparse.Namespace, link, speed) -> int:
     except DeviceStateError as err:  # a restart would fail the same way
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        state = args.state_dir or f"gkt-edge-state/{args.device_id}"
+        print(f"gkt-edge: error: the disk of {state} is full ({err.strerror}: "
+              f"{err.filename or 'a write'}); free space, then start the device again: it "
+              f"resumes from its last saved round", file=sys.stderr)
+        return EXIT_DISK_FULL
     finally:
         link.close()
 
