@@ -18,7 +18,8 @@ from edge_runtime.protocol.run_spec import RunSpec
 from server_hub.admission import AdmissionLimits
 from server_hub.disk import DiskRoom
 from server_hub.hub import Hub
-from server_hub.intake import HubStatus, UploadIntake
+from server_hub.hub_status import HubStatus
+from server_hub.intake import UploadIntake
 from server_hub.journal import UploadJournal
 from server_hub.monitoring.results import RoundRecord
 from server_hub.registry import DeviceRegistry

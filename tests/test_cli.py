@@ -97,7 +97,7 @@ def test_serve_ends_with_a_line_that_says_where_the_run_ended():
 
     from server_hub.assembly.hub_run import HubOutcome
     from server_hub.cli.serve import finished_line
-    from server_hub.intake import HubStatus
+    from server_hub.hub_status import HubStatus
     from server_hub.monitoring.results import RoundRecord
 
     status = HubStatus("sync", 9, 10, "done", 60.0, {}, {}, {}, 0, 0, run_id="run-abc",

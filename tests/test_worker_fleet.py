@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from server_hub.intake import HubStatus
+from server_hub.hub_status import HubStatus
 from server_hub.workers.figures import WorkerFleet
 
 

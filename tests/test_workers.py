@@ -186,17 +186,24 @@ def test_two_workers_deliver_every_device_its_model(broker, tmp_path, small):
     assert "models of round 0 delivered to 2/2 devices" in text, text[-3000:]
     assert "dev0 asked for its model: sending round 0" in text, text[-3000:]
     exported = state / "models" / "round-0000"
+
+    def delivered(d: str) -> dict[str, str]:
+        """What rank 0 exported and verified for ``d``: fp32, and int8 unless it fell more
+        than a point below fp32 (``.int8.failed.onnx``: likely on a chance-level model)."""
+        files = {"fp32": exported / f"composed_{d}.onnx",
+                 "int8": exported / f"composed_{d}.int8.onnx"}
+        return {v: sha256(p) for v, p in files.items() if p.is_file()}
+
     held = {}
     for a in agents:
         d = a.cfg.device_id
-        hub_files = {sha256(p) for p in exported.glob(f"composed_{d}*.onnx")}
+        want = delivered(d)
+        assert "fp32" in want, d
         mine = {v: current_model(Path(a.cfg.state_dir), v) for v in ("fp32", "int8")}
-        assert all(mine.values()), f"{d} holds no model: {mine}"
-        assert {sha256(p) for p in mine.values()} == hub_files and len(hub_files) == 2
-        held[d] = max(p.stat().st_mtime for p in mine.values())
-    assert {v: r for v, (r, _) in fetched.items()} == {"fp32": 0, "int8": 0}
-    assert {sha256(p) for _, p in fetched.values()} == {
-        sha256(p) for p in exported.glob("composed_dev0*.onnx")}
+        assert {v: sha256(p) for v, p in mine.items() if p} == want, (d, mine)
+        held[d] = max(mine[v].stat().st_mtime for v in want)
+    assert {v: r for v, (r, _) in fetched.items()} == dict.fromkeys(delivered("dev0"), 0)
+    assert {v: sha256(p) for v, (_, p) in fetched.items()} == delivered("dev0")
     # from the last round's checkpoint to the last device holding its models
     print(f"\nlast round -> every device holds its model: "
           f"{max(held.values()) - meta.stat().st_mtime:.1f} s; hub: "

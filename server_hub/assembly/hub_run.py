@@ -29,7 +29,7 @@ from server_hub.broker.access import AccessConfig, AccessError, BrokerAccess, br
 from server_hub.broker.mosquitto import BrokerConfig, ManagedBroker
 from server_hub.delivery.models import model_delivery
 from server_hub.hub import Hub
-from server_hub.intake import HubStatus
+from server_hub.hub_status import HubStatus
 from server_hub.monitoring.endpoints import MonitoringError, start_monitoring
 from server_hub.monitoring.results import HEADER, RoundRecord, RunResult, format_row
 from server_hub.run.spec_store import RunSpecConflict, settle_run_spec

@@ -21,7 +21,8 @@ from server_hub.assembly.exit_codes import EXIT_NO_DEVICES, EXIT_OK
 from server_hub.async_mode.hub import AsyncHub
 from server_hub.async_mode.rules import AsyncConfig, finished, should_evaluate
 from server_hub.async_mode.state import AsyncState, load_state, save_state
-from server_hub.intake import HubStatus, NoDevicesError, Upload
+from server_hub.hub_status import HubStatus
+from server_hub.intake import NoDevicesError, Upload
 from server_hub.monitoring.results import RoundRecord
 from server_hub.rounds import REANNOUNCE_S, Announcer
 from server_hub.service import IntakeControls, make_intake

@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from edge_runtime.protocol import wire
-from server_hub.intake import HubStatus
+from server_hub.hub_status import HubStatus
 from server_hub.monitoring.results import RoundRecord
 
 # What devices may report about themselves (edge_runtime.protocol.device_metrics).

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, replace
 
-from server_hub.intake import HubStatus
+from server_hub.hub_status import HubStatus
 from server_hub.monitoring.snapshot import DeviceView, FleetObserver
 
 ACTIVE = ("uploaded", "uploading", "training", "waiting")  # FleetObserver's sync states
