@@ -160,6 +160,27 @@ def test_tls_with_generated_ca_and_plain_mqtt_refused_on_tls_port(broker_dir, br
         wrong.connect(timeout=5)
 
 
+@pytest.mark.mqtt
+def test_a_device_whose_clock_is_behind_is_told_to_check_its_date(broker_dir, broker_factory,
+                                                                  monkeypatch):
+    """A Raspberry Pi has no battery-backed clock: until NTP sets it the broker's
+    certificate looks issued in the future. Here the certificate is (a month ahead)."""
+    import datetime as dt
+
+    from server_hub.broker import tls
+
+    ahead = dt.datetime.now(dt.timezone.utc) + dt.timedelta(days=30)
+    with monkeypatch.context() as m:
+        m.setattr(tls, "_now", lambda: ahead)
+        ensure_tls(broker_dir)
+    e = add_device(broker_dir, "devC")
+    broker, access = secure_broker(broker_factory, broker_dir, tls=True)
+    link = MqttLink(LinkConfig(f"mqtts://127.0.0.1:{broker.cfg.tls_port}", "c",
+                               username="devC", password=e.password, ca_file=access.ca_file))
+    with pytest.raises(ConnectionError, match=r"not yet valid.*check this machine's date"):
+        link.connect(timeout=5)
+
+
 def test_open_broker_on_the_network_is_refused_unless_insecure(tmp_path, caplog):
     with pytest.raises(AccessError, match="unauthenticated MQTT on 0.0.0.0"):
         broker_access(AccessConfig(str(tmp_path), listen="0.0.0.0"))

@@ -192,7 +192,13 @@ class MqttLink:
             self.client.connect(self.host, self.port, keepalive=self.cfg.keepalive,
                                 clean_start=False, properties=props)
         except OSError as err:  # refused, unreachable, DNS, TLS handshake
-            raise ConnectionError(f"cannot reach MQTT broker at {where}: {err}") from None
+            text = str(err)
+            if "not yet valid" in text or "expired" in text:
+                # a Raspberry Pi has no battery-backed clock: until NTP sets it, a valid
+                # certificate looks issued in the future (or long expired)
+                text += (f"; check this machine's date (it says "
+                         f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
+            raise ConnectionError(f"cannot reach MQTT broker at {where}: {text}") from None
         self.client.loop_start()
         if not self._answered.wait(timeout):
             self.close()
