@@ -177,3 +177,26 @@ def test_small_jpegs_and_other_formats_decode_in_full(tmp_path):
     for name in ("small.jpg", "big.png"):
         assert np.array_equal(to_rgb_u8(load_image(tmp_path / name, 32), spec),
                               to_rgb_u8(load_image(tmp_path / name), spec))
+
+
+def test_heic_photos_decode_with_the_heif_extra(tmp_path):
+    """iPhones save HEIC by default; the [heif] extra (pillow-heif, in [all]) reads them."""
+    a = np.zeros((60, 80, 3), np.uint8)
+    a[:, :40] = (200, 40, 40)
+    Image.fromarray(a).save(tmp_path / "phone.heic", quality=95)
+    Image.fromarray(a).save(tmp_path / "same.png")
+    spec = Preprocess(size=16)
+    heic = to_rgb_u8(load_image(tmp_path / "phone.heic", spec.size), spec).astype(int)
+    png = to_rgb_u8(load_image(tmp_path / "same.png", spec.size), spec).astype(int)
+    assert np.abs(heic - png).mean() < 4  # lossy, but the same picture
+
+
+def test_a_heic_photo_without_the_extra_says_what_to_install(tmp_path, monkeypatch):
+    from edge_runtime.learning import preprocess as pre
+
+    monkeypatch.setattr(pre, "HEIF", False)
+    path = tmp_path / "IMG_0001.HEIC"
+    path.write_bytes(b"\0\0\0\x18ftypheic" + b"\0" * 64)
+    with pytest.raises(UnreadableImage, match=r"IMG_0001.HEIC: a HEIC/HEIF photo; install "
+                                              r"the \[heif\] extra"):
+        load_image(path)

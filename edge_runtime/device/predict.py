@@ -33,7 +33,7 @@ from edge_runtime.learning.preprocess import (
 )
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif",
-                            ".tiff", ".ppm", ".pgm"})
+                            ".tiff", ".ppm", ".pgm", ".heic", ".heif"})
 MANIFEST_SUFFIXES = frozenset({".csv", ".txt"})
 
 

@@ -17,6 +17,8 @@ Steps, in order (``to_rgb_u8`` then ``normalize``; ``preprocess`` does both):
    images are expanded; transparent pixels (RGBA, LA, palette with transparency) are
    composited over white, so what was transparent does not become an arbitrary colour;
    CMYK and other modes go through PIL's own conversion. Animated images: first frame.
+   HEIC/HEIF photos (iPhones' default) need the ``[heif]`` extra (pillow-heif); without it
+   they are skipped with a message that says so.
 3. Resized to ``size`` x ``size`` with PIL's antialiased bilinear filter, by ``resize``:
    - ``"center_crop"`` (default): the shorter side is scaled to ``size`` and the centre
      square kept, so shapes keep their proportions (a camera's 4:3 frame loses its edges);
@@ -42,7 +44,17 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from edge_runtime.protocol.run_spec import PREPROCESS_VERSION, RESIZE_METHODS, RunSpec
 
+try:  # the [heif] extra: iPhones save HEIC by default
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+    HEIF = True
+except ImportError:
+    HEIF = False
+
 SPEC_VERSION = PREPROCESS_VERSION
+# ISO-BMFF brands of HEIC/HEIF/AVIF-family stills (bytes 8-12 of the file)
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"heim", b"heis", b"mif1", b"msf1")
 BACKGROUND = (255, 255, 255)  # what transparent pixels are composited over
 DRAFT_FACTOR = 4  # a reduced-scale JPEG decode keeps both sides >= this x the input size
 
@@ -122,6 +134,10 @@ def decode_image(data: bytes, name: str, for_size: int | None = None) -> Image.I
             img.load()  # decode now: a truncated file fails here, not in training
             return img.copy()  # the pixels and info (EXIF, palette), free of the file
     except UnidentifiedImageError as err:
+        if data[4:8] == b"ftyp" and data[8:12] in HEIF_BRANDS and not HEIF:
+            raise UnreadableImage(f"{name}: a HEIC/HEIF photo; install the [heif] extra "
+                                  f"(pip install 'gkt-edge-toolkit[heif]') or convert it "
+                                  f"to JPEG") from err
         raise UnreadableImage(f"{name}: not an image PIL can read") from err
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         # PIL reports truncated and corrupt data as OSError (some plugins: SyntaxError)
