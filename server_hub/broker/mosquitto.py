@@ -243,8 +243,10 @@ class ManagedBroker:
         except BrokerError:
             self._terminate()
             raise
-        self.log.info("mosquitto (pid %d) listening on %s; config %s, log %s", self.proc.pid,
-                      self.url, self.conf_path, self.log_path)
+        devices = (f" (the hub), and for devices mqtts on {self.cfg.host}:{self.cfg.tls_port}"
+                   if self.cfg.tls_port is not None else "")
+        self.log.info("mosquitto (pid %d) listening on %s%s; config %s, log %s", self.proc.pid,
+                      self.url, devices, self.conf_path, self.log_path)
 
     def _prepare(self) -> None:
         data = self.state_dir / "data"

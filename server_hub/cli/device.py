@@ -106,5 +106,6 @@ def _add(args: argparse.Namespace) -> int:
               "and start the hub with `gkt-hub serve --tls`")
     print("on the device:")
     print(f"  (umask 077; printf '%s\\n' {shlex.quote(e.password)} > {secret})")
-    print(f"  {shlex.join(cmd)}")
+    print(f"  {shlex.join(cmd)} --data FOLDER")
+    print("  (FOLDER: the device's own images, one subfolder per class; docs/own-data.md)")
     return 0
