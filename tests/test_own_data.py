@@ -170,6 +170,16 @@ def test_refusals_say_what_to_do(tmp_path):
     assert len(r.train.ids) == 1 and r.skipped_files == 1
 
 
+def test_a_folder_of_device_folders_is_pointed_one_level_down(tmp_path):
+    """--data at what `gkt-hub split-data` wrote (split/device-K/class/...)."""
+    for k in range(2):
+        write_digits(tmp_path / "split" / f"device-{k}", 1, classes=[1, 2])
+    with pytest.raises(OwnDataError) as err:
+        own(tmp_path / "split", tmp_path / "s").scan()
+    assert "['device-0', 'device-1']" in str(err.value)
+    assert f"did you mean --data {tmp_path / 'split' / 'device-0'}?" in str(err.value)
+
+
 def test_manifests_csv_and_jsonl(tmp_path):
     files = write_digits(tmp_path / "imgs", 1, classes=[1, 2, 3])
     rows = [f"imgs/{f.parent.name}/{f.name},{f.parent.name}" for f in files]

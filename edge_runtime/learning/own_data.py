@@ -266,11 +266,22 @@ class OwnData:
             raise OwnDataError(
                 f"--data {self.cfg.path}: labels the run does not know: {unknown[:10]} "
                 f"(the run's classes: {list(self.cfg.spec.classes)}). Rename or remove those "
-                "folders/rows, or pass --skip-unknown-labels to leave them out")
+                "folders/rows, or pass --skip-unknown-labels to leave them out"
+                + self._one_level_too_high(unknown))
         entries = [e for e in listing.entries if e.label in self.label_of]
         skipped += [(e.where, f"label {e.label!r} is not one of the run's classes")
                     for e in listing.entries if e.label not in self.label_of]
         return entries, skipped
+
+    def _one_level_too_high(self, unknown: list[str]) -> str:
+        """A hint when the unknown "classes" hold class folders themselves: --data points
+        at a folder of devices' folders (what `gkt-hub split-data` writes)."""
+        root = Path(self.cfg.path)
+        if not root.is_dir() or not all(
+                any((root / u / c).is_dir() for c in self.cfg.spec.classes) for u in unknown):
+            return ""
+        return (f". Each of them holds class folders: did you mean --data "
+                f"{root / unknown[0]}?")
 
     def _fingerprint(self, e: Entry) -> tuple[bytes | None, bytes | None, str]:
         """(digest, the bytes if they had to be read, why not) of a listed file."""
