@@ -7,8 +7,13 @@ compress like photos rather than flat test cards), then for each photo times bot
 from bytes to the cached uint8 input (decode, EXIF, RGB, resize), interleaved, and
 compares their pixels.
 
+Then a device's first scan of a folder of 12 MP photos (``OwnData.scan``: read, hash,
+decode, cache), one decode thread against the default (``DECODE_THREADS``: one per core,
+at most 4), each on a fresh state dir, interleaved.
+
 Usage: python bench/bench_photo_decode.py [--sizes 4032x3024,1920x1080,640x480]
-       [--input 32] [--photos 8] [--repeats 3] [--json bench/results/photo_decode.json]
+       [--input 32] [--photos 8] [--repeats 3] [--scan-photos 24]
+       [--json bench/results/photo_decode.json]
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def main() -> None:
     ap.add_argument("--input", type=int, default=32, help="the run's input size")
     ap.add_argument("--photos", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scan-photos", type=int, default=24)
     ap.add_argument("--json", default="bench/results/photo_decode.json")
     args = ap.parse_args()
     spec = Preprocess(size=args.input)
@@ -82,8 +88,42 @@ def main() -> None:
     for r in rows:
         print(f"{r['size']:>10} {r['jpeg_kb']:>6} {r['full_ms']:>8} {r['reduced_ms']:>10} "
               f"{r['speedup']:>6}x {r['max_pixel_diff']:>8} {r['mean_pixel_diff']:>9}")
+    scan = scan_rates(args.scan_photos, args.input, args.repeats, rng)
+    print(f"first scan of {args.scan_photos} 12 MP photos: {scan['one_thread_per_s']} "
+          f"images/s on 1 thread, {scan['default_per_s']} on {scan['threads']} "
+          f"({scan['speedup']}x)")
     write_results(args.json, {"input_size": args.input, "photos_per_size": args.photos,
-                              "repeats": args.repeats, "rows": rows})
+                              "repeats": args.repeats, "rows": rows, "scan": scan})
+
+
+def scan_rates(n: int, size: int, repeats: int, rng: np.random.Generator) -> dict:
+    import tempfile
+    from pathlib import Path
+
+    from edge_runtime.learning import own_data as od
+    from edge_runtime.learning.catalog import ImageCatalog
+
+    default = od.DECODE_THREADS
+    spec = od.DataSpec(("a",), Preprocess(size=size))
+    rates: dict[int, list[float]] = {1: [], default: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "photos" / "a"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            (folder / f"IMG_{i:04d}.jpg").write_bytes(photo(4032, 3024, rng))
+        for rep in range(repeats):
+            for threads in rates:
+                od.DECODE_THREADS, od.DECODE_WINDOW = threads, 4 * threads
+                state = Path(tmp) / f"state-{rep}-{threads}"
+                data = od.OwnData(od.OwnDataConfig(str(folder.parent), spec, 0.0),
+                                  ImageCatalog(state / "own-data.sqlite"))
+                t0 = time.perf_counter()
+                assert data.scan().decoded == n
+                rates[threads].append(n / (time.perf_counter() - t0))
+    od.DECODE_THREADS, od.DECODE_WINDOW = default, 4 * default
+    one, many = statistics.median(rates[1]), statistics.median(rates[default])
+    return {"photos": n, "threads": default, "one_thread_per_s": round(one, 1),
+            "default_per_s": round(many, 1), "speedup": round(many / one, 2)}
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "async": ["--rounds", "4", "--plot", "bench/results/quick/async-vs-sync.png"],
     "predict": ["--train", "600", "--test", "200", "--epochs", "1", "--runs", "10"],
     "own_data": ["--rounds", "2"],
-    "photo_decode": ["--photos", "3", "--repeats", "2"],
+    "photo_decode": ["--photos", "3", "--repeats", "2", "--scan-photos", "8"],
 }
 # Thread counts in the full run: the device default (one per core) and one thread, which
 # holds steady when other processes share the cores.

@@ -65,6 +65,33 @@ def test_pixels_are_the_preprocessed_images(tmp_path):
         assert np.array_equal(r.train.images[row], px)
 
 
+def test_threaded_decoding_gives_the_files_in_order_and_each_broken_copy_skipped(
+        tmp_path, monkeypatch):
+    """New images decode on threads, a small window at a time; the result is what one
+    thread gives: same order, pixels, duplicates, and every copy of a broken file skipped
+    (not counted as a duplicate of a file that turned out unusable)."""
+    from edge_runtime.learning import own_data as od
+
+    files = write_digits(tmp_path / "d", 5)  # 50 images
+    for f in files[:3]:  # 3 duplicates of good images, spread over the windows
+        shutil.copy(f, tmp_path / "d" / f.parent.name / f"copy-{f.name}")
+    broken = (tmp_path / "d" / "1" / "a-broken.png")
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n")
+    shutil.copy(broken, tmp_path / "d" / "1" / "b-broken.png")  # decoded in the same window
+    shutil.copy(broken, tmp_path / "d" / "9" / "z-broken.png")  # after it failed
+    results = {}
+    for threads, window in ((1, 1), (3, 4)):
+        monkeypatch.setattr(od, "DECODE_THREADS", threads)
+        monkeypatch.setattr(od, "DECODE_WINDOW", window)
+        r = own(tmp_path / "d", tmp_path / f"s{threads}").scan()
+        results[threads] = r
+        assert (len(r.train.ids), r.duplicates, r.skipped_files, r.decoded) == (50, 3, 3, 50)
+    one, many = results[1], results[3]
+    assert np.array_equal(one.train.ids, many.train.ids)
+    assert np.array_equal(one.train.images, many.train.images)
+    assert np.array_equal(one.train.labels, many.train.labels)
+
+
 def test_ids_survive_restart_rename_addition_and_removal(tmp_path):
     files = write_digits(tmp_path / "d", 4)
     state = tmp_path / "s"

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from edge_runtime.learning.preprocess import Preprocess, UnreadableImage, decode
 log = logging.getLogger("gkt.edge.data")
 MANIFEST_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
 COMMIT_EVERY = 500  # decoded images between catalog commits: a killed first pass keeps most
+DECODE_THREADS = min(4, os.cpu_count() or 1)
+DECODE_WINDOW = 4 * DECODE_THREADS  # files read but not yet decoded, at most
 
 
 class OwnDataError(ValueError):
@@ -210,40 +213,70 @@ class OwnData:
         found: dict[bytes, int] = {}  # digest -> label (of its first name)
         pixels: dict[bytes, np.ndarray] = {}
         bad: dict[bytes, str] = {}  # digests that did not decode in this scan
-        duplicates = decoded = 0
-        for e in entries:
-            digest, data, why = self._fingerprint(e)
-            if digest is not None and digest in bad:
-                digest, why = None, bad[digest]
-                self.catalog.remember_file(e.path, os.stat(e.path), digest, why)
-            if digest is None:
-                skipped.append((e.where, why))
-                continue
-            label = self.label_of[e.label]
-            if digest in found:
-                duplicates += 1
-                if found[digest] != label:
-                    first = self.cfg.spec.classes[found[digest]]
-                    self._name(e.where, f"the same image as a file labelled {first!r}; "
-                                        "kept once, with that label")
-                continue
-            px = previous.get(digest)
-            if px is None:
-                px = self.catalog.pixel(key, digest, self.shape)
-            if px is None:
-                try:
-                    px = self._decode(e, data)
-                except UnreadableImage as err:
-                    bad[digest] = str(err).removeprefix(f"{e.path}: ")
-                    self.catalog.remember_file(e.path, os.stat(e.path), None, bad[digest])
-                    skipped.append((e.where, bad[digest]))
+        # new images decode on worker threads (PIL releases the GIL), a window at a time so
+        # that only a few files' bytes are held; the catalog stays on this thread
+        pending: list[tuple[Entry, bytes, bytes | None]] = []
+        twins: dict[bytes, list[Entry]] = {}  # more names of a pending digest
+        counts = {"duplicates": 0, "decoded": 0}
+        pool: ThreadPoolExecutor | None = None
+
+        def flush() -> None:
+            nonlocal pool
+            pool = pool or ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
+            for (e, digest, _), px in zip(pending, pool.map(self._try_decode, pending)):
+                names = twins.pop(digest, [])
+                if isinstance(px, UnreadableImage):
+                    bad[digest] = str(px).removeprefix(f"{e.path}: ")
+                    del found[digest]
+                    counts["duplicates"] -= len(names)  # broken copies: skipped, each
+                    for f in (e, *names):
+                        self.catalog.remember_file(f.path, os.stat(f.path), None, bad[digest])
+                        skipped.append((f.where, bad[digest]))
                     continue
                 self.catalog.put_pixels(key, digest, px)
-                decoded += 1
-                if decoded % COMMIT_EVERY == 0:
+                pixels[digest] = px
+                counts["decoded"] += 1
+                if counts["decoded"] % COMMIT_EVERY == 0:
                     self.catalog.commit()
-                    log.info("decoded %d new images so far", decoded)
-            found[digest], pixels[digest] = label, px
+                    log.info("decoded %d new images so far", counts["decoded"])
+            pending.clear()
+
+        try:
+            for e in entries:
+                digest, data, why = self._fingerprint(e)
+                if digest is not None and digest in bad:
+                    digest, why = None, bad[digest]
+                    self.catalog.remember_file(e.path, os.stat(e.path), digest, why)
+                if digest is None:
+                    skipped.append((e.where, why))
+                    continue
+                label = self.label_of[e.label]
+                if digest in found:
+                    counts["duplicates"] += 1
+                    if digest in twins:
+                        twins[digest].append(e)
+                    if found[digest] != label:
+                        first = self.cfg.spec.classes[found[digest]]
+                        self._name(e.where, f"the same image as a file labelled {first!r}; "
+                                            "kept once, with that label")
+                    continue
+                found[digest] = label
+                px = previous.get(digest)
+                if px is None:
+                    px = self.catalog.pixel(key, digest, self.shape)
+                if px is None:
+                    pending.append((e, digest, data))
+                    twins[digest] = []
+                    if len(pending) >= DECODE_WINDOW:
+                        flush()
+                    continue
+                pixels[digest] = px
+            if pending:
+                flush()
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        duplicates, decoded = counts["duplicates"], counts["decoded"]
         self.catalog.forget_files_except(e.path for e in entries)
         self.catalog.forget_pixels_except(key, pixels)
         self.catalog.commit()
@@ -305,6 +338,13 @@ class OwnData:
         digest = content_digest(data)
         self.catalog.remember_file(e.path, st, digest)
         return digest, data, ""
+
+    def _try_decode(self, job: tuple[Entry, bytes, bytes | None]
+                    ) -> np.ndarray | UnreadableImage:
+        try:
+            return self._decode(job[0], job[2])
+        except UnreadableImage as err:
+            return err
 
     def _decode(self, e: Entry, data: bytes | None) -> np.ndarray:
         if data is None:  # known file whose pixels are not cached (another input size)

@@ -7,7 +7,7 @@ Steps, in order (``to_rgb_u8`` then ``normalize``; ``preprocess`` does both):
 0. Decoding (``load_image``/``decode_image`` with ``for_size``): a JPEG much larger than
    the input is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), the smallest
    that keeps both sides at least ``DRAFT_FACTOR`` x ``size``. A 12-megapixel photo
-   decodes about 4.5x faster, and after step 3 its pixels differ from a full decode's by
+   decodes about 4.4x faster, and after step 3 its pixels differ from a full decode's by
    at most 2 in 255, 0.1 on average (bench/bench_photo_decode.py). Other formats, and
    JPEGs under 8x the input size, decode in full.
 1. EXIF orientation applied (``ImageOps.exif_transpose``): a phone photo taken sideways
