@@ -151,5 +151,5 @@ def check_run_id(spec: RunSpec | None, device: str, meta: dict) -> None:
         got = str(meta["run_id"])[:70]
         raise wire.WireError(refusal.WRONG_RUN,
                              f"device {device} adopted run {got}; this hub runs {spec.run_id}: "
-                             "delete the device's state dir (or give another) and restart it "
-                             "to join this run")
+                             "restart it with `gkt-edge run --new-run` to join this run "
+                             "(its old run's files are kept aside)")

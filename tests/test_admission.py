@@ -29,6 +29,18 @@ def test_a_keyed_device_follows_only_the_hubs_signed_announcements_in_order(tmp_
     assert "replay" in guard.why_not(0, first)  # an old retained message played again
 
 
+def test_a_device_follows_only_the_run_it_adopted_even_with_the_key(tmp_path):
+    """`serve --new-run` keeps the run key: the old run's retained, signed "stop" must not
+    end a device that adopted the new run (it did: the device exited as it joined)."""
+    key = read_key(load_or_create_key(tmp_path))
+    guard = RoundGuard(key, run="r2")
+    assert "follows 'r2'" in guard.why_not(0, announcement(key, 0, "stop", 100.0))  # r1's
+    ann = sign(key, 0, {"state": "collect", "deadline": None, "epoch": "e", "run": "r2",
+                        "hub": "n", "issued": 50.0})
+    assert guard.why_not(0, ann) is None
+    assert "follows 'r2'" in RoundGuard(run="r2").why_not(0, {"state": "stop", "run": "r1"})
+
+
 def test_a_device_without_the_key_follows_only_its_run():
     guard = RoundGuard()
     assert guard.why_not(0, {"state": "collect", "run": "r1"}) is None

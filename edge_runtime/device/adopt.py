@@ -14,11 +14,13 @@ from pathlib import Path
 
 from edge_runtime.device.edge_device import DeviceStateError
 from edge_runtime.learning.train import EdgeTrainConfig
+from edge_runtime.ops.state_dir import OWNER_FILE, archive_run
 from edge_runtime.protocol import topics
 from edge_runtime.protocol.run_spec import RunSpec, RunSpecError, decode_run_spec
 
 log = logging.getLogger("gkt.edge")
 SPEC_FILE = "run_spec.json"
+CATALOG_FILE = "own-data.sqlite"  # decoded images, by content: they outlive a run
 
 
 class RunSpecMismatch(DeviceStateError):
@@ -65,23 +67,37 @@ class RunSpecWatch:
         return [] if spec is None else adopted.differences(spec)
 
 
-def adopt_state_dir(state_dir: Path, spec: RunSpec) -> None:
-    """Record ``spec`` in ``state_dir``; RunSpecMismatch if the dir holds another run."""
+def adopt_state_dir(state_dir: Path, spec: RunSpec, new_run: bool = False) -> None:
+    """Record ``spec`` in ``state_dir``; RunSpecMismatch if the dir holds another run
+    (with ``new_run``, that run's files move to ``state_dir/runs/RUN_ID`` instead)."""
     path = state_dir / SPEC_FILE
-    advice = (f"Its model and logits belong to that run: give another --state-dir, or "
-              f"delete {state_dir} to join run {spec.run_id} afresh")
+    advice = (f"Its model and logits belong to that run: start again with --new-run to keep "
+              f"them under {state_dir / 'runs'} and join run {spec.run_id} (the decoded "
+              f"images are kept), or give another --state-dir")
+    old = None
     if path.exists():
         try:
             saved = decode_run_spec(path.read_bytes())
         except (RunSpecError, OSError) as err:
-            raise RunSpecMismatch(f"{path} cannot be read ({err}). {advice}") from None
-        diffs = saved.differences(spec)
-        if diffs:
+            if not new_run:
+                raise RunSpecMismatch(f"{path} cannot be read ({err}). {advice}") from None
+            saved = None
+        diffs = saved.differences(spec) if saved else ["unreadable run spec"]
+        if diffs and not new_run:
             raise RunSpecMismatch(f"{state_dir} was saved under run {saved.run_id}; the hub "
                                   f"now runs {spec.run_id} ({'; '.join(diffs)}). {advice}")
+        old = (saved.run_id if saved else "unknown") if diffs else None
     elif (state_dir / "progress.json").exists():
-        raise RunSpecMismatch(f"{state_dir} holds a device state saved before this device "
-                              f"knew run specs, so its run is unknown. {advice}")
+        if not new_run:
+            raise RunSpecMismatch(f"{state_dir} holds a device state saved before this "
+                                  f"device knew run specs, so its run is unknown. {advice}")
+        old = "unknown"
+    if old is not None:
+        keep = frozenset(p.name for p in state_dir.iterdir()
+                         if p.name == OWNER_FILE or p.name.startswith(CATALOG_FILE))
+        dest = archive_run(state_dir, old, keep)
+        log.warning("%s: run %s's state moved to %s; joining run %s", state_dir, old, dest,
+                    spec.run_id)
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(SPEC_FILE + ".tmp")
     tmp.write_bytes(spec.to_json())

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_runtime.device.edge_device import EdgeDevice
-from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_REFUSED, EXIT_USAGE
+from edge_runtime.device.exit_codes import EXIT_AUTH, EXIT_NEW_RUN, EXIT_REFUSED, EXIT_USAGE
 from edge_runtime.device.model_store import ModelReceiver
 from edge_runtime.device.throttle import DeviceSpeed, Throttle
 from edge_runtime.device.upload import upload_messages
@@ -58,6 +58,7 @@ class AgentConfig:
     refresh: str = DEFAULT_POLICY  # which feature maps to upload (refresh.py)
     logits_codec: str = LOGITS_CODEC
     send_logits: bool = True  # the run spec's device_logits: upload our logits
+    new_run: bool = False  # another run announced: exit EXIT_NEW_RUN (a restart joins it)
 
     def __post_init__(self) -> None:
         RefreshPolicy.parse(self.refresh)  # refuses a bad policy now, not mid-round
@@ -94,7 +95,7 @@ class EdgeAgent:
         self._resync = threading.Event()  # the hub holds other maps than our upload assumed
         self.auth_refused: str | None = None  # why the broker refused us, if it did
         self.refused: str | None = None  # a fatal reason the hub gave, if it did
-        self.guard = RoundGuard(cfg.round_key)
+        self.guard = RoundGuard(cfg.round_key, cfg.run_id)
         self._ignored = 0  # announcements ignored (logged the first times)
         self._quarantined = -1  # the last round whose upload the hub could not use
         link.on_auth_refused = self._on_auth_refused
@@ -194,23 +195,33 @@ class EdgeAgent:
 
     def run(self) -> int:
         """Serve rounds until the hub says stop or stop() is called (0), the broker
-        refuses our credentials (EXIT_AUTH), or the hub announces another run (EXIT_USAGE)."""
+        refuses our credentials (EXIT_AUTH), or the hub announces another run (EXIT_USAGE;
+        with ``new_run`` EXIT_NEW_RUN, which a service manager restarts)."""
         rc = self._serve()
         if self.auth_refused:
             return EXIT_AUTH
         if self.refused:
             return EXIT_REFUSED
-        return EXIT_USAGE if self.run_moved else rc
+        if self.run_moved:
+            return EXIT_NEW_RUN if self.cfg.new_run else EXIT_USAGE
+        return rc
 
     @property
     def run_moved(self) -> bool:
         if self.spec_watch is None or self.adopted is None:
             return False
         diffs = self.spec_watch.moved_from(self.adopted)
-        if diffs and not self._stop.is_set():
+        if diffs and not self._stop.is_set() and self.cfg.new_run:
+            log.warning("%s: the hub now runs %s, not %s (%s): stopping (exit %d); started "
+                        "again with --new-run, the device keeps run %s under %s/runs and "
+                        "joins the new one", self.device.device_id, self.spec_watch.spec.run_id,
+                        self.adopted.run_id, "; ".join(diffs), EXIT_NEW_RUN,
+                        self.adopted.run_id, self.state_dir)
+            self.stop()
+        elif diffs and not self._stop.is_set():
             log.error("%s: the hub now runs %s, not %s (%s); this device's state belongs to "
-                      "the old run: stopping (exit %d). Delete %s, or give another "
-                      "--state-dir, to join the new run", self.device.device_id,
+                      "the old run: stopping (exit %d). Start it again with --new-run to keep "
+                      "the old run under %s/runs and join the new one", self.device.device_id,
                       self.spec_watch.spec.run_id, self.adopted.run_id, "; ".join(diffs),
                       EXIT_USAGE, self.state_dir)
             self.stop()

@@ -6,7 +6,8 @@ threads, precision, state dir and credentials.
 
 Exit codes: 0 the hub finished the federation (or SIGTERM/SIGINT: state saved),
 2 bad arguments or config, or a state dir saved under another run or device or in use by
-another gkt-edge, 4 cannot reach the broker, 5 the broker refused the credentials,
+another gkt-edge, 3 (with --new-run) the hub started another run: start again to join it,
+4 cannot reach the broker, 5 the broker refused the credentials,
 6 the hub refused the device for good, 7 the state dir's disk is full.
 predict: 0 done (unreadable files are skipped), 1 no image could be read, 2 no usable model.
 fetch-model: 0 stored, 1 none arrived in time. Options can come from `--config FILE` (TOML)
@@ -36,7 +37,7 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
-from edge_runtime.ops.state_lock import claim_for_device, lock_state_dir
+from edge_runtime.ops.state_dir import claim_for_device, lock_state_dir
 from edge_runtime.protocol.codecs import LOGITS_CODECS
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size, payload_size
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "announcements signed with it (a loopback broker without logins)")
     run.add_argument("--state-dir", default=None,
                      help="model and progress (default: ./gkt-edge-state/DEVICE_ID)")
+    run.add_argument("--new-run", action="store_true",
+                     help="when the hub runs another run than the state dir's, keep the old "
+                          "run's files under STATE/runs/RUN_ID and join the new one (the "
+                          "decoded images are kept); a device that sees the hub switch runs "
+                          "exits 3, which the service restarts, to do so")
     run.add_argument("--codec", default=None,
                      help="feature codec fp32 | fp16 | q8 | q4 (default: the run's; must be "
                           "one the run allows)")
@@ -348,10 +354,10 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,
                       run_id=spec.run_id, refresh=refresh, logits_codec=logits_codec,
-                      send_logits=spec.device_logits,
+                      send_logits=spec.device_logits, new_run=args.new_run,
                       round_key=read_key(args.round_key_file) if args.round_key_file else None)
     edge_cfg = edge_config(spec, args.extract_backend, args.precision)
-    adopt_state_dir(state_dir, spec)
+    adopt_state_dir(state_dir, spec, new_run=args.new_run)
     own, test_loader = None, None
     if args.data:
         device, own = own_data_device(args, DataSpec(spec.classes, preprocess_of(spec)),
@@ -365,6 +371,7 @@ def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
                     model_seed: int):
     """(device, its data source) for the device's own images (--data) under the run's
     ``spec`` (a ``DataSpec``), scanned once now (OwnDataError if nothing is usable)."""
+    from edge_runtime.device.adopt import CATALOG_FILE
     from edge_runtime.device.edge_device import EdgeDevice
     from edge_runtime.device.own_data_source import OwnDataSource
     from edge_runtime.learning.catalog import ImageCatalog
@@ -374,7 +381,7 @@ def own_data_device(args: argparse.Namespace, spec, edge_cfg, state_dir: str,
         raise ValueError("--data is this device's whole training set: drop --shard and "
                          "--num-shards (they split an academic --dataset)")
     cfg = OwnDataConfig(args.data, spec, args.val_fraction, args.skip_unknown_labels)
-    own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / "own-data.sqlite")))
+    own = OwnDataSource(OwnData(cfg, ImageCatalog(Path(state_dir) / CATALOG_FILE)))
     train, train_eval, ids, positions = own.device_args()
     device = EdgeDevice(args.device_id, train, train_eval, ids, len(cfg.spec.classes),
                         edge_cfg, seed=args.seed, model_seed=model_seed,

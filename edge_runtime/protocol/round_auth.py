@@ -63,18 +63,22 @@ def read_key(path: str | Path) -> bytes:
 class RoundGuard:
     """Decides, announcement by announcement, whether a device follows it."""
 
-    def __init__(self, key: bytes | None = None) -> None:
+    def __init__(self, key: bytes | None = None, run: str | None = None) -> None:
         self.key = key
-        self.run: str | None = None
+        self.run = run  # the run the device adopted (None: the first one it sees)
         self.issued = float("-inf")
 
     def why_not(self, round_: int, meta: dict) -> str | None:
         """None to follow the announcement, else why it is ignored (and it is not adopted).
-        Signed: it must verify and be no older than the last one followed (a replayed
-        retained message). Unsigned: it must name the run the device follows (the first it
-        saw); ordering by ``issued`` would let a forger who sets it far ahead lock the
+        It must name the run the device follows: the one it adopted, else the first it saw
+        (a hub restarted with --new-run keeps its run key, and the old run's retained
+        "stop" must not end a device that joined the new one). Signed: it must also verify
+        and be no older than the last one followed (a replayed retained message).
+        Unsigned, ordering by ``issued`` would let a forger who sets it far ahead lock the
         device out, so it is not used."""
         run = meta.get("run")
+        if self.run is not None and run != self.run:
+            return f"announces run {str(run)[:40]!r}; this device follows {self.run!r}"
         if self.key is not None:
             sig, issued = meta.get("sig"), meta.get("issued")
             if not isinstance(sig, str) or not hmac.compare_digest(
@@ -84,8 +88,6 @@ class RoundGuard:
                 if issued < self.issued:
                     return "older than the announcement already followed (a replay)"
                 self.issued = float(issued)
-        elif self.run is not None and run != self.run:
-            return f"announces run {str(run)[:40]!r}; this device follows {self.run!r}"
         if isinstance(run, str):
             self.run = run
         return None

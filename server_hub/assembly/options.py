@@ -73,6 +73,7 @@ class HubOptions:
     signals: bool = True  # SIGTERM/SIGINT stop the hub cleanly (a restart resumes)
     spill_features: bool = True  # received features to STATE/features (bounded memory)
     deliver_models: bool = True  # at the end each device gets its composed model ([export])
+    new_run: bool = False  # serve: the state dir's run moves to STATE/runs/RUN_ID first
     # what every device adopts (built once at the CLI); the state dir keeps its run id.
     # None: the academic dataset's test split, no run spec announced (tests, benchmarks)
     plan: RunPlan | None = None

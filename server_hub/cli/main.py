@@ -114,7 +114,7 @@ def hub_options(args: argparse.Namespace) -> tuple[FederationConfig, HubOptions,
     workers = WorkerOptions(args.workers, args.share_group, args.worker_threads, args.trace_dir)
     opts = HubOptions(service, mode_options(args, args.min_devices, fed.rounds),
                       monitor_options(args), workers, progress=not args.no_progress,
-                      deliver_models=not args.no_model_delivery,
+                      deliver_models=not args.no_model_delivery, new_run=args.new_run,
                       plan=plan_run(args, fed, args.codec, args.round_deadline))
     user = args.broker_user
     broker = BrokerOptions(args.broker, user,
@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=1883, help="port of the managed broker")
     srv.add_argument("--state-dir", required=True,
                      help="checkpoints, broker config and data; a restart resumes from it")
+    srv.add_argument("--new-run", action="store_true",
+                     help="start a new run in --state-dir: the last run's checkpoints, "
+                          "features, models and results move to STATE/runs/RUN_ID; enrolled "
+                          "devices, TLS files and the broker stay (devices join with "
+                          "gkt-edge run --new-run)")
     srv.add_argument("--min-devices", type=int, default=1)
     srv.add_argument("--round-deadline", type=float, default=300.0,
                      help="seconds a round waits for uploads before going on without a device")

@@ -5,14 +5,17 @@ Exit codes: server_hub/assembly/exit_codes.py.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
-from edge_runtime.ops.state_lock import lock_state_dir
+from edge_runtime.ops.state_dir import archive_run, lock_state_dir
+from edge_runtime.protocol.round_auth import KEY_FILE
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_DISK_FULL
 from server_hub.assembly.hub_run import BrokerSetupError, HubOutcome, open_broker, run_hub
 from server_hub.assembly.options import BrokerOptions, HubOptions
 from server_hub.disk import disk_full_message, is_disk_full
+from server_hub.run.spec_store import SPEC_FILE
 from server_hub.simulation.inproc import FederationConfig
 
 log = logging.getLogger("gkt.hub")
@@ -26,9 +29,26 @@ def serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions) -
         log.error("%s", err)
         return EXIT_BAD_ARGS
     try:
+        if opts.new_run:
+            start_new_run(state)
         return _serve(fed, opts, broker_opts, state)
     finally:
         lock.close()
+
+
+# what outlives a run: enrolled devices and TLS files, the broker, the run key
+HUB_KEEPS = frozenset({"security", "broker", KEY_FILE})
+
+
+def start_new_run(state: Path) -> None:
+    """Move the state dir's last run (its run spec names it) to STATE/runs/RUN_ID."""
+    try:
+        run_id = json.loads((state / SPEC_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        run_id = "unknown"
+    dest = archive_run(state, run_id, HUB_KEEPS)
+    if dest is not None:
+        log.info("run %s moved to %s; starting a new run", run_id, dest)
 
 
 def _serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions,

@@ -1,9 +1,13 @@
-"""One process per state dir, and a device's state dir stays that device's.
+"""A state dir's ownership: one process at a time, one device's, one run's at a time.
 
 Two devices (or two hubs) given one ``--state-dir`` overwrite each other's model, logits
 and temporary files mid-save, and one of them dies with a traceback rounds later. The
 first process to start holds an exclusive ``flock`` on ``STATE/.lock`` for its lifetime
 (the kernel drops it when the process dies, however it dies); a second is refused at start.
+
+``--new-run`` (both programs) moves a finished run's files to ``STATE/runs/RUN_ID`` and
+keeps what outlives a run: credentials, TLS files and the broker's config on the hub; the
+decode cache on a device.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import time
 from pathlib import Path
 from typing import IO
 
@@ -59,3 +64,19 @@ def claim_for_device(state_dir: Path, device_id: str) -> None:
     tmp = path.with_name(OWNER_FILE + ".tmp")
     tmp.write_text(json.dumps({"device_id": device_id}) + "\n")
     tmp.replace(path)
+
+
+def archive_run(state_dir: Path, run_id: str, keep: frozenset[str]) -> Path | None:
+    """Move every entry of ``state_dir`` but ``keep`` (and ``runs/``, the lock) into
+    ``state_dir/runs/RUN_ID``; the folder it made, or None if there was nothing to move."""
+    keep = keep | {"runs", LOCK_FILE}
+    moving = [p for p in sorted(state_dir.iterdir()) if p.name not in keep]
+    if not moving:
+        return None
+    dest = state_dir / "runs" / (run_id or "unknown")
+    if dest.exists():  # the same run archived before (restarted, archived again)
+        dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    dest.mkdir(parents=True)
+    for p in moving:
+        p.rename(dest / p.name)
+    return dest
