@@ -55,7 +55,7 @@ def test_device_state_of_another_run_is_refused(tmp_path):
     spec = dataset_plan(DIGITS).spec
     adopt_state_dir(tmp_path, spec)
     adopt_state_dir(tmp_path, replace(spec, epochs=3))  # the same run, other settings
-    with pytest.raises(RunSpecMismatch, match="saved under run .*delete"):
+    with pytest.raises(RunSpecMismatch, match="saved under run .*start again with --new-run"):
         adopt_state_dir(tmp_path, dataset_plan(DIGITS).spec)  # another run id
     (tmp_path / "run_spec.json").unlink()
     (tmp_path / "progress.json").write_text("{}")
@@ -97,7 +97,7 @@ def test_edge_with_state_of_another_run_exits_2_and_says_what_to_do(broker, make
     assert rc == 2
     err = capsys.readouterr().err
     assert f"saved under run {old.run_id}" in err and new.run_id in err
-    assert "--state-dir" in err and "delete" in err
+    assert "--state-dir" in err and "start again with --new-run" in err
 
 
 @pytest.mark.mqtt
