@@ -233,6 +233,24 @@ def test_held_out_images_are_chosen_by_content(tmp_path):
     assert set(r.val.ids.tolist()) <= set(r2.val.ids.tolist())  # no image changes side
 
 
+def test_a_folder_that_looks_empty_for_a_while_is_not_decoded_again(tmp_path):
+    """A USB stick or network share unmounted mid-run leaves an empty mount point: the
+    rescan fails (the device trains on its last images) and the cache keeps the pixels,
+    so when the images come back nothing is decoded again and the ids are the same."""
+    write_digits(tmp_path / "d", 3)
+    data = own(tmp_path / "d", tmp_path / "s")
+    first = data.scan()
+    assert first.decoded == 30
+    os.rename(tmp_path / "d", tmp_path / "away")
+    (tmp_path / "d").mkdir()  # the empty mount point
+    with pytest.raises(OwnDataError, match="no usable image"):
+        data.scan()
+    os.rmdir(tmp_path / "d")
+    os.rename(tmp_path / "away", tmp_path / "d")
+    back = own(tmp_path / "d", tmp_path / "s").scan()  # a restarted device, too
+    assert back.decoded == 0 and np.array_equal(back.train.ids, first.train.ids)
+
+
 def test_rescans_feed_the_device_and_drop_removed_logits(tmp_path):
     files = write_digits(tmp_path / "d", 3)
     source = OwnDataSource(own(tmp_path / "d", tmp_path / "s"))

@@ -277,13 +277,14 @@ class OwnData:
             if pool is not None:
                 pool.shutdown()
         duplicates, decoded = counts["duplicates"], counts["decoded"]
+        for what, why in skipped:
+            self._name(what, why)
+        if not pixels:  # before forgetting: an unmounted USB stick or share looks empty,
+            self.catalog.commit()  # and its images must not be decoded all over again
+            raise OwnDataError(self._nothing_usable(len(entries), skipped))
         self.catalog.forget_files_except(e.path for e in entries)
         self.catalog.forget_pixels_except(key, pixels)
         self.catalog.commit()
-        for what, why in skipped:
-            self._name(what, why)
-        if not pixels:
-            raise OwnDataError(self._nothing_usable(len(entries), skipped))
         counts = (len(pixels), duplicates, len(skipped))
         # every round rescans: say so only when the folder changed (or on the first scan)
         log.log(logging.INFO if decoded or counts != self._last_counts else logging.DEBUG,
