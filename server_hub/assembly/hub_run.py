@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -191,15 +192,22 @@ def run_hub(fed: FederationConfig, opts: HubOptions, url: str,
 def stop_on_signals(svc, second_sigint_forces: bool = True) -> None:
     """SIGTERM and Ctrl-C end the run after the current step (a restart resumes); with
     ``second_sigint_forces`` a second Ctrl-C raises KeyboardInterrupt at once."""
+    seen: list[int] = []  # signals taken so far (an append needs no lock)
+
     def on_signal(sig: int, _frame) -> None:
-        again = svc.wait_stopped(0)
+        # A handler runs on the main thread between two bytecodes, maybe while that thread
+        # holds a lock svc.stop() takes (the stop Event's own): stopping here deadlocked a
+        # hub worker that got Ctrl-C and then its parent's SIGTERM as it set that Event.
+        # So no lock is taken here: a thread does the stop.
+        again = bool(seen)
+        seen.append(sig)
         if sig == signal.SIGINT and again and second_sigint_forces:
             raise KeyboardInterrupt
         if not again:
             log.warning("%s: stopping after the current step; a restart resumes%s",
                         signal.Signals(sig).name, " (Ctrl-C again to stop at once)"
                         if sig == signal.SIGINT and second_sigint_forces else "")
-        svc.stop()
+        threading.Thread(target=svc.stop, name="stop", daemon=True).start()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
