@@ -9,25 +9,20 @@ round, and systemd restarted it into the same wall.
 
 from __future__ import annotations
 
-import errno
 import logging
 import shutil
 from pathlib import Path
 
+from edge_runtime.protocol.schema import FEATURE_CHANNELS
+
 log = logging.getLogger("gkt.hub")
 
 MAP_COPIES = 2  # the training bank and the held copy
-FEATURE_CHANNELS = 16
-DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def feature_bytes(samples: int, size: int) -> int:
     """What ``samples`` samples' maps take on the hub's disk at input size ``size``."""
     return samples * FEATURE_CHANNELS * size * size * 4 * MAP_COPIES
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in DISK_FULL
 
 
 def _used(path: Path) -> int:
@@ -64,8 +59,7 @@ class DiskRoom:
                         short[1] / 1e6)
 
 
-def disk_full_message(err: OSError, state_dir: str | Path) -> str:
-    return (f"the disk of {state_dir} is full ({err.strerror}: {err.filename or 'a write'}). "
-            f"The feature maps need about {feature_bytes(1, 32) // 1024} KB a sample at "
-            f"32x32. Free space, then start the hub again: it resumes from its last "
-            f"checkpoint")
+# what `serve` says after the disk of its state dir filled (edge_runtime.ops.state_dir)
+DISK_FULL_ADVICE = (f"The feature maps need about {feature_bytes(1, 32) // 1024} KB a sample at "
+                    "32x32. Free space, then start the hub again: it resumes from its last "
+                    "checkpoint")

@@ -211,19 +211,17 @@ class EdgeAgent:
         if self.spec_watch is None or self.adopted is None:
             return False
         diffs = self.spec_watch.moved_from(self.adopted)
-        if diffs and not self._stop.is_set() and self.cfg.new_run:
-            log.warning("%s: the hub now runs %s, not %s (%s): stopping (exit %d); started "
-                        "again with --new-run, the device keeps run %s under %s/runs and "
-                        "joins the new one", self.device.device_id, self.spec_watch.spec.run_id,
-                        self.adopted.run_id, "; ".join(diffs), EXIT_NEW_RUN,
-                        self.adopted.run_id, self.state_dir)
-            self.stop()
-        elif diffs and not self._stop.is_set():
-            log.error("%s: the hub now runs %s, not %s (%s); this device's state belongs to "
-                      "the old run: stopping (exit %d). Start it again with --new-run to keep "
-                      "the old run under %s/runs and join the new one", self.device.device_id,
-                      self.spec_watch.spec.run_id, self.adopted.run_id, "; ".join(diffs),
-                      EXIT_USAGE, self.state_dir)
+        if diffs and not self._stop.is_set():
+            new_run = self.cfg.new_run
+            then = ("Restarted, it keeps run {old} under {dir}/runs and joins the new one"
+                    if new_run else "Start it again with --new-run to keep the old run "
+                    "under {dir}/runs and join the new one")
+            log.log(logging.WARNING if new_run else logging.ERROR,
+                    "%s: the hub now runs %s, not %s (%s); this device's state belongs to "
+                    "the old run: stopping (exit %d). %s", self.device.device_id,
+                    self.spec_watch.spec.run_id, self.adopted.run_id, "; ".join(diffs),
+                    EXIT_NEW_RUN if new_run else EXIT_USAGE,
+                    then.format(old=self.adopted.run_id, dir=self.state_dir))
             self.stop()
         return bool(diffs)
 

@@ -17,7 +17,6 @@ and GKT_EDGE_* variables; flags > environment > file > defaults.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import signal
 import sys
@@ -37,7 +36,12 @@ from edge_runtime.ops.config_file import (
 )
 from edge_runtime.ops.logs import add_log_args, setup_logging
 from edge_runtime.ops.service_unit import add_service_parser
-from edge_runtime.ops.state_dir import claim_for_device, lock_state_dir
+from edge_runtime.ops.state_dir import (
+    claim_for_device,
+    disk_full_message,
+    is_disk_full,
+    lock_state_dir,
+)
 from edge_runtime.protocol.codecs import LOGITS_CODECS
 from edge_runtime.protocol.limits import DEFAULT_MAX_PAYLOAD, max_packet_size, payload_size
 
@@ -185,7 +189,7 @@ def run_fetch_command(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         link.connect()
-        state = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+        state = state_dir_of(args)
         got = fetch_model(link, args.device_id, state, args.timeout,
                           max_packet_size(args.max_payload))
     except AuthRefusedError as err:
@@ -211,6 +215,11 @@ def print_service(args: argparse.Namespace) -> int:
 
     return print_unit(args, build_parser(), "gkt-edge", "run",
                       "GKT edge device (gkt-edge run)", NO_RESTART, stop_timeout=90.0)
+
+
+def state_dir_of(args: argparse.Namespace) -> Path:
+    """--state-dir, else ./gkt-edge-state/DEVICE_ID."""
+    return Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
 
 
 def login_fields(args: argparse.Namespace) -> dict:
@@ -256,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as err:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+    state_dir = state_dir_of(args)
     lock = None
     try:  # one process per state dir, and one device's dir is not another's
         lock = lock_state_dir(state_dir, "gkt-edge run")
@@ -322,12 +331,11 @@ def run_device(args: argparse.Namespace, link, speed) -> int:
         print(f"gkt-edge: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if not is_disk_full(err):
             raise
-        state = args.state_dir or f"gkt-edge-state/{args.device_id}"
-        print(f"gkt-edge: error: the disk of {state} is full ({err.strerror}: "
-              f"{err.filename or 'a write'}); free space, then start the device again: it "
-              f"resumes from its last saved round", file=sys.stderr)
+        print("gkt-edge: error: " + disk_full_message(
+            err, state_dir_of(args), "Free space, then start the device again: it resumes "
+            "from its last saved round"), file=sys.stderr)
         return EXIT_DISK_FULL
     finally:
         link.close()
@@ -349,7 +357,7 @@ def build_agent(args: argparse.Namespace, link, watch, speed):
         "%s: adopted run %s (%d classes, input %d, %d local epochs, lr %g, codec %s, "
         "refresh %s, logits %s)", args.device_id, spec.run_id, spec.num_classes,
         spec.preprocess["size"], spec.epochs, spec.lr, codec, refresh, logits_codec)
-    state_dir = Path(args.state_dir or f"gkt-edge-state/{args.device_id}")
+    state_dir = state_dir_of(args)
     cfg = AgentConfig(args.device_id, codec=codec,
                       state_dir=str(state_dir), max_payload=args.max_payload,
                       upload_deadline=spec.upload_deadline, mode=args.mode, speed=speed,

@@ -217,28 +217,28 @@ class OwnData:
         # that only a few files' bytes are held; the catalog stays on this thread
         pending: list[tuple[Entry, bytes, bytes | None]] = []
         twins: dict[bytes, list[Entry]] = {}  # more names of a pending digest
-        counts = {"duplicates": 0, "decoded": 0}
+        duplicates = decoded = 0
         pool: ThreadPoolExecutor | None = None
 
         def flush() -> None:
-            nonlocal pool
+            nonlocal pool, duplicates, decoded
             pool = pool or ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode")
             for (e, digest, _), px in zip(pending, pool.map(self._try_decode, pending)):
                 names = twins.pop(digest, [])
                 if isinstance(px, UnreadableImage):
                     bad[digest] = str(px).removeprefix(f"{e.path}: ")
                     del found[digest]
-                    counts["duplicates"] -= len(names)  # broken copies: skipped, each
+                    duplicates -= len(names)  # broken copies: skipped, each
                     for f in (e, *names):
                         self.catalog.remember_file(f.path, os.stat(f.path), None, bad[digest])
                         skipped.append((f.where, bad[digest]))
                     continue
                 self.catalog.put_pixels(key, digest, px)
                 pixels[digest] = px
-                counts["decoded"] += 1
-                if counts["decoded"] % COMMIT_EVERY == 0:
+                decoded += 1
+                if decoded % COMMIT_EVERY == 0:
                     self.catalog.commit()
-                    log.info("decoded %d new images so far", counts["decoded"])
+                    log.info("decoded %d new images so far", decoded)
             pending.clear()
 
         try:
@@ -252,7 +252,7 @@ class OwnData:
                     continue
                 label = self.label_of[e.label]
                 if digest in found:
-                    counts["duplicates"] += 1
+                    duplicates += 1
                     if digest in twins:
                         twins[digest].append(e)
                     if found[digest] != label:
@@ -276,7 +276,6 @@ class OwnData:
         finally:
             if pool is not None:
                 pool.shutdown()
-        duplicates, decoded = counts["duplicates"], counts["decoded"]
         for what, why in skipped:
             self._name(what, why)
         if not pixels:  # before forgetting: an unmounted USB stick or share looks empty,

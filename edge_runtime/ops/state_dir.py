@@ -5,6 +5,8 @@ and temporary files mid-save, and one of them dies with a traceback rounds later
 first process to start holds an exclusive ``flock`` on ``STATE/.lock`` for its lifetime
 (the kernel drops it when the process dies, however it dies); a second is refused at start.
 
+A full disk under the state dir ends either program with what to do, not a traceback.
+
 ``--new-run`` (both programs) moves a finished run's files to ``STATE/runs/RUN_ID`` and
 keeps what outlives a run: credentials, TLS files and the broker's config on the hub; the
 decode cache on a device.
@@ -12,6 +14,7 @@ decode cache on a device.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import IO
 
 LOCK_FILE = ".lock"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 OWNER_FILE = "device.json"
 
 
@@ -80,3 +84,12 @@ def archive_run(state_dir: Path, run_id: str, keep: frozenset[str]) -> Path | No
     for p in moving:
         p.rename(dest / p.name)
     return dest
+
+
+def is_disk_full(err: BaseException) -> bool:
+    return isinstance(err, OSError) and err.errno in DISK_FULL
+
+
+def disk_full_message(err: OSError, state_dir: str | Path, advice: str) -> str:
+    return (f"the disk of {state_dir} is full ({err.strerror}: {err.filename or 'a write'}). "
+            f"{advice}")

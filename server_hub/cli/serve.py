@@ -9,12 +9,17 @@ import json
 import logging
 from pathlib import Path
 
-from edge_runtime.ops.state_dir import archive_run, lock_state_dir
+from edge_runtime.ops.state_dir import (
+    archive_run,
+    disk_full_message,
+    is_disk_full,
+    lock_state_dir,
+)
 from edge_runtime.protocol.round_auth import KEY_FILE
 from server_hub.assembly.exit_codes import EXIT_BAD_ARGS, EXIT_DISK_FULL
 from server_hub.assembly.hub_run import BrokerSetupError, HubOutcome, open_broker, run_hub
 from server_hub.assembly.options import BrokerOptions, HubOptions
-from server_hub.disk import disk_full_message, is_disk_full
+from server_hub.disk import DISK_FULL_ADVICE
 from server_hub.run.spec_store import SPEC_FILE
 from server_hub.simulation.inproc import FederationConfig
 
@@ -68,7 +73,7 @@ def _serve(fed: FederationConfig, opts: HubOptions, broker_opts: BrokerOptions,
         except OSError as err:
             if not is_disk_full(err):
                 raise
-            log.error("%s", disk_full_message(err, state))
+            log.error("%s", disk_full_message(err, state, DISK_FULL_ADVICE))
             return EXIT_DISK_FULL
         line = finished_line(outcome, state)
         if line:
